@@ -1,0 +1,47 @@
+"""Wall-clock budgets: a deadline that every long loop checks before it starts the next unit of work."""
+
+from __future__ import annotations
+
+import time
+
+
+class Deadline:
+    """``seconds`` after ``start`` (default: now; ``None`` or 0 seconds: no limit), read from ``clock``.
+
+    Pass ``start=time.time()`` taken in a notebook's first cell so that imports and model loading count
+    against the budget too: Kaggle's 12 hours run from the kernel's start, not from the scoring loop's.
+    """
+
+    def __init__(self, seconds: float | None, start: float | None = None, clock=time.time):
+        self.clock = clock
+        self.start = clock() if start is None else start
+        self.seconds = seconds if seconds else None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def remaining(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
+    def allows(self, estimated_seconds: float) -> bool:
+        """Whether work projected to take ``estimated_seconds`` ends before the deadline."""
+        return estimated_seconds <= self.remaining()
+
+
+class RateMeter:
+    """Seconds per padded token, measured over the work done so far; projects the next unit's time."""
+
+    def __init__(self, safety: float = 1.25):
+        self.safety = safety
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def estimate(self, tokens: int) -> float:
+        """Projected seconds for ``tokens`` padded tokens, with a safety factor; 0 before any measurement."""
+        if self.tokens == 0:
+            return 0.0
+        return self.safety * tokens * self.seconds / self.tokens

@@ -1,0 +1,126 @@
+"""Turn a stage's typed config dataclass into a command line, so every stage runs from a shell.
+
+Each field becomes ``--field-name``; its help text is the comment written above the field in the
+dataclass source (one place to document a field, read by both the notebook reader and ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#`` comment lines directly above each field in the source of ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        pending: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"([A-Za-z_]\w*)\s*:", stripped)
+            if m and pending:
+                docs[m.group(1)] = " ".join(pending)
+            pending = []
+    return docs
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip ``Optional[...]`` / ``X | None`` down to ``X``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _converter(tp: Any) -> Callable[[str], Any]:
+    tp = _base_type(tp)
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    if tp is Path:
+        return Path
+    # lists, tuples and dicts are given as JSON on the command line
+    return json.loads
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per field of the dataclass ``cls``."""
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_converter(hints[f.name]),
+            required=required,
+            default=default,
+            help=docs.get(f.name, ""),
+        )
+    return parser
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
+    """Parse ``argv`` into an instance of the config dataclass ``cls`` (validated by its ``__post_init__``)."""
+    args = build_parser(cls).parse_args(argv)
+    return cls(**vars(args))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (paths as strings), for saving next to artifacts."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return {f.name: convert(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def save_config(cfg: Any, path: Path) -> Path:
+    """Write the resolved config as JSON beside the artifact it produced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_dict(cfg), indent=2, ensure_ascii=False) + "\n")
+    return path

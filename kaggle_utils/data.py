@@ -1,0 +1,126 @@
+"""Competition files: the schema, loading with validation, and labels.
+
+Every loader checks the file against the competition schema and raises :class:`DataError` naming the
+file, the column and the first bad row, instead of letting a bad value surface deep inside training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+WINNERS = ("model_a", "model_b")
+# Columns each kind of file must have (extra columns are kept).
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "train": ("id", *TEXT_COLUMNS, "winner", "model_a", "model_b", "language"),
+    "test": ("id", *TEXT_COLUMNS),
+    "unlabeled": ("id", *TEXT_COLUMNS),
+    # a pseudo-labelled file: the pool plus the teacher's probabilities
+    "soft": ("id", *TEXT_COLUMNS, "p_a", "p_b"),
+}
+
+
+class DataError(ValueError):
+    """A competition file does not match the expected schema; the message names file, column and row."""
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """Read a parquet or CSV file, with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+    except Exception as exc:  # pyarrow and the csv parser raise many types; name the file for all of them
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(exc).__name__}: {exc})") from exc
+    raise DataError(f"{path}: expected a .parquet or .csv file")
+
+
+def validate(df: pd.DataFrame, kind: str, source: str = "<frame>") -> pd.DataFrame:
+    """Check ``df`` against the schema of ``kind`` (a key of :data:`SCHEMAS`); return it unchanged."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(SCHEMAS)}")
+    missing = [c for c in SCHEMAS[kind] if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; found {list(df.columns)}")
+    for col in TEXT_COLUMNS:
+        bad = ~df[col].map(lambda v: isinstance(v, str))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{source}: column {col!r} row {row} (id={df['id'].iloc[row]!r}) must be text, "
+                f"got {type(df[col].iloc[row]).__name__}: {df[col].iloc[row]!r}"
+            )
+    dup = df["id"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{source}: column 'id' row {row}: id {df['id'].iloc[row]!r} appears more than once")
+    if kind == "train":
+        bad = ~df["winner"].isin(WINNERS)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{source}: column 'winner' row {row} (id={df['id'].iloc[row]!r}) is {df['winner'].iloc[row]!r}; "
+                f"expected one of {list(WINNERS)}"
+            )
+    if kind == "soft":
+        probs = df[["p_a", "p_b"]].to_numpy(dtype=float)
+        bad = ~(np.isfinite(probs).all(1) & (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) < 1e-3))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{source}: columns 'p_a','p_b' row {row} (id={df['id'].iloc[row]!r}) are {probs[row].tolist()}; "
+                "expected two probabilities summing to 1"
+            )
+    return df
+
+
+def load(path: Path | str, kind: str) -> pd.DataFrame:
+    """Read and validate one competition-format file."""
+    return validate(read_table(path), kind, source=str(path))
+
+
+def labels(df: pd.DataFrame) -> np.ndarray:
+    """Hard labels as class indices: 0 = response A preferred, 1 = response B. Shape (N,)."""
+    return (df["winner"].to_numpy() == "model_b").astype(np.int64)
+
+
+def soft_targets(df: pd.DataFrame) -> np.ndarray:
+    """Target distribution per row, shape (N, 2): the teacher's ``p_a, p_b`` where given, else one-hot."""
+    if "p_a" in df.columns:
+        probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float32)
+        if "winner" not in df.columns:
+            return probs
+        # rows with a human label but no teacher probability fall back to the one-hot label
+        missing = np.isnan(probs).any(1)
+        if not missing.any():
+            return probs
+        probs[missing] = np.eye(2, dtype=np.float32)[labels(df[missing])]
+        return probs
+    return np.eye(2, dtype=np.float32)[labels(df)]
+
+
+def swap_ab(df: pd.DataFrame) -> pd.DataFrame:
+    """Exchange responses A and B: texts, model names, the winner and soft labels move together.
+
+    The one place where the A/B permutation is defined; training augmentation, pseudo-labelling and
+    test-time augmentation all call it.
+    """
+    out = df.copy()
+    for a, b in (("response_a", "response_b"), ("model_a", "model_b"), ("p_a", "p_b")):
+        if a in out.columns and b in out.columns:
+            out[a], out[b] = df[b].to_numpy(), df[a].to_numpy()
+    if "winner" in out.columns:
+        out["winner"] = df["winner"].map({"model_a": "model_b", "model_b": "model_a"})
+    return out
+
+
+def swap_probs(probs: np.ndarray) -> np.ndarray:
+    """Map probabilities predicted on swapped rows back to the original A/B order. Shape (N, 2)."""
+    return probs[:, ::-1]
