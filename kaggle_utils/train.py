@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kaggle_utils import data
 from kaggle_utils.batching import pad, token_budget_batches
 from kaggle_utils.budget import Deadline
-from kaggle_utils.cli import parse_config, save_config
+from kaggle_utils.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.inputs import InputConfig, PromptFormatter
 from kaggle_utils.losses import LOSSES, preference_loss
 from kaggle_utils.metrics import evaluate
@@ -128,6 +128,15 @@ def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return hard, soft
 
 
+# fields that may change between a run and its resumption without changing what is trained
+RESUMABLE_CHANGES = frozenset({"time_budget_minutes", "save_every", "device", "out_dir"})
+
+
+def _resume_blockers(saved: dict, current: dict) -> list[str]:
+    """Config fields whose change makes a checkpoint's schedule or weights meaningless for this run."""
+    return sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+
+
 def _lr_lambda(total_steps: int, warmup_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -158,6 +167,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     rows = fmt.encode(train_df)
     rows_swapped = fmt.encode(data.swap_ab(train_df))
     lengths = fmt.lengths(rows)
+    n_batches = len(_epoch_batches(cfg, lengths, 0)[1])
+    if n_batches < cfg.grad_accum:
+        # an epoch would hold no complete optimiser step, and the loop below would never end
+        raise ValueError(
+            f"{len(train_df)} training rows make {n_batches} micro-batch(es) under batch_tokens={cfg.batch_tokens}, "
+            f"fewer than grad_accum={cfg.grad_accum}; lower grad_accum or batch_tokens"
+        )
 
     model = load_classifier(
         cfg,
@@ -187,6 +203,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         from peft import set_peft_model_state_dict
 
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = _resume_blockers(state.get("config", {}), config_to_dict(cfg))
+        if changed:
+            raise RuntimeError(
+                f"{ckpt_path} was written with a different config ({', '.join(changed)}); "
+                "use a new --out-dir, or delete the checkpoint to start over"
+            )
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -202,6 +224,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "scheduler": scheduler.state_dict(),
             "step": step,
             "history": history,
+            "config": config_to_dict(cfg),
         }
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill mid-save keeps the old checkpoint

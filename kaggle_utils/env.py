@@ -1,0 +1,96 @@
+"""Where we run and where things are: local machine or Kaggle (interactive, batch, competition rerun).
+
+On Kaggle, inputs are mounted under ``/kaggle/input/<slug>/...`` and the slug depends on how the user
+attached them (a competition, a dataset, a model with framework/variation/version folders). Nothing here
+hard-codes those paths: files are found by searching the input root for what identifies them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """``kind`` is one of ``local``, ``kaggle-interactive``, ``kaggle-batch``, ``kaggle-rerun``."""
+
+    kind: str
+    input_root: Path
+    working_dir: Path
+
+    @property
+    def on_kaggle(self) -> bool:
+        return self.kind != "local"
+
+    @property
+    def is_rerun(self) -> bool:
+        """The hidden-test scoring run: the full test set replaces the 3 visible rows."""
+        return self.kind == "kaggle-rerun"
+
+
+def detect(environ: Mapping[str, str] | None = None, local_root: Path = Path(".")) -> Environment:
+    """Read the environment variables Kaggle sets (``KAGGLE_KERNEL_RUN_TYPE``, ``KAGGLE_IS_COMPETITION_RERUN``)."""
+    environ = os.environ if environ is None else environ
+    run_type = environ.get("KAGGLE_KERNEL_RUN_TYPE")
+    if run_type is None:
+        return Environment("local", Path(local_root), Path(local_root))
+    if environ.get("KAGGLE_IS_COMPETITION_RERUN"):
+        kind = "kaggle-rerun"
+    else:
+        kind = "kaggle-batch" if run_type.lower() == "batch" else "kaggle-interactive"
+    return Environment(kind, KAGGLE_INPUT, KAGGLE_WORKING)
+
+
+def _search(root: Path, marker: str, hint: str | None) -> list[Path]:
+    """Folders under ``root`` containing ``marker`` whose path contains ``hint`` (case-insensitive)."""
+    hits = sorted(p.parent for p in Path(root).rglob(marker))
+    if hint:
+        hits = [h for h in hits if hint.lower() in str(h).lower()]
+    return hits
+
+
+def _one(hits: list[Path], what: str, root: Path, hint: str | None) -> Path:
+    if not hits:
+        extra = f" with {hint!r} in its path" if hint else ""
+        raise FileNotFoundError(
+            f"no {what}{extra} under {root}; attach it to the notebook (Add input) or pass its path explicitly"
+        )
+    # several matches: the shortest path is the least nested one (e.g. a model's latest version folder
+    # is found by its hint; an unversioned copy wins over a nested checkpoint)
+    return min(hits, key=lambda p: (len(p.parts), str(p)))
+
+
+def find_competition_dir(root: Path, hint: str | None = None) -> Path:
+    """The folder that holds ``test.parquet`` (and ``train.parquet``) of the competition."""
+    hits = [h for h in _search(root, "test.parquet", hint) if (h / "train.parquet").is_file() or hint]
+    return _one(hits, "competition folder (train.parquet + test.parquet)", root, hint)
+
+
+def find_model_dir(root: Path, hint: str) -> Path:
+    """A ``save_pretrained`` model folder (``config.json`` beside weights) whose path contains ``hint``."""
+    hits = [h for h in _search(root, "config.json", hint) if any(h.glob("*.safetensors")) or any(h.glob("*.bin"))]
+    return _one(hits, "model folder (config.json + weights)", root, hint)
+
+
+def find_adapter_dir(root: Path, hint: str) -> Path:
+    """A peft adapter folder (``adapter_config.json``) whose path contains ``hint``."""
+    return _one(_search(root, "adapter_config.json", hint), "LoRA adapter folder", root, hint)
+
+
+def find_package_dir(root: Path) -> Path:
+    """The folder to put on ``sys.path`` so that ``import kaggle_utils`` finds this package's dataset copy."""
+    hits = [p.parent.parent for p in Path(root).rglob("kaggle_utils/__init__.py")]
+    return _one(sorted(hits), "kaggle_utils package", root, None)
+
+
+def resolve_dir(given: str | Path, env: Environment, find, local_default: str | Path) -> Path:
+    """A notebook parameter: the path given; if empty, ``find(env.input_root)`` on Kaggle, else the demo path."""
+    if given:
+        return Path(given)
+    return find(env.input_root) if env.on_kaggle else Path(local_default)
