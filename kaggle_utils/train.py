@@ -250,6 +250,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             t0 = time.monotonic()
             micro = batches[i : i + cfg.grad_accum]
             step_rows = sum(len(b) for b in micro)
+            step_tokens = int(sum(lengths[b].sum() for b in micro))
             loss_sum = 0.0
             for idx in micro:
                 batch_rows = [rows_swapped[j] if swapped[j] else rows[j] for j in idx]
@@ -268,7 +269,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             step += 1
             step_seconds = time.monotonic() - t0
             history.append({"step": step, "epoch": epoch, "loss": loss_sum / step_rows,
-                            "lr": scheduler.get_last_lr()[0], "rows": step_rows})
+                            "lr": scheduler.get_last_lr()[0], "rows": step_rows, "tokens": step_tokens,
+                            "seconds": step_seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0:
