@@ -54,7 +54,20 @@ def _base_type(tp: Any) -> Any:
 
 
 def _converter(tp: Any) -> Callable[[str], Any]:
-    tp = _base_type(tp)
+    base = _base_type(tp)
+    convert = _plain_converter(base)
+    if base is tp:
+        return convert
+
+    def optional(text: str) -> Any:
+        # ``X | None`` fields: an empty value (``--flag ""``) means None, as the field comments promise
+        return None if text == "" else convert(text)
+
+    optional.__name__ = getattr(convert, "__name__", "value")
+    return optional
+
+
+def _plain_converter(tp: Any) -> Callable[[str], Any]:
     if tp is bool:
         return _parse_bool
     if tp in (int, float, str):
@@ -93,7 +106,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             type=_converter(hints[f.name]),
             required=required,
             default=default,
-            help=docs.get(f.name, ""),
+            # argparse %-formats help strings: a literal "%" in a comment (e.g. "10%") must be doubled
+            help=docs.get(f.name, "").replace("%", "%%"),
         )
     return parser
 

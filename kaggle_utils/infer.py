@@ -44,11 +44,13 @@ class InferConfig(InputConfig):
 
     # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.env)
     test_file: Path = Path("demo/data/test.parquet")
-    # primary model folder and its LoRA adapter (scores every row)
+    # primary model folder (scores every row)
     primary_model: Path = Path("demo/models/qwen2-tiny")
+    # the primary's LoRA adapter folder; empty: the base model as is
     primary_adapter: Path | None = None
-    # secondary model folder and adapter (re-scores the least certain rows); empty: primary only
+    # secondary model folder (re-scores the least certain rows); empty: primary only
     secondary_model: Path | None = None
+    # the secondary's LoRA adapter folder; empty: the base model as is
     secondary_adapter: Path | None = None
     # weight of the secondary model in the average on rows both scored
     secondary_weight: float = 0.5

@@ -51,9 +51,11 @@ class TrainConfig(ModelConfig, InputConfig):
     kl_weight: float = 0.5
     # softmax temperature of the student in the KL term
     temperature: float = 1.0
-    # LoRA rank, alpha and dropout
+    # LoRA rank
     lora_r: int = 16
+    # LoRA scale numerator: updates are scaled by lora_alpha / lora_r
     lora_alpha: int = 32
+    # dropout on the LoRA branch
     lora_dropout: float = 0.05
     # peak learning rate (linear warm-up, then cosine decay to 10%)
     lr: float = 1e-4
@@ -77,6 +79,7 @@ class TrainConfig(ModelConfig, InputConfig):
     save_every: int = 200
     # use at most this many training rows (0: all), for quick runs
     max_train_rows: int = 0
+    # seed for shuffling, A/B swaps and LoRA initialisation
     seed: int = 42
 
     def __post_init__(self) -> None:

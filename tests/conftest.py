@@ -1,0 +1,112 @@
+"""Shared, session-scoped fixtures: one small synthetic dataset, the tiny demo models, one trained adapter.
+
+Everything expensive is built once per test session under one temporary folder and reused:
+
+* ``demo_files``: synthetic competition files (600 train / 120 test / 120 unlabelled rows, short texts);
+* ``models``: tiny random-weight Qwen2 and Gemma2 sequence classifiers with the real Qwen2.5 tokenizer;
+* ``tokenizer``: that tokenizer, loaded the way every stage loads it;
+* ``prepared``: the prepare stage's output (train with folds, unlabelled pool);
+* ``trained``: one LoRA adapter trained on the 4-bit Qwen2 tiny model, reused by the modeling,
+  pseudo-labelling and inference tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kaggle_utils.demo_data import DemoDataConfig, generate_demo_data
+from kaggle_utils.demo_models import DemoModelsConfig, build_demo_models
+from kaggle_utils.modeling import load_tokenizer
+from kaggle_utils.prepare import PrepareConfig, prepare
+from kaggle_utils.train import TrainConfig, TrainResult, train
+
+# One intra-op thread: the models are tiny, and on a 2-core machine shared with other processes two spinning
+# OpenMP threads per process make training many times slower (measured: 37 steps in 5 s with 1, 34 s with 2).
+torch.set_num_threads(1)
+
+# Inputs are kept short so that every model run stays CPU-sized.
+MAX_LENGTH = 256
+N_TRAIN, N_TEST, N_UNLABELED = 600, 120, 120
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def demo_files(session_dir: Path) -> dict[str, Path]:
+    cfg = DemoDataConfig(
+        out_dir=session_dir / "data", n_train=N_TRAIN, n_test=N_TEST, n_unlabeled=N_UNLABELED, length_scale=0.05
+    )
+    return generate_demo_data(cfg)
+
+
+@pytest.fixture(scope="session")
+def models(session_dir: Path) -> dict[str, Path]:
+    return build_demo_models(DemoModelsConfig(out_dir=session_dir / "models"))
+
+
+@pytest.fixture(scope="session")
+def qwen_path(models: dict[str, Path]) -> Path:
+    return models["qwen2-tiny"]
+
+
+@pytest.fixture(scope="session")
+def gemma_path(models: dict[str, Path]) -> Path:
+    return models["gemma2-tiny"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(qwen_path: Path):
+    """The real Qwen2.5 tokenizer, as saved beside the tiny model and loaded by every stage."""
+    return load_tokenizer(qwen_path)
+
+
+@pytest.fixture(scope="session")
+def prepared(session_dir: Path, demo_files: dict[str, Path]) -> dict[str, Path]:
+    out = session_dir / "prepared"
+    prepare(PrepareConfig(data_dir=demo_files["train"].parent, out_dir=out, n_folds=5))
+    return {"train": out / "train.parquet", "unlabeled": out / "unlabeled.parquet", "dir": out}
+
+
+@pytest.fixture(scope="session")
+def competition_test(demo_files: dict[str, Path]) -> pd.DataFrame:
+    return pd.read_parquet(demo_files["test"])
+
+
+@dataclass
+class Trained:
+    cfg: TrainConfig
+    result: TrainResult
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def trained(session_dir: Path, prepared: dict[str, Path], qwen_path: Path) -> Trained:
+    """LoRA on the 4-bit nf4 Qwen2 tiny model, fold 0 held out: 3 epochs of ~30 steps at 4,096 tokens."""
+    import contextlib
+    import io
+
+    cfg = TrainConfig(
+        model_path=qwen_path,
+        load_in_4bit=True,
+        train_file=prepared["train"],
+        out_dir=session_dir / "trained",
+        val_fold=0,
+        max_length=MAX_LENGTH,
+        lr=2e-3,
+        epochs=3,
+        batch_tokens=4096,
+        max_rows=16,
+        save_every=30,
+    )
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = train(cfg)
+    return Trained(cfg, result, buf.getvalue())
