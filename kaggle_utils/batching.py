@@ -7,8 +7,12 @@ training and inference at 2,500 tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+PAD_SIDES = ("right", "left")
 
 
 def token_budget_batches(
@@ -34,6 +38,16 @@ def token_budget_batches(
     return batches
 
 
+def fixed_size_batches(lengths: np.ndarray, batch_size: int, sort: bool = True) -> list[np.ndarray]:
+    """Index arrays of ``batch_size`` rows each (the last may be shorter), longest rows first when ``sort``.
+
+    The baseline that token-budget batching is measured against (the public notebooks' fixed batch size).
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     """Fraction of the padded tokens that are padding."""
     real = sum(int(lengths[b].sum()) for b in batches)
@@ -41,14 +55,17 @@ def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     return 1.0 - real / padded if padded else 0.0
 
 
-def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` of shape (B, T), T = longest row.
+def pad(rows: list[list[int]], pad_id: int, side: str = "right", multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of shape (B, T), T = longest row (rounded up to ``multiple_of``).
 
     The sequence classifiers of transformers >= 4.48 pool the rightmost non-pad token, so either side
     works as long as ``config.pad_token_id`` equals ``pad_id``; right padding keeps positions identical
     to unpadded training rows.
     """
+    if side not in PAD_SIDES:
+        raise ValueError(f"side={side!r}; expected one of {PAD_SIDES}")
     width = max(len(r) for r in rows)
+    width = -(-width // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -56,3 +73,39 @@ def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> dict[str, to
         ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class Collator:
+    """Rows of token ids (and optional labels) to one padded batch, padded only to the batch's longest row.
+
+    Decoder ``*ForSequenceClassification`` models in transformers 5 pool the rightmost token that is not
+    ``config.pad_token_id``; with ``pad_id`` equal to that id, right and left padding give the same logits
+    (right keeps positions identical to unpadded rows, so it is the default). ``multiple_of=8`` rounds the
+    width up for tensor-core friendly shapes at the cost of a little padding.
+    """
+
+    # the tokenizer's pad id, which must also be the model's ``config.pad_token_id``
+    pad_id: int
+    # "right" or "left"
+    side: str = "right"
+    # round the padded width up to a multiple of this
+    multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        if self.side not in PAD_SIDES:
+            raise ValueError(f"side={self.side!r}; expected one of {PAD_SIDES}")
+        if self.multiple_of < 1:
+            raise ValueError(f"multiple_of={self.multiple_of} must be at least 1")
+
+    def __call__(self, rows: list[list[int]], labels=None) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` (B, T) and, when given, ``labels`` (B,) or soft labels (B, C)."""
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        batch = pad(rows, self.pad_id, self.side, self.multiple_of)
+        if labels is not None:
+            labels = torch.as_tensor(np.asarray(labels))
+            if labels.shape[0] != len(rows):
+                raise ValueError(f"{len(rows)} rows but {labels.shape[0]} labels")
+            batch["labels"] = labels
+        return batch
