@@ -48,3 +48,58 @@ def confidence(probs: np.ndarray, title: str = "Confidence"):
     ax.set(xlabel="p(response A preferred)", ylabel="rows", title=title)
     fig.tight_layout()
     return fig
+
+
+def source_flow(report):
+    """Rows per source through the data layer: what each step kept, and what it dropped per reason.
+
+    ``report`` is a :class:`kaggle_utils.sources.Report` (normalise and clean steps together).
+    """
+    table = report.table()
+    drops = table[table["kind"] == "dropped"].pivot_table(
+        index="source", columns="reason", values="rows", aggfunc="sum", fill_value=0
+    )
+    flow = table[table["kind"] == "in"].groupby("source", sort=False)["rows"].first()
+    last_step = table["step"].iloc[-1]
+    kept = table[(table["kind"] == "out") & (table["step"] == last_step)].set_index("source")["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+    pd.DataFrame({"raw rows": flow, "kept": kept.reindex(flow.index)}).plot.barh(ax=axes[0], title="Rows per source")
+    axes[0].set_xlabel("rows")
+    if drops.empty:
+        axes[1].text(0.5, 0.5, "nothing dropped", ha="center", va="center")
+        axes[1].set_axis_off()
+    else:
+        drops.reindex(flow.index, fill_value=0).plot.barh(ax=axes[1], stacked=True, title="Dropped, per reason")
+        axes[1].set_xlabel("rows")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def label_balance(balance: pd.DataFrame):
+    """Share of rows won by response A per source (``clean.ab_balance``), with the 50% line."""
+    fig, ax = plt.subplots(figsize=(6, 1.4 + 0.4 * len(balance)))
+    ax.barh(balance["source"], balance["share_a"])
+    ax.axvline(0.5, color="k", lw=0.8)
+    for y, (share, rows) in enumerate(zip(balance["share_a"], balance["rows"], strict=True)):
+        ax.text(share, y, f" {share:.3f} of {rows:,}", va="center", fontsize=8)
+    ax.set(xlim=(0, 1), xlabel="share won by A", title="A/B label balance")
+    fig.tight_layout()
+    return fig
+
+
+def languages_and_lengths(df: pd.DataFrame, top: int = 12):
+    """The language mix of a normalised table and its character-length histograms per field and source."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+    df["language"].fillna("missing").value_counts().head(top).iloc[::-1].plot.barh(ax=axes[0], title="Languages")
+    bins = np.logspace(0, 5, 40)
+    for source, part in df.groupby("source", sort=False):
+        axes[1].hist(
+            part["prompt"].str.len().clip(lower=1), bins=bins, histtype="step", ls="--", label=f"{source} prompts"
+        )
+        lengths = pd.concat([part[c].str.len() for c in TEXT_COLUMNS[1:]])
+        axes[1].hist(lengths.clip(lower=1), bins=bins, histtype="step", label=f"{source} responses")
+    axes[1].set(xscale="log", xlabel="characters", ylabel="texts", title="Lengths")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,18 +1,22 @@
 """Stage 1, data preparation: validate the competition files and assign cross-validation folds.
 
+With ``clean=True`` the training file also goes through the data layer first (``kaggle_utils.sources``
+normalises it, ``kaggle_utils.clean`` filters, deduplicates and drops rows whose prompt leaks from the test
+file) and the counts of every step are written to ``clean_report.csv``.
+
 ``python -m kaggle_utils.prepare --data-dir demo/data --out-dir demo/work/prepared``
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import data
+from kaggle_utils import clean as cleaning
+from kaggle_utils import data, sources
 from kaggle_utils.cli import parse_config, save_config
 
 
@@ -28,6 +32,9 @@ class PrepareConfig:
     n_folds: int = 5
     # name of the unlabelled pool file inside data_dir (pseudo-labelling input); skipped when absent
     unlabeled_file: str = "unlabeled.parquet"
+    # run the data layer on train before folding: quality filters, pair dedup, test-prompt leakage control
+    # (exact and near-duplicate); writes clean_report.csv. Off: train is written as given, plus folds
+    clean: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -39,23 +46,45 @@ class PrepareConfig:
 def assign_folds(df: pd.DataFrame, n_folds: int) -> np.ndarray:
     """Fold per row, grouped by prompt (a prompt never spans two folds) and balanced within each language.
 
-    Prompts are ordered by a stable hash inside each language and dealt round-robin, so the assignment
-    does not depend on row order or on Python's per-process hash seed.
+    A group is one *normalised* prompt (``clean.prompt_keys``: case and spacing ignored), so near-identical
+    copies of a prompt cannot sit on both sides of a split. Each group takes the smallest language label
+    among its rows; groups are ordered by their stable hash inside each language and dealt round-robin, so
+    the assignment depends neither on row order nor on Python's per-process hash seed.
     """
-    keys = df["prompt"].map(lambda s: hashlib.blake2b(s.encode(), digest_size=8).hexdigest())
+    keys = df["prompt_key"].to_numpy() if "prompt_key" in df.columns else cleaning.prompt_keys(df["prompt"])
     lang = df["language"] if "language" in df.columns else pd.Series("unknown", index=df.index)
-    groups = pd.DataFrame({"key": keys, "lang": lang.fillna("unknown")}).drop_duplicates("key")
+    lang = lang.astype(object).where(lang.notna(), "unknown").astype(str).to_numpy()
+    groups = pd.DataFrame({"key": keys, "lang": lang}).groupby("key", sort=False)["lang"].min().reset_index()
     groups = groups.sort_values(["lang", "key"])
     groups["fold"] = groups.groupby("lang").cumcount() % n_folds
-    return keys.map(dict(zip(groups["key"], groups["fold"], strict=False))).to_numpy(dtype=np.int64)
+    fold_of = pd.Series(groups["fold"].to_numpy(), index=groups["key"].to_numpy())
+    return fold_of.reindex(keys).to_numpy(dtype=np.int64)
+
+
+def clean_train(train: pd.DataFrame, test: pd.DataFrame) -> tuple[pd.DataFrame, sources.Report]:
+    """The data layer on the competition train file: normalise, filter, dedup, drop test-prompt leaks.
+
+    Returns rows in the competition's train schema (``source``/``source_id`` dropped, ``id`` as given).
+    """
+    norm, report = sources.competition(train, source="competition")
+    cleaned, rep = cleaning.clean(norm, test["prompt"], cleaning.CleanConfig(fill_language=False))
+    report.extend(rep)
+    out = cleaned.assign(id=cleaned["source_id"]).drop(columns=["source", "source_id"])
+    extra = [c for c in train.columns if c not in out.columns]
+    if extra:  # columns beyond the schema come back by id
+        out = out.merge(train[["id", *extra]].astype({"id": str}), on="id", how="left")
+    return out, report
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     """Run the stage; returns the prepared frames by name (``train``, ``test`` and ``unlabeled`` if present)."""
     train = data.load(cfg.data_dir / "train.parquet", "train")
     test = data.load(cfg.data_dir / "test.parquet", "test")
-    train = train.assign(fold=assign_folds(train, cfg.n_folds))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.clean:
+        train, report = clean_train(train, test)
+        report.table().to_csv(cfg.out_dir / "clean_report.csv", index=False)
+    train = train.assign(fold=assign_folds(train, cfg.n_folds))
     train.to_parquet(cfg.out_dir / "train.parquet", index=False)
     frames = {"train": train, "test": test}
     pool_path = cfg.data_dir / cfg.unlabeled_file
