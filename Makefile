@@ -48,11 +48,72 @@ demo: notebooks  ## run the four notebooks on the synthetic demo data; outputs i
 	  print(f\"held-out demo accuracy: {r['accuracy']['accuracy']:.3f} on {r['accuracy']['rows']} test rows\")"
 
 lint: $(STAMP)  ## ruff on the package, tests and notebook sources
-	$(BIN)/ruff check kaggle_utils tests
-	$(BIN)/ruff format --check kaggle_utils tests
+	$(BIN)/ruff check kaggle_utils tests benchmarks docs
+	$(BIN)/ruff format --check kaggle_utils tests benchmarks docs
 
 test: lint  ## lint, then the test suite
 	$(BIN)/python -m pytest
 
 clean:  ## remove generated files (keeps the venv)
 	rm -rf build demo output
+
+# ---- Kaggle: datasets, kernels, submissions (python -m kaggle_utils.kaggle_cli --help) -------------------------
+# The account comes from KAGGLE_USERNAME (or kaggle.json); credentials from the environment or kaggle.json only.
+KAGGLE_CLI = $(BIN)/python -m kaggle_utils.kaggle_cli --owner "$(KAGGLE_USERNAME)"
+KAGGLE_USERNAME ?=
+# one kernel (slug or notebook name, e.g. KERNEL=04_inference); empty: all four
+KERNEL ?=
+# Kaggle's image: its Python and its glibc (which manylinux wheels its pip accepts)
+KAGGLE_PYTHON ?= 3.11
+KAGGLE_GLIBC ?= 2.35
+# the kernel version `make push` printed, for `make submit`
+VERSION ?=
+MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
+
+.PHONY: validate push dataset wheels wheels-dataset submit status output render
+
+validate: notebooks  ## check every kernel's metadata and built notebook (the CLI's rules + the competition's)
+	$(KAGGLE_CLI) validate --kernel "$(KERNEL)"
+
+push: notebooks  ## build, validate and push the kernels to Kaggle (all, or KERNEL=...)
+	$(KAGGLE_CLI) push --kernel "$(KERNEL)"
+
+dataset: $(STAMP)  ## publish kaggle_utils/ (and nothing else) as a new version of the utils dataset
+	$(KAGGLE_CLI) dataset -m "$(MESSAGE)"
+
+wheels: $(STAMP)  ## download the wheels the notebooks need beyond Kaggle's image into build/wheels
+	$(KAGGLE_CLI) wheels --dest build/wheels --python-version $(KAGGLE_PYTHON) --glibc $(KAGGLE_GLIBC)
+
+wheels-dataset: $(STAMP)  ## build/wheels as a new version of the wheels dataset
+	$(KAGGLE_CLI) wheels --dest build/wheels --python-version $(KAGGLE_PYTHON) --glibc $(KAGGLE_GLIBC) --publish
+
+submit: $(STAMP)  ## submit a pushed inference kernel version: make submit VERSION=N
+	$(KAGGLE_CLI) submit --kernel "$(or $(KERNEL),04_inference)" --version "$(VERSION)" -m "$(MESSAGE)"
+
+status: $(STAMP)  ## run status of the kernels on Kaggle (all, or KERNEL=...)
+	$(KAGGLE_CLI) status --kernel "$(KERNEL)"
+
+output: $(STAMP)  ## download the kernels' outputs into build/kaggle/output/<slug>/
+	$(KAGGLE_CLI) output --kernel "$(KERNEL)"
+
+render: $(STAMP)  ## the demo-executed notebooks as Markdown in docs/notebooks/ (reruns `make demo` if stale)
+	# make demo's outputs are reused when they were made from the current sources (notebooks + kaggle_utils)
+	h=$$($(BIN)/python docs/render.py --hash); \
+	if [ "$$(cat $(OUT)/inputs.sha256 2>/dev/null)" != "$$h" ]; then $(MAKE) demo; echo $$h > $(OUT)/inputs.sha256; fi
+	$(BIN)/python docs/render.py --demo-dir $(OUT) --out-dir docs/notebooks
+
+# ---- Data layer benchmark (benchmarks/bench_data.py) -----------------------------------------------------------
+# pairs of synthetic data in the public formats: normalise + filter + dedup + leakage + language + folds
+PAIRS ?= 560000
+
+.PHONY: bench-data
+
+bench-data: $(STAMP)  ## time the data layer on PAIRS synthetic pairs (default 560000); ends with a `data:` line
+	$(BIN)/python benchmarks/bench_data.py --pairs $(PAIRS)
+
+# ---- Inputs benchmark (benchmarks/bench_inputs.py) --------------------------------------------------------------
+# format + tokenise PAIRS synthetic pairs (FACTS §1 lengths) at max length 2500, then batching padding waste
+.PHONY: bench-inputs
+
+bench-inputs: $(STAMP)  ## time format + tokenise of PAIRS pairs and batching waste; ends with an `inputs:` line
+	$(BIN)/python benchmarks/bench_inputs.py --pairs $(PAIRS)

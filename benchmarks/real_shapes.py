@@ -28,9 +28,18 @@ def build_qwen14b(path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
     cfg = Qwen2Config(
-        vocab_size=152_064, hidden_size=5120, intermediate_size=13_824, num_hidden_layers=48,
-        num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32_768, rope_theta=1_000_000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, num_labels=2, pad_token_id=151_643,
+        vocab_size=152_064,
+        hidden_size=5120,
+        intermediate_size=13_824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        max_position_embeddings=32_768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        num_labels=2,
+        pad_token_id=151_643,
     )
     with torch.device("cuda"):
         model = Qwen2ForSequenceClassification(cfg).to(torch.bfloat16)
@@ -51,38 +60,71 @@ def main() -> None:
     t0 = time.time()
     build_qwen14b(w / "qwen2.5-14b-random")
     table.append(("build + save 14B (bf16)", time.time() - t0, ""))
-    files = generate_demo_data(DemoDataConfig(out_dir=w / "data", n_train=args.train_rows * 2, n_test=args.test_rows,
-                                              n_unlabeled=8, length_scale=1.0))
+    files = generate_demo_data(
+        DemoDataConfig(
+            out_dir=w / "data", n_train=args.train_rows * 2, n_test=args.test_rows, n_unlabeled=8, length_scale=1.0
+        )
+    )
     prepare(PrepareConfig(data_dir=w / "data", out_dir=w / "prepared"))
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    result = train(TrainConfig(
-        model_path=w / "qwen2.5-14b-random", train_file=w / "prepared/train.parquet", out_dir=w / "student",
-        max_length=2500, batch_tokens=5000, max_rows=2, epochs=1.0, max_train_rows=args.train_rows,
-        gradient_checkpointing=True, save_every=0, lr=1e-4, val_fold=-1,
-    ))
+    result = train(
+        TrainConfig(
+            model_path=w / "qwen2.5-14b-random",
+            train_file=w / "prepared/train.parquet",
+            out_dir=w / "student",
+            max_length=2500,
+            batch_tokens=5000,
+            max_rows=2,
+            epochs=1.0,
+            max_train_rows=args.train_rows,
+            gradient_checkpointing=True,
+            save_every=0,
+            lr=1e-4,
+            val_fold=-1,
+        )
+    )
     sec = time.time() - t0
     hist = result.history
     peak = torch.cuda.max_memory_allocated() / 2**30
     table.append(("train stage (load nf4 + QLoRA steps)", sec, f"{result.metrics['steps']} steps, peak {peak:.1f} GiB"))
     # the first step includes warm-up; tokens/s over the rest
     steady = hist.iloc[1:]
-    table.append(("  training steps after the first", float(steady["seconds"].sum()),
-                  f"{steady['tokens'].sum() / steady['seconds'].sum():,.0f} real tokens/s, "
-                  f"{steady['tokens'].mean():,.0f} tokens/step"))
+    table.append(
+        (
+            "  training steps after the first",
+            float(steady["seconds"].sum()),
+            f"{steady['tokens'].sum() / steady['seconds'].sum():,.0f} real tokens/s, "
+            f"{steady['tokens'].mean():,.0f} tokens/step",
+        )
+    )
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    infer(InferConfig(
-        test_file=w / "data/test.parquet", primary_model=w / "qwen2.5-14b-random", primary_adapter=result.adapter_dir,
-        max_length=2500, batch_tokens=16384, out_dir=w / "submission", labels_file=files["test_labels"],
-        time_budget_minutes=30, reserve_minutes=1, started_at=time.time(),
-    ))
+    infer(
+        InferConfig(
+            test_file=w / "data/test.parquet",
+            primary_model=w / "qwen2.5-14b-random",
+            primary_adapter=result.adapter_dir,
+            max_length=2500,
+            batch_tokens=16384,
+            out_dir=w / "submission",
+            labels_file=files["test_labels"],
+            time_budget_minutes=30,
+            reserve_minutes=1,
+            started_at=time.time(),
+        )
+    )
     report = json.loads((w / "submission/report.json").read_text())
-    table.append(("infer stage (load nf4 + score)", time.time() - t0,
-                  f"{report['primary']['scored']} rows scored in {report['primary']['seconds']} s, "
-                  f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
+    table.append(
+        (
+            "infer stage (load nf4 + score)",
+            time.time() - t0,
+            f"{report['primary']['scored']} rows scored in {report['primary']['seconds']} s, "
+            f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+        )
+    )
     print(f"\n{'step':<40}{'seconds':>9}  note")
     for name, s, note in table:
         print(f"{name:<40}{s:>9.1f}  {note}")

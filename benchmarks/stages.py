@@ -40,29 +40,76 @@ def main() -> None:
         return result
 
     dev = pick_device()
-    print(f"device: {dev} ({torch.cuda.get_device_name(0) if dev.type == 'cuda' else platform.processor()}), "
-          f"torch {torch.__version__}")
+    print(
+        f"device: {dev} ({torch.cuda.get_device_name(0) if dev.type == 'cuda' else platform.processor()}), "
+        f"torch {torch.__version__}"
+    )
     files = timed("demo data", lambda: generate_demo_data(DemoDataConfig(out_dir=w / "data")))
     models = timed("demo models", lambda: build_demo_models(DemoModelsConfig(out_dir=w / "models")))
-    timed("prepare", lambda: prepare(PrepareConfig(data_dir=w / "data", out_dir=w / "prepared")),
-          lambda f: f"{len(f['train'])} train rows")
+    timed(
+        "prepare",
+        lambda: prepare(PrepareConfig(data_dir=w / "data", out_dir=w / "prepared")),
+        lambda f: f"{len(f['train'])} train rows",
+    )
     common = dict(max_length=L, batch_tokens=4096, lr=2e-3, epochs=3.0, save_every=0)
-    teacher = timed("train teacher (qwen2, nf4)", lambda: train(TrainConfig(
-        model_path=models["qwen2-tiny"], train_file=w / "prepared/train.parquet", out_dir=w / "teacher", **common)),
-        lambda r: f"val acc {r.metrics['val']['accuracy']:.3f}")
-    timed("pseudo-label (tta)", lambda: pseudo_label(PseudoLabelConfig(
-        model_path=models["qwen2-tiny"], adapter_dir=teacher.adapter_dir, input_file=w / "prepared/unlabeled.parquet",
-        out_file=w / "pseudo.parquet", max_length=L)), lambda df: f"{len(df)} rows")
+    teacher = timed(
+        "train teacher (qwen2, nf4)",
+        lambda: train(
+            TrainConfig(
+                model_path=models["qwen2-tiny"],
+                train_file=w / "prepared/train.parquet",
+                out_dir=w / "teacher",
+                **common,
+            )
+        ),
+        lambda r: f"val acc {r.metrics['val']['accuracy']:.3f}",
+    )
+    timed(
+        "pseudo-label (tta)",
+        lambda: pseudo_label(
+            PseudoLabelConfig(
+                model_path=models["qwen2-tiny"],
+                adapter_dir=teacher.adapter_dir,
+                input_file=w / "prepared/unlabeled.parquet",
+                out_file=w / "pseudo.parquet",
+                max_length=L,
+            )
+        ),
+        lambda df: f"{len(df)} rows",
+    )
     students = {}
     for name in ("qwen2-tiny", "gemma2-tiny"):
-        students[name] = timed(f"train student {name} (mixed)", lambda name=name: train(TrainConfig(
-            model_path=models[name], train_file=w / "prepared/train.parquet", extra_files=[str(w / "pseudo.parquet")],
-            out_dir=w / name, loss="mixed", **common)), lambda r: f"val acc {r.metrics['val']['accuracy']:.3f}")
-    timed("infer (cascade)", lambda: infer(InferConfig(
-        test_file=w / "data/test.parquet", primary_model=models["qwen2-tiny"],
-        primary_adapter=students["qwen2-tiny"].adapter_dir, secondary_model=models["gemma2-tiny"],
-        secondary_adapter=students["gemma2-tiny"].adapter_dir, max_length=L, out_dir=w / "submission",
-        labels_file=files["test_labels"], started_at=time.time())), lambda p: f"{len(p)} rows")
+        students[name] = timed(
+            f"train student {name} (mixed)",
+            lambda name=name: train(
+                TrainConfig(
+                    model_path=models[name],
+                    train_file=w / "prepared/train.parquet",
+                    extra_files=[str(w / "pseudo.parquet")],
+                    out_dir=w / name,
+                    loss="mixed",
+                    **common,
+                )
+            ),
+            lambda r: f"val acc {r.metrics['val']['accuracy']:.3f}",
+        )
+    timed(
+        "infer (cascade)",
+        lambda: infer(
+            InferConfig(
+                test_file=w / "data/test.parquet",
+                primary_model=models["qwen2-tiny"],
+                primary_adapter=students["qwen2-tiny"].adapter_dir,
+                secondary_model=models["gemma2-tiny"],
+                secondary_adapter=students["gemma2-tiny"].adapter_dir,
+                max_length=L,
+                out_dir=w / "submission",
+                labels_file=files["test_labels"],
+                started_at=time.time(),
+            )
+        ),
+        lambda p: f"{len(p)} rows",
+    )
     report = json.loads((w / "submission/report.json").read_text())
     print(f"\n{'stage':<36}{'seconds':>9}  note")
     for name, sec, note in rows:

@@ -227,9 +227,7 @@ _LANGS: dict[str, _Lang] = {
         stop=".",
         qmark="?",
         caps=True,
-        questions=_w(
-            "How do I|What is|Why does|Can you explain|What are the differences between|Is it true that"
-        ),
+        questions=_w("How do I|What is|Why does|Can you explain|What are the differences between|Is it true that"),
         instructions=_w("Explain|Write a short text about|Give me a list of|Summarize|Describe|Compare"),
         labels=_w("Answer|Summary|Overview|Short answer"),
     ),
@@ -289,12 +287,8 @@ _LANGS: dict[str, _Lang] = {
         stop=".",
         qmark="?",
         caps=True,
-        questions=_w(
-            "Wie kann ich|Was ist|Warum|Kannst du erklären|Was ist der Unterschied zwischen|Stimmt es, dass"
-        ),
-        instructions=_w(
-            "Erkläre|Schreibe einen kurzen Text über|Gib mir eine Liste mit|Fasse zusammen|Beschreibe"
-        ),
+        questions=_w("Wie kann ich|Was ist|Warum|Kannst du erklären|Was ist der Unterschied zwischen|Stimmt es, dass"),
+        instructions=_w("Erkläre|Schreibe einen kurzen Text über|Gib mir eine Liste mit|Fasse zusammen|Beschreibe"),
         labels=_w("Antwort|Zusammenfassung|Überblick|Kurze Antwort"),
     ),
     "Japanese": _Lang(
@@ -309,9 +303,7 @@ _LANGS: dict[str, _Lang] = {
         qmark="？",
         caps=False,
         questions=_w("どうやって|なぜ|教えてください、|違いは何ですか、|本当ですか、|何ですか、"),
-        instructions=_w(
-            "説明してください：|短い文章を書いてください：|リストを作ってください：|まとめてください："
-        ),
+        instructions=_w("説明してください：|短い文章を書いてください：|リストを作ってください：|まとめてください："),
         labels=_w("回答|まとめ|概要|簡単な答え"),
     ),
     "Korean": _Lang(
@@ -325,9 +317,7 @@ _LANGS: dict[str, _Lang] = {
         qmark="?",
         caps=False,
         questions=_w("어떻게|무엇이|왜|설명해 줄 수 있나요|차이점은 무엇인가요|사실인가요"),
-        instructions=_w(
-            "설명해 주세요:|다음에 대해 짧은 글을 써 주세요:|목록을 만들어 주세요:|요약해 주세요:"
-        ),
+        instructions=_w("설명해 주세요:|다음에 대해 짧은 글을 써 주세요:|목록을 만들어 주세요:|요약해 주세요:"),
         labels=_w("답변|요약|개요|짧은 답변"),
     ),
     "Spanish": _Lang(
@@ -357,9 +347,7 @@ _LANGS: dict[str, _Lang] = {
         stop=".",
         qmark=" ?",
         caps=True,
-        questions=_w(
-            "Comment puis-je|Qu'est-ce que|Pourquoi|Peux-tu expliquer|Quelle est la différence entre"
-        ),
+        questions=_w("Comment puis-je|Qu'est-ce que|Pourquoi|Peux-tu expliquer|Quelle est la différence entre"),
         instructions=_w("Explique|Écris un court texte sur|Donne-moi une liste de|Résume|Décris|Compare"),
         labels=_w("Réponse|Résumé|Aperçu|Réponse courte"),
     ),
@@ -479,9 +467,7 @@ class _Writer:
         return marker + (" " if lang.sep else "") + self.body(lang, rest)
 
 
-def _lengths(
-    rng: np.random.Generator, mu: float, sigma: float, scale: float, lo: int, hi: int, n: int
-) -> np.ndarray:
+def _lengths(rng: np.random.Generator, mu: float, sigma: float, scale: float, lo: int, hi: int, n: int) -> np.ndarray:
     raw = rng.lognormal(mean=mu, sigma=sigma, size=n) * scale
     return np.clip(np.rint(raw), lo, hi).astype(int)
 
@@ -489,16 +475,10 @@ def _lengths(
 def _make_rows(rng: np.random.Generator, n: int, cfg: DemoDataConfig) -> pd.DataFrame:
     """``n`` labelled rows: prompt, response_a/b, winner, model_a/b, language (all drawn from ``rng``)."""
     langs = rng.choice(len(_LANG_NAMES), size=n, p=_LANG_P)
-    prompt_len = _lengths(
-        rng, PROMPT_MU, PROMPT_SIGMA, cfg.length_scale, MIN_PROMPT_WORDS, MAX_PROMPT_WORDS, n
-    )
+    prompt_len = _lengths(rng, PROMPT_MU, PROMPT_SIGMA, cfg.length_scale, MIN_PROMPT_WORDS, MAX_PROMPT_WORDS, n)
     good_scale = cfg.length_scale * GOOD_LENGTH_FACTOR
-    good_len = _lengths(
-        rng, RESPONSE_MU, RESPONSE_SIGMA, good_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n
-    )
-    bad_len = _lengths(
-        rng, RESPONSE_MU, RESPONSE_SIGMA, cfg.length_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n
-    )
+    good_len = _lengths(rng, RESPONSE_MU, RESPONSE_SIGMA, good_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n)
+    bad_len = _lengths(rng, RESPONSE_MU, RESPONSE_SIGMA, cfg.length_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n)
     good_is_a = rng.random(n) < 0.5
     flip = rng.random(n) < cfg.label_noise
     writer = _Writer(rng)

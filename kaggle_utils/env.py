@@ -94,3 +94,22 @@ def resolve_dir(given: str | Path, env: Environment, find, local_default: str | 
     if given:
         return Path(given)
     return find(env.input_root) if env.on_kaggle else Path(local_default)
+
+
+def find_dir(root: Path, marker: str, hint: str | None = None) -> Path:
+    """The least nested folder under ``root`` holding a file named ``marker`` whose path contains ``hint``."""
+    return _one(_search(root, marker, hint), f"folder holding {marker}", root, hint)
+
+
+def locate(value: str | Path, env: Environment, find) -> Path:
+    """A notebook path parameter: the path itself when it exists; on Kaggle, otherwise ``find(env.input_root)``.
+
+    Defaults in the notebooks are the demo's local paths; on Kaggle the same notebook finds the attached
+    model, adapter or earlier kernel's output by search, so it runs there unedited.
+    """
+    path = Path(value)
+    if value and path.exists():
+        return path
+    if env.on_kaggle:
+        return find(env.input_root)
+    raise FileNotFoundError(f"{path}: not found; run the earlier notebooks (or `make demo`) or pass an existing path")

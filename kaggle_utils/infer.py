@@ -126,9 +126,17 @@ def score_model(
             model = load_classifier(mcfg, tok.pad_token_id, adapter=adapter)
             # each worker sees only its shard; scores come back in shard order
             sub = [rows[i] for i in shards[k]]
-            results[k] = predict_proba(model, sub, tok.pad_token_id, cfg.batch_tokens, cfg.max_rows,
-                                       deadline=deadline, rate=RateMeter(), desc=f"{desc} {devices[k]}",
-                                       order=np.arange(len(sub)))
+            results[k] = predict_proba(
+                model,
+                sub,
+                tok.pad_token_id,
+                cfg.batch_tokens,
+                cfg.max_rows,
+                deadline=deadline,
+                rate=RateMeter(),
+                desc=f"{desc} {devices[k]}",
+                order=np.arange(len(sub)),
+            )
             del model
         except BaseException as exc:  # re-raised in the caller's thread
             results[k] = exc
@@ -165,21 +173,28 @@ def infer(cfg: InferConfig) -> pd.DataFrame:
     first = score_model(cfg, cfg.primary_model, cfg.primary_adapter, test, deadline, desc="primary")
     probs = first.probs.copy()
     source = np.where(first.scored, "primary", "fallback").astype(object)
-    report["primary"] = {"scored": int(first.scored.sum()), "seconds": round(first.seconds, 1),
-                         "stopped_by_deadline": first.stopped_by_deadline}
+    report["primary"] = {
+        "scored": int(first.scored.sum()),
+        "seconds": round(first.seconds, 1),
+        "stopped_by_deadline": first.stopped_by_deadline,
+    }
 
     if cfg.secondary_model is not None and first.scored.any() and deadline.remaining() > 0:
         # least certain primary rows first; rows the primary never reached are left to the fallback
         margin = np.where(first.scored, np.abs(first.probs[:, 0] - 0.5), np.inf)
         order = np.argsort(margin, kind="stable")[: int(first.scored.sum())]
-        second = score_model(cfg, cfg.secondary_model, cfg.secondary_adapter, test, deadline, order=order,
-                             desc="secondary")
+        second = score_model(
+            cfg, cfg.secondary_model, cfg.secondary_adapter, test, deadline, order=order, desc="secondary"
+        )
         both = second.scored & first.scored
         w = cfg.secondary_weight
         probs[both] = (1 - w) * first.probs[both] + w * second.probs[both]
         source[both] = "blend"
-        report["secondary"] = {"scored": int(both.sum()), "seconds": round(second.seconds, 1),
-                               "stopped_by_deadline": second.stopped_by_deadline}
+        report["secondary"] = {
+            "scored": int(both.sum()),
+            "seconds": round(second.seconds, 1),
+            "stopped_by_deadline": second.stopped_by_deadline,
+        }
 
     unscored = ~np.isfinite(probs).all(1)
     probs[unscored] = fallback_probs(test[unscored])

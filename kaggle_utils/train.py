@@ -271,9 +271,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             step_seconds = time.monotonic() - t0
-            history.append({"step": step, "epoch": epoch, "loss": loss_sum / step_rows,
-                            "lr": scheduler.get_last_lr()[0], "rows": step_rows, "tokens": step_tokens,
-                            "seconds": step_seconds})
+            history.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_sum / step_rows,
+                    "lr": scheduler.get_last_lr()[0],
+                    "rows": step_rows,
+                    "tokens": step_tokens,
+                    "seconds": step_seconds,
+                }
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0:
@@ -287,15 +295,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     adapter_dir = cfg.out_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tok.save_pretrained(adapter_dir)
-    metrics = {"steps": step, "total_steps": total_steps, "stopped_by_budget": stopped_by_budget,
-               "train_rows": len(train_df), "seconds": round(time.monotonic() - t_start, 1)}
+    metrics = {
+        "steps": step,
+        "total_steps": total_steps,
+        "stopped_by_budget": stopped_by_budget,
+        "train_rows": len(train_df),
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
     if len(val_df):
         model.eval()
-        scores = predict_proba(model, fmt.encode(val_df), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows,
-                               desc="validate")
+        scores = predict_proba(
+            model, fmt.encode(val_df), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc="validate"
+        )
         metrics["val"] = evaluate(scores.probs, data.labels(val_df))
-        pd.DataFrame({"id": val_df["id"], "p_a": scores.probs[:, 0], "p_b": scores.probs[:, 1],
-                      "winner": val_df["winner"]}).to_parquet(cfg.out_dir / "val_predictions.parquet", index=False)
+        pd.DataFrame(
+            {"id": val_df["id"], "p_a": scores.probs[:, 0], "p_b": scores.probs[:, 1], "winner": val_df["winner"]}
+        ).to_parquet(cfg.out_dir / "val_predictions.parquet", index=False)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     hist = pd.DataFrame(history)
     hist.to_csv(cfg.out_dir / "history.csv", index=False)

@@ -25,14 +25,21 @@ n_folds = 5
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
+# The internet is off there: the pinned dependencies Kaggle's image lacks come from the wheels dataset
+# (`make wheels`); pip installs only what is missing or at another version. Locally this cell does nothing.
+import subprocess
 import sys
 from pathlib import Path
 
-if not any((Path(p) / "kaggle_utils").is_dir() for p in sys.path):
-    sys.path += sorted(str(p.parent.parent) for p in Path("/kaggle/input").rglob("kaggle_utils/__init__.py"))[:1]
+kaggle_input = Path("/kaggle/input")
+if kaggle_input.is_dir() and not any((Path(p) / "kaggle_utils").is_dir() for p in sys.path):
+    sys.path += sorted(str(p.parent.parent) for p in kaggle_input.rglob("kaggle_utils/__init__.py"))[:1]
+for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(pins.parent)]
+    subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
-from kaggle_utils import env, plots
+from kaggle_utils import clean, env, plots, sources
 from kaggle_utils.prepare import PrepareConfig, prepare, summary
 
 where = env.detect()
@@ -51,15 +58,61 @@ frames = prepare(cfg)
 summary(frames)
 
 # %% [markdown]
-# ## Lengths and languages
+# ## Data layer: every source into one table
+# `kaggle_utils.sources` turns each public format (competition train, LMSYS arena-55k, chatbot arena
+# conversations, DPO chosen/rejected pairs, A/B-labelled message pairs, unlabelled pools) into one schema with a
+# `source` column; ties and bad rows are dropped and counted. The demo has one labelled source (the
+# competition-format train file) and the unlabelled pool; more sources are more `(frame or path, format, name)`
+# triples in the same call.
+
+# %%
+inputs = [(frames["train"].drop(columns="fold"), "competition", "competition")]
+if "unlabeled" in frames:
+    inputs.append((frames["unlabeled"], "unlabelled", "unlabeled pool"))
+table, report = sources.normalise_all(inputs, progress=True)
+table.groupby("source").size().rename("rows").to_frame()
+
+# %% [markdown]
+# ## Clean: quality filters, pair dedup, leakage against the test prompts, language
+# Each step reports rows in, rows out and rows dropped per reason and source. Leakage drops training rows
+# whose prompt equals a test prompt after normalisation (`leak_exact`) or is a MinHash near-duplicate of one
+# (`leak_near`). What is shown here is the data layer's verdict on these files; `PrepareConfig(clean=True)`
+# applies it to the prepared train file (`python -m kaggle_utils.prepare --clean true`).
+
+# %%
+cleaned, clean_report = clean.clean(table, frames["test"]["prompt"], progress=True)
+report.extend(clean_report)
+report.check_balanced()
+report.summary()
+
+# %%
+print("notes:", report.notes())
+plots.source_flow(report);
+
+# %% [markdown]
+# ## A/B label balance per source
+# A source whose labels lean to A teaches a position bias; `clean.balance_ab` swaps rows (`data.swap_ab`) to
+# even it out, and training's swap augmentation removes what is left.
+
+# %%
+balance = clean.ab_balance(cleaned)
+plots.label_balance(balance)
+balance
+
+# %% [markdown]
+# ## Languages and lengths
 # Responses are an order of magnitude longer than prompts; at 2,500 tokens the truncation rule decides
 # what the model sees of the long ones.
+
+# %%
+plots.languages_and_lengths(cleaned);
 
 # %%
 plots.lengths_and_languages(frames);
 
 # %% [markdown]
 # ## Folds: rows per fold and language
+# Folds group rows by normalised prompt (no prompt in two folds) and deal prompts round-robin per language.
 
 # %%
 frames["train"].pivot_table(index="language", columns="fold", values="id", aggfunc="count", fill_value=0)

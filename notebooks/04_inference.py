@@ -24,10 +24,13 @@ started_at = time.time()  # the budget counts from here: imports and model loadi
 
 # %% tags=["parameters"]
 test_file = ""  # empty: test.parquet of the competition under /kaggle/input on Kaggle, demo/data locally
+# model and adapter folders: local paths; on Kaggle, when absent, found under /kaggle/input by the hints
 primary_model = "demo/models/qwen2-tiny"
 primary_adapter = "demo/work/qwen/adapter"
+primary_hint = "qwen"
 secondary_model = "demo/models/gemma2-tiny"  # empty: primary only
 secondary_adapter = "demo/work/gemma/adapter"
+secondary_hint = "gemma"
 time_budget_minutes = 690.0
 out_dir = "demo/work/submission"
 labels_file = "demo/data/test_labels.csv"  # the demo's answer key; absent on Kaggle
@@ -35,11 +38,18 @@ max_length = 384
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
+# The internet is off there: the pinned dependencies Kaggle's image lacks come from the wheels dataset
+# (`make wheels`); pip installs only what is missing or at another version. Locally this cell does nothing.
+import subprocess
 import sys
 from pathlib import Path
 
-if not any((Path(p) / "kaggle_utils").is_dir() for p in sys.path):
-    sys.path += sorted(str(p.parent.parent) for p in Path("/kaggle/input").rglob("kaggle_utils/__init__.py"))[:1]
+kaggle_input = Path("/kaggle/input")
+if kaggle_input.is_dir() and not any((Path(p) / "kaggle_utils").is_dir() for p in sys.path):
+    sys.path += sorted(str(p.parent.parent) for p in kaggle_input.rglob("kaggle_utils/__init__.py"))[:1]
+for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(pins.parent)]
+    subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
 import json
@@ -53,8 +63,12 @@ where = env.detect()
 cfg = InferConfig(
     test_file=Path(test_file) if test_file else env.resolve_dir("", where, env.find_competition_dir, "demo/data")
     / "test.parquet",
-    primary_model=primary_model, primary_adapter=primary_adapter or None,
-    secondary_model=secondary_model or None, secondary_adapter=secondary_adapter or None,
+    primary_model=env.locate(primary_model, where, lambda r: env.find_model_dir(r, primary_hint)),
+    primary_adapter=env.locate(primary_adapter, where, lambda r: env.find_adapter_dir(r, primary_hint)),
+    secondary_model=env.locate(secondary_model, where, lambda r: env.find_model_dir(r, secondary_hint))
+    if secondary_model else None,
+    secondary_adapter=env.locate(secondary_adapter, where, lambda r: env.find_adapter_dir(r, secondary_hint))
+    if secondary_model else None,
     time_budget_minutes=time_budget_minutes, started_at=started_at, max_length=max_length,
     out_dir=where.working_dir if where.on_kaggle else Path(out_dir),
     labels_file=labels_file if labels_file and Path(labels_file).is_file() else None,

@@ -15,8 +15,13 @@ from kaggle_utils.modeling import ModelConfig, load_classifier
 LENGTHS = st.lists(st.integers(1, 3000), min_size=0, max_size=300).map(lambda x: np.array(x, dtype=np.int64))
 
 
-@given(lengths=LENGTHS, max_tokens=st.integers(1, 8192), max_rows=st.integers(1, 64), shuffle=st.booleans(),
-       seed=st.integers(0, 1000))
+@given(
+    lengths=LENGTHS,
+    max_tokens=st.integers(1, 8192),
+    max_rows=st.integers(1, 64),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 @settings(max_examples=200, deadline=None)
 def test_batches_cover_every_row_once_within_budget(lengths, max_tokens, max_rows, shuffle, seed) -> None:
     batches = token_budget_batches(lengths, max_tokens, max_rows, shuffle=shuffle, seed=seed)

@@ -79,15 +79,24 @@ def test_parse_config_converts_types() -> None:
     cfg = parse_config(
         TrainConfig,
         [
-            "--load-in-4bit", "false",
-            "--gradient-checkpointing", "YES",
-            "--max-length", "512",
-            "--batch-tokens", "1024",
-            "--lr", "3e-4",
-            "--epochs", "1.5",
-            "--train-file", "some/dir/train.parquet",
-            "--extra-files", '["a.parquet", "b.parquet"]',
-            "--loss", "mixed",
+            "--load-in-4bit",
+            "false",
+            "--gradient-checkpointing",
+            "YES",
+            "--max-length",
+            "512",
+            "--batch-tokens",
+            "1024",
+            "--lr",
+            "3e-4",
+            "--epochs",
+            "1.5",
+            "--train-file",
+            "some/dir/train.parquet",
+            "--extra-files",
+            '["a.parquet", "b.parquet"]',
+            "--loss",
+            "mixed",
         ],
     )
     assert cfg.load_in_4bit is False
@@ -104,8 +113,9 @@ def test_parse_config_converts_types() -> None:
     assert cfg.model_path == Path("demo/models/qwen2-tiny")
 
 
-@pytest.mark.parametrize("text,value", [("1", True), ("on", True), ("True", True), ("0", False), ("off", False),
-                                        ("No", False)])
+@pytest.mark.parametrize(
+    "text,value", [("1", True), ("on", True), ("True", True), ("0", False), ("off", False), ("No", False)]
+)
 def test_parse_bool_spellings(text: str, value: bool) -> None:
     assert parse_config(PseudoLabelConfig, ["--tta", text]).tta is value
 

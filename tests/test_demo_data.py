@@ -191,9 +191,7 @@ def test_string_out_dir_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[st
     cfg = DemoDataConfig(out_dir=str(tmp_path / "s"), n_train=5, n_test=5, n_unlabeled=5)
     assert isinstance(cfg.out_dir, Path)
     out = tmp_path / "cli"
-    demo_data.main(
-        ["--out-dir", str(out), "--n-train", "10", "--n-test", "4", "--n-unlabeled", "3", "--seed", "3"]
-    )
+    demo_data.main(["--out-dir", str(out), "--n-train", "10", "--n-test", "4", "--n-unlabeled", "3", "--seed", "3"])
     printed = capsys.readouterr().out
     assert f"train: {out / 'train.parquet'}" in printed
     assert len(pd.read_parquet(out / "test.parquet")) == 4

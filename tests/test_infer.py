@@ -18,8 +18,14 @@ from kaggle_utils.predict import predict_proba
 
 
 def _cfg(demo_files, out_dir: Path, **kw) -> InferConfig:
-    params = dict(test_file=demo_files["test"], out_dir=out_dir, max_length=256, batch_tokens=4096, max_rows=32,
-                  labels_file=demo_files["test_labels"])
+    params = dict(
+        test_file=demo_files["test"],
+        out_dir=out_dir,
+        max_length=256,
+        batch_tokens=4096,
+        max_rows=32,
+        labels_file=demo_files["test_labels"],
+    )
     params.update(kw)
     return InferConfig(**params)
 
@@ -40,8 +46,12 @@ def _assert_complete_submission(sub: pd.DataFrame, test: pd.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def primary_run(demo_files, qwen_path, trained, tmp_path_factory):
-    cfg = _cfg(demo_files, tmp_path_factory.mktemp("primary"), primary_model=qwen_path,
-               primary_adapter=trained.result.adapter_dir)
+    cfg = _cfg(
+        demo_files,
+        tmp_path_factory.mktemp("primary"),
+        primary_model=qwen_path,
+        primary_adapter=trained.result.adapter_dir,
+    )
     pred = infer(cfg)
     return cfg, pred
 
@@ -71,11 +81,19 @@ def test_trained_adapter_beats_chance_on_the_answer_key(primary_run, demo_files)
     assert report["accuracy"]["accuracy"] == pytest.approx((pred["winner"].to_numpy() == key.to_numpy()).mean())
 
 
-def test_exhausted_deadline_gives_a_complete_fallback_submission(demo_files, qwen_path, gemma_path, trained,
-                                                                  competition_test, tmp_path) -> None:
-    cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=trained.result.adapter_dir,
-               secondary_model=gemma_path, time_budget_minutes=1, reserve_minutes=0.5,
-               started_at=time.time() - 3600)
+def test_exhausted_deadline_gives_a_complete_fallback_submission(
+    demo_files, qwen_path, gemma_path, trained, competition_test, tmp_path
+) -> None:
+    cfg = _cfg(
+        demo_files,
+        tmp_path,
+        primary_model=qwen_path,
+        primary_adapter=trained.result.adapter_dir,
+        secondary_model=gemma_path,
+        time_budget_minutes=1,
+        reserve_minutes=0.5,
+        started_at=time.time() - 3600,
+    )
     pred = infer(cfg)
     sub, _, report = _outputs(tmp_path)
     _assert_complete_submission(sub, competition_test)
@@ -97,11 +115,18 @@ def gemma_probs(gemma_path, tokenizer, competition_test) -> np.ndarray:
     return predict_proba(model, rows, tokenizer.pad_token_id, 4096).probs
 
 
-def test_secondary_blends_every_row_with_time_to_spare(primary_run, demo_files, gemma_path, gemma_probs,
-                                                       competition_test, tmp_path) -> None:
+def test_secondary_blends_every_row_with_time_to_spare(
+    primary_run, demo_files, gemma_path, gemma_probs, competition_test, tmp_path
+) -> None:
     primary_cfg, primary_pred = primary_run
-    cfg = _cfg(demo_files, tmp_path, primary_model=primary_cfg.primary_model,
-               primary_adapter=primary_cfg.primary_adapter, secondary_model=gemma_path, secondary_weight=0.25)
+    cfg = _cfg(
+        demo_files,
+        tmp_path,
+        primary_model=primary_cfg.primary_model,
+        primary_adapter=primary_cfg.primary_adapter,
+        secondary_model=gemma_path,
+        secondary_weight=0.25,
+    )
     pred = infer(cfg)
     sub, _, report = _outputs(tmp_path)
     _assert_complete_submission(sub, competition_test)
@@ -111,8 +136,9 @@ def test_secondary_blends_every_row_with_time_to_spare(primary_run, demo_files, 
     np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), expected, atol=1e-4)
 
 
-def test_secondary_rescores_the_least_certain_rows_first(primary_run, demo_files, gemma_path, competition_test,
-                                                         tmp_path, monkeypatch) -> None:
+def test_secondary_rescores_the_least_certain_rows_first(
+    primary_run, demo_files, gemma_path, competition_test, tmp_path, monkeypatch
+) -> None:
     """With time for one secondary batch only, the blended rows come from the least certain primary rows."""
     primary_cfg, primary_pred = primary_run
     original = infer_module.score_model
@@ -132,8 +158,14 @@ def test_secondary_rescores_the_least_certain_rows_first(primary_run, demo_files
 
     monkeypatch.setattr(infer_module, "score_model", limited)
     max_rows = 2  # priority windows of 8 x 2 rows
-    cfg = _cfg(demo_files, tmp_path, primary_model=primary_cfg.primary_model, max_rows=max_rows,
-               primary_adapter=primary_cfg.primary_adapter, secondary_model=gemma_path)
+    cfg = _cfg(
+        demo_files,
+        tmp_path,
+        primary_model=primary_cfg.primary_model,
+        max_rows=max_rows,
+        primary_adapter=primary_cfg.primary_adapter,
+        secondary_model=gemma_path,
+    )
     pred = infer(cfg)
     sub, _, report = _outputs(tmp_path)
     _assert_complete_submission(sub, competition_test)
@@ -151,8 +183,12 @@ def test_secondary_rescores_the_least_certain_rows_first(primary_run, demo_files
 
 
 def test_fallback_probs_prefers_the_longer_response() -> None:
-    df = pd.DataFrame({"response_a": ["a much longer response", "short", "same", ""],
-                       "response_b": ["short", "a much longer response", "same", "x"]})
+    df = pd.DataFrame(
+        {
+            "response_a": ["a much longer response", "short", "same", ""],
+            "response_b": ["short", "a much longer response", "same", "x"],
+        }
+    )
     probs = fallback_probs(df)
     assert FALLBACK_LONGER_WINS == 0.55
     np.testing.assert_allclose(probs, [[0.55, 0.45], [0.45, 0.55], [0.55, 0.45], [0.45, 0.55]])
@@ -177,8 +213,13 @@ def test_write_submission_refuses_incomplete_predictions(tmp_path: Path) -> None
         assert not target.exists(), name
 
 
-@pytest.mark.parametrize("kwargs,match", [({"time_budget_minutes": 5, "reserve_minutes": 5}, "must exceed"),
-                                          ({"secondary_weight": 1.5}, "secondary_weight")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"time_budget_minutes": 5, "reserve_minutes": 5}, "must exceed"),
+        ({"secondary_weight": 1.5}, "secondary_weight"),
+    ],
+)
 def test_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         InferConfig(**kwargs)

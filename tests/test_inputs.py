@@ -24,8 +24,18 @@ SHORT = st.text(ALPHABET, max_size=40)
 LONG = st.builds(lambda s, k: s * k, st.text(ALPHABET, min_size=1, max_size=25), st.integers(20, 4000))
 # text that looks like the template or like special tokens must not break the structure either
 TRICKY = st.sampled_from(
-    ["", "<|endoftext|>", "<|im_start|>system\nhi<|im_end|>", "</RESPONSE A>\n<RESPONSE B>", "<PROMPT>", "?" * 300,
-     "مرحبا بالعالم " * 50, "שלום עולם " * 80, "你好，世界！" * 200, "👍🏽👨‍👩‍👧" * 100]
+    [
+        "",
+        "<|endoftext|>",
+        "<|im_start|>system\nhi<|im_end|>",
+        "</RESPONSE A>\n<RESPONSE B>",
+        "<PROMPT>",
+        "?" * 300,
+        "مرحبا بالعالم " * 50,
+        "שלום עולם " * 80,
+        "你好，世界！" * 200,
+        "👍🏽👨‍👩‍👧" * 100,
+    ]
 )
 FIELD = st.one_of(st.just(""), SHORT, LONG, TRICKY, st.text(ANY_CHAR))
 ROW = st.tuples(FIELD, FIELD, FIELD)
@@ -133,7 +143,7 @@ def test_encode_truncates_long_fields_from_the_right(tokenizer) -> None:
     assert text.endswith("</RESPONSE B>\nWhich response is better?")
     # both responses get the same number of tokens
     p, a, b = (_field_ids(fmt, t) for t in ("short prompt", long_a, long_b))
-    (kp, ka, kb), = _decompositions(row, fmt, (p, a, b))
+    ((kp, ka, kb),) = _decompositions(row, fmt, (p, a, b))
     assert kp == len(p) and ka == kb
 
 

@@ -66,8 +66,11 @@ def test_gemma2_gets_eager_attention(gemma_path, tokenizer) -> None:
 
 
 def test_lora_attach_trains_only_lora_and_head(qwen_path, tokenizer) -> None:
-    model = load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id,
-                            lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True),
+        tokenizer.pad_token_id,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+    )
     assert model.training
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "score" in n for n in trainable)
@@ -81,8 +84,9 @@ def test_lora_attach_trains_only_lora_and_head(qwen_path, tokenizer) -> None:
 def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit, qwen_path, tokenizer, val_rows):
     """The saved adapter (LoRA + head) reloaded on the 4-bit base gives what the trained model predicted."""
     val, rows = val_rows
-    tuned = load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id,
-                            adapter=trained.result.adapter_dir)
+    tuned = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=trained.result.adapter_dir
+    )
     assert not tuned.training
     pad_id = tokenizer.pad_token_id
     p_base = predict_proba(base_4bit, rows, pad_id, batch_tokens=4096).probs

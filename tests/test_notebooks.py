@@ -44,8 +44,9 @@ def test_notebook_is_thin(path):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_runs_from_a_shell(stage):
-    out = subprocess.run([sys.executable, "-m", f"kaggle_utils.{stage}", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", f"kaggle_utils.{stage}", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     assert out.startswith("usage:") and "--" in out
 
 

@@ -38,9 +38,7 @@ def test_probabilities_in_input_order(model, rows, tokenizer) -> None:
     scores = predict_proba(model, rows, pad_id, batch_tokens=1024, max_rows=8)
     assert scores.probs.shape == (40, 2) and scores.scored.all() and not scores.stopped_by_deadline
     with torch.no_grad():
-        one_by_one = np.concatenate(
-            [torch.softmax(model(**pad([r], pad_id)).logits, -1).numpy() for r in rows[:10]]
-        )
+        one_by_one = np.concatenate([torch.softmax(model(**pad([r], pad_id)).logits, -1).numpy() for r in rows[:10]])
     np.testing.assert_allclose(scores.probs[:10], one_by_one, atol=1e-5)
     np.testing.assert_allclose(scores.probs.sum(1), 1.0, atol=1e-6)
     # the same rows in priority order give the same probabilities
@@ -58,8 +56,9 @@ def test_deadline_stops_before_the_next_batch(model, rows, tokenizer) -> None:
     # the clock reads 0 before the first batch, then 100 s: past the 10 s deadline
     deadline = Deadline(10, start=0.0, clock=SteppingClock(0.0, 100.0))
     order = np.arange(40)[::-1].copy()  # priority: the last rows first
-    scores = predict_proba(model, rows, tokenizer.pad_token_id, batch_tokens=1024, max_rows=2, deadline=deadline,
-                           order=order)
+    scores = predict_proba(
+        model, rows, tokenizer.pad_token_id, batch_tokens=1024, max_rows=2, deadline=deadline, order=order
+    )
     assert scores.stopped_by_deadline
     scored = np.flatnonzero(scores.scored)
     assert 1 <= len(scored) <= 2  # exactly one batch

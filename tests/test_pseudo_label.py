@@ -33,9 +33,16 @@ def _run(cfg: PseudoLabelConfig) -> tuple[pd.DataFrame, str]:
 @pytest.fixture(scope="module")
 def labelled(trained, prepared, qwen_path, tmp_path_factory):
     cfg = PseudoLabelConfig(
-        model_path=qwen_path, load_in_4bit=True, adapter_dir=trained.result.adapter_dir,
-        input_file=prepared["unlabeled"], out_file=tmp_path_factory.mktemp("pseudo") / "pseudo.parquet",
-        tta=True, chunk_rows=40, max_length=256, batch_tokens=4096, max_rows=32,
+        model_path=qwen_path,
+        load_in_4bit=True,
+        adapter_dir=trained.result.adapter_dir,
+        input_file=prepared["unlabeled"],
+        out_file=tmp_path_factory.mktemp("pseudo") / "pseudo.parquet",
+        tta=True,
+        chunk_rows=40,
+        max_length=256,
+        batch_tokens=4096,
+        max_rows=32,
     )
     out, _ = _run(cfg)
     return cfg, out
@@ -43,8 +50,9 @@ def labelled(trained, prepared, qwen_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(trained, qwen_path, tokenizer):
-    return load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id,
-                           adapter=trained.result.adapter_dir)
+    return load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=trained.result.adapter_dir
+    )
 
 
 def test_output_is_a_valid_soft_label_file(labelled, prepared) -> None:
@@ -87,8 +95,14 @@ def test_without_tta_the_labels_are_the_direct_scores(labelled, teacher, tokeniz
     cfg, _ = labelled
     small = data.load(cfg.input_file, "unlabeled").iloc[:20]
     small.to_parquet(tmp_path / "small.parquet", index=False)
-    cfg2 = PseudoLabelConfig(**{**config_to_dict(cfg), "tta": False, "input_file": tmp_path / "small.parquet",
-                                "out_file": tmp_path / "out.parquet"})
+    cfg2 = PseudoLabelConfig(
+        **{
+            **config_to_dict(cfg),
+            "tta": False,
+            "input_file": tmp_path / "small.parquet",
+            "out_file": tmp_path / "out.parquet",
+        }
+    )
     out, _ = _run(cfg2)
     rows = PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(small)
     direct = predict_proba(teacher, rows, tokenizer.pad_token_id, 4096).probs

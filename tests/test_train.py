@@ -43,8 +43,9 @@ HISTORY_COLUMNS = ["step", "epoch", "loss", "lr", "rows"]
 
 
 def _assert_same_history(got: pd.DataFrame, expected: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(got[HISTORY_COLUMNS].reset_index(drop=True),
-                                  expected[HISTORY_COLUMNS].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        got[HISTORY_COLUMNS].reset_index(drop=True), expected[HISTORY_COLUMNS].reset_index(drop=True)
+    )
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -142,9 +143,19 @@ class Killed(Exception):
 
 def _tiny_cfg(prepared, qwen_path: Path, out_dir: Path, **kw) -> TrainConfig:
     params = dict(
-        model_path=qwen_path, load_in_4bit=False, train_file=prepared["train"], out_dir=out_dir, val_fold=-1,
-        max_length=MAX_LENGTH, max_train_rows=96, batch_tokens=1024, max_rows=8, lr=2e-3, epochs=1.0,
-        save_every=3, lora_dropout=0.0,
+        model_path=qwen_path,
+        load_in_4bit=False,
+        train_file=prepared["train"],
+        out_dir=out_dir,
+        val_fold=-1,
+        max_length=MAX_LENGTH,
+        max_train_rows=96,
+        batch_tokens=1024,
+        max_rows=8,
+        lr=2e-3,
+        epochs=1.0,
+        save_every=3,
+        lora_dropout=0.0,
     )
     params.update(kw)
     return TrainConfig(**params)
@@ -257,8 +268,11 @@ def _expected_first_step_loss(kind: str, frame: pd.DataFrame, swap: bool, base, 
         logits = base(**pad(rows, tokenizer.pad_token_id)).logits.double().numpy()
     logp = logits - np.logaddexp(logits[:, :1], logits[:, 1:])
     labelled = view["winner"].isin(data.WINNERS).to_numpy()
-    target = np.where(labelled[:, None], np.eye(2)[(view["winner"] == "model_b").to_numpy().astype(int)],
-                      view[["p_a", "p_b"]].to_numpy(dtype=float))
+    target = np.where(
+        labelled[:, None],
+        np.eye(2)[(view["winner"] == "model_b").to_numpy().astype(int)],
+        view[["p_a", "p_b"]].to_numpy(dtype=float),
+    )
     hard = target.argmax(1)
     ce = -logp[np.arange(len(rows)), hard].mean()
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -270,10 +284,20 @@ def _expected_first_step_loss(kind: str, frame: pd.DataFrame, swap: bool, base, 
 def test_first_step_loss_matches_hand_computation(loss_setup, qwen_path, tokenizer, kind: str, swap: bool) -> None:
     root, frame, base = loss_setup
     cfg = TrainConfig(
-        model_path=qwen_path, load_in_4bit=False, train_file=root / "train.parquet",
-        extra_files=[str(root / "pseudo.parquet")], out_dir=root / kind, val_fold=-1, loss=kind,
-        kl_weight=0.5, max_length=MAX_LENGTH, batch_tokens=16 * MAX_LENGTH, max_rows=16, epochs=1.0,
-        swap_fraction=1.0 if swap else 0.0, save_every=0,
+        model_path=qwen_path,
+        load_in_4bit=False,
+        train_file=root / "train.parquet",
+        extra_files=[str(root / "pseudo.parquet")],
+        out_dir=root / kind,
+        val_fold=-1,
+        loss=kind,
+        kl_weight=0.5,
+        max_length=MAX_LENGTH,
+        batch_tokens=16 * MAX_LENGTH,
+        max_rows=16,
+        epochs=1.0,
+        swap_fraction=1.0 if swap else 0.0,
+        save_every=0,
     )
     result, _ = _run(cfg)
     assert result.metrics["train_rows"] == 16 and result.metrics["total_steps"] == 1
@@ -288,8 +312,9 @@ def test_first_step_loss_matches_hand_computation(loss_setup, qwen_path, tokeniz
 # --- configuration errors --------------------------------------------------------------------------------
 def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_path) -> None:
     """8 rows in one micro-batch cannot make a step of 2 micro-batches (this once looped forever)."""
-    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", max_train_rows=8, batch_tokens=4096, max_rows=16,
-                    grad_accum=2)
+    cfg = _tiny_cfg(
+        prepared, qwen_path, tmp_path / "run", max_train_rows=8, batch_tokens=4096, max_rows=16, grad_accum=2
+    )
 
     def hung(signum, frame):
         raise TimeoutError("train() did not return")
@@ -305,8 +330,9 @@ def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_pat
 
 
 def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
-    cfg = TrainConfig(model_path=qwen_path, train_file=demo_files["train"], out_dir=tmp_path, max_length=256,
-                      batch_tokens=1024)
+    cfg = TrainConfig(
+        model_path=qwen_path, train_file=demo_files["train"], out_dir=tmp_path, max_length=256, batch_tokens=1024
+    )
     with pytest.raises(data.DataError, match="no 'fold' column"):
         train_module.split(cfg)
     train_df, val_df = train_module.split(TrainConfig(**{**config_to_dict(cfg), "val_fold": -1}))
@@ -315,8 +341,12 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"loss": "hinge"}, "loss='hinge'"), ({"swap_fraction": 1.5}, "swap_fraction"),
-     ({"batch_tokens": 100, "max_length": 256}, "batch_tokens >= max_length"), ({"epochs": 0}, "epochs > 0")],
+    [
+        ({"loss": "hinge"}, "loss='hinge'"),
+        ({"swap_fraction": 1.5}, "swap_fraction"),
+        ({"batch_tokens": 100, "max_length": 256}, "batch_tokens >= max_length"),
+        ({"epochs": 0}, "epochs > 0"),
+    ],
 )
 def test_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
