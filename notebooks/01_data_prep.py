@@ -107,9 +107,6 @@ balance
 # %%
 plots.languages_and_lengths(cleaned);
 
-# %%
-plots.lengths_and_languages(frames);
-
 # %% [markdown]
 # ## Folds: rows per fold and language
 # Folds group rows by normalised prompt (no prompt in two folds) and deal prompts round-robin per language.
