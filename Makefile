@@ -36,8 +36,8 @@ notebooks: $(STAMP)  ## build build/notebooks/*.ipynb from the jupytext sources 
 demo: notebooks  ## run the four notebooks on the synthetic demo data; outputs in $(OUT)
 	rm -rf demo/work $(OUT)
 	mkdir -p $(OUT)
-	$(BIN)/python -m kaggle_utils.demo_data --out-dir demo/data
-	$(BIN)/python -m kaggle_utils.demo_models --out-dir demo/models
+	$(BIN)/python -m kaggle_utils.data.demo --out-dir demo/data
+	$(BIN)/python -m kaggle_utils.models.demo --out-dir demo/models
 	for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $${nb%.py}); \
 	  $(BIN)/papermill --cwd . --progress-bar --log-level WARNING build/notebooks/$$name.ipynb $(OUT)/$$name.ipynb; \
@@ -57,9 +57,9 @@ test: lint  ## lint, then the test suite
 clean:  ## remove generated files (keeps the venv)
 	rm -rf build demo output
 
-# ---- Kaggle: datasets, kernels, submissions (python -m kaggle_utils.kaggle_cli --help) -------------------------
+# ---- Kaggle: datasets, kernels, submissions (python -m kaggle_utils.kaggle.publish --help) -------------------------
 # The account comes from KAGGLE_USERNAME (or kaggle.json); credentials from the environment or kaggle.json only.
-KAGGLE_CLI = $(BIN)/python -m kaggle_utils.kaggle_cli --owner "$(KAGGLE_USERNAME)"
+KAGGLE_CLI = $(BIN)/python -m kaggle_utils.kaggle.publish --owner "$(KAGGLE_USERNAME)"
 KAGGLE_USERNAME ?=
 # one kernel (slug or notebook name, e.g. KERNEL=04_inference); empty: all four
 KERNEL ?=

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import clean, sources
+from kaggle_utils.data import clean, sources
 from kaggle_utils.prepare import assign_folds
 
 # share of the pairs per format (the 55k and arena sets at their real size relative to ~560K)

@@ -24,9 +24,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.batching import fixed_size_batches, padding_waste, token_budget_batches
-from kaggle_utils.demo_models import build_qwen_tokenizer
-from kaggle_utils.inputs import TEMPLATES, TRUNCATIONS, InputConfig, PromptFormatter
+from kaggle_utils.inputs.batching import fixed_size_batches, padding_waste, token_budget_batches
+from kaggle_utils.inputs.formatter import TEMPLATES, TRUNCATIONS, InputConfig, PromptFormatter
+from kaggle_utils.models.demo import build_qwen_tokenizer
 
 # FACTS §1: token-length profile of the competition's fields
 PROMPT_MU, PROMPT_SIGMA = np.log(39), 1.93

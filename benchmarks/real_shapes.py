@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from kaggle_utils.demo_data import DemoDataConfig, generate_demo_data
-from kaggle_utils.demo_models import build_qwen_tokenizer
+from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.infer import InferConfig, infer
+from kaggle_utils.models.demo import build_qwen_tokenizer
 from kaggle_utils.prepare import PrepareConfig, prepare
 from kaggle_utils.train import TrainConfig, train
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from kaggle_utils.demo_data import DemoDataConfig, generate_demo_data
-from kaggle_utils.demo_models import DemoModelsConfig, build_demo_models
+from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.infer import InferConfig, infer
-from kaggle_utils.modeling import pick_device
+from kaggle_utils.models.demo import DemoModelsConfig, build_demo_models
+from kaggle_utils.models.loading import pick_device
 from kaggle_utils.prepare import PrepareConfig, prepare
 from kaggle_utils.pseudo_label import PseudoLabelConfig, pseudo_label
 from kaggle_utils.train import TrainConfig, train

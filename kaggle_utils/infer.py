@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kaggle_utils import data
-from kaggle_utils.budget import Deadline, RateMeter
-from kaggle_utils.cli import parse_config, save_config
-from kaggle_utils.inputs import InputConfig, PromptFormatter
-from kaggle_utils.metrics import evaluate
-from kaggle_utils.modeling import ModelConfig, load_classifier, load_tokenizer
-from kaggle_utils.predict import Scores, predict_proba
+from kaggle_utils.config.cli import parse_config, save_config
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
+from kaggle_utils.scoring.budget import Deadline, RateMeter
+from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.scoring.predict import Scores, predict_proba
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
@@ -42,7 +42,7 @@ FALLBACK_LONGER_WINS = 0.55
 class InferConfig(InputConfig):
     """Time-budgeted cascade inference; every field is also a ``--flag``."""
 
-    # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.env)
+    # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.kaggle.env)
     test_file: Path = Path("demo/data/test.parquet")
     # primary model folder (scores every row)
     primary_model: Path = Path("demo/models/qwen2-tiny")
@@ -165,7 +165,7 @@ def score_model(
 def infer(cfg: InferConfig) -> pd.DataFrame:
     """Run the stage; returns the predictions (also written with the submission and a report)."""
     deadline = Deadline((cfg.time_budget_minutes - cfg.reserve_minutes) * 60, start=cfg.started_at or None)
-    test = data.load(cfg.test_file, "test").reset_index(drop=True)
+    test = schema.load(cfg.test_file, "test").reset_index(drop=True)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out_dir / "infer_config.json")
     report: dict = {"rows": len(test)}
@@ -206,7 +206,7 @@ def infer(cfg: InferConfig) -> pd.DataFrame:
     write_submission(pred, test, cfg.out_dir / "submission.csv")
     pred.to_parquet(cfg.out_dir / "predictions.parquet", index=False)
     if cfg.labels_file is not None:
-        key = data.read_table(cfg.labels_file)
+        key = schema.read_table(cfg.labels_file)
         merged = pred.merge(key[["id", "winner"]].rename(columns={"winner": "truth"}), on="id", validate="1:1")
         truth = (merged["truth"] == "model_b").to_numpy().astype(np.int64)
         report["accuracy"] = evaluate(merged[["p_a", "p_b"]].to_numpy(), truth)
@@ -219,7 +219,7 @@ def write_submission(pred: pd.DataFrame, test: pd.DataFrame, path: Path) -> Path
     sub = pred[["id", "winner"]]
     if len(sub) != len(test) or not (sub["id"].to_numpy() == test["id"].to_numpy()).all():
         raise RuntimeError("predictions do not cover every test id exactly once, in order; not writing a submission")
-    if not sub["winner"].isin(data.WINNERS).all():
+    if not sub["winner"].isin(schema.WINNERS).all():
         raise RuntimeError("a prediction is not model_a/model_b; not writing a submission")
     sub.to_csv(path, index=False)
     return path

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.data import TEXT_COLUMNS
+from kaggle_utils.data.schema import TEXT_COLUMNS
 
 
 def training_curve(history: pd.DataFrame, title: str = "Training loss"):
@@ -37,7 +37,7 @@ def confidence(probs: np.ndarray, title: str = "Confidence"):
 def source_flow(report):
     """Rows per source through the data layer: what each step kept, and what it dropped per reason.
 
-    ``report`` is a :class:`kaggle_utils.sources.Report` (normalise and clean steps together).
+    ``report`` is a :class:`kaggle_utils.data.sources.Report` (normalise and clean steps together).
     """
     table = report.table()
     drops = table[table["kind"] == "dropped"].pivot_table(

@@ -1,7 +1,7 @@
 """Stage 1, data preparation: validate the competition files and assign cross-validation folds.
 
-With ``clean=True`` the training file also goes through the data layer first (``kaggle_utils.sources``
-normalises it, ``kaggle_utils.clean`` filters, deduplicates and drops rows whose prompt leaks from the test
+With ``clean=True`` the training file also goes through the data layer first (``kaggle_utils.data.sources``
+normalises it, ``kaggle_utils.data.clean`` filters, deduplicates and drops rows whose prompt leaks from the test
 file) and the counts of every step are written to ``clean_report.csv``.
 
 ``python -m kaggle_utils.prepare --data-dir demo/data --out-dir demo/work/prepared``
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import clean as cleaning
-from kaggle_utils import data, sources
-from kaggle_utils.cli import parse_config, save_config
+from kaggle_utils.config.cli import parse_config, save_config
+from kaggle_utils.data import clean as cleaning
+from kaggle_utils.data import schema, sources
 
 
 @dataclass
@@ -78,8 +78,8 @@ def clean_train(train: pd.DataFrame, test: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 def prepare(cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     """Run the stage; returns the prepared frames by name (``train``, ``test`` and ``unlabeled`` if present)."""
-    train = data.load(cfg.data_dir / "train.parquet", "train")
-    test = data.load(cfg.data_dir / "test.parquet", "test")
+    train = schema.load(cfg.data_dir / "train.parquet", "train")
+    test = schema.load(cfg.data_dir / "test.parquet", "test")
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.clean:
         train, report = clean_train(train, test)
@@ -89,7 +89,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     frames = {"train": train, "test": test}
     pool_path = cfg.data_dir / cfg.unlabeled_file
     if pool_path.is_file():
-        frames["unlabeled"] = data.load(pool_path, "unlabeled")
+        frames["unlabeled"] = schema.load(pool_path, "unlabeled")
         frames["unlabeled"].to_parquet(cfg.out_dir / "unlabeled.parquet", index=False)
     save_config(cfg, cfg.out_dir / "prepare_config.json")
     return frames
@@ -102,7 +102,7 @@ def summary(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         row = {"file": name, "rows": len(df)}
         if "winner" in df.columns:
             row["share_model_a"] = round(float((df["winner"] == "model_a").mean()), 3)
-        for col in data.TEXT_COLUMNS:
+        for col in schema.TEXT_COLUMNS:
             row[f"median_chars_{col}"] = int(df[col].str.len().median())
         out.append(row)
     return pd.DataFrame(out)

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kaggle_utils import data
-from kaggle_utils.cli import parse_config, save_config
-from kaggle_utils.inputs import InputConfig, PromptFormatter
-from kaggle_utils.modeling import ModelConfig, load_classifier, load_tokenizer
-from kaggle_utils.predict import predict_proba
+from kaggle_utils.config.cli import parse_config, save_config
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
+from kaggle_utils.scoring.predict import predict_proba
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
 
 def pseudo_label(cfg: PseudoLabelConfig) -> pd.DataFrame:
     """Run the stage; returns the pool with ``p_a``/``p_b`` (also written to ``cfg.out_file``)."""
-    pool = data.load(cfg.input_file, "unlabeled").reset_index(drop=True)
+    pool = schema.load(cfg.input_file, "unlabeled").reset_index(drop=True)
     parts_dir = cfg.out_file.with_name(cfg.out_file.stem + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out_file.with_name(cfg.out_file.stem + "_config.json"))
@@ -72,15 +72,15 @@ def pseudo_label(cfg: PseudoLabelConfig) -> pd.DataFrame:
             probs = predict_proba(model, fmt.encode(chunk), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows).probs
             if cfg.tta:
                 swapped = predict_proba(
-                    model, fmt.encode(data.swap_ab(chunk)), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows
+                    model, fmt.encode(schema.swap_ab(chunk)), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows
                 ).probs
-                probs = (probs + data.swap_probs(swapped)) / 2
+                probs = (probs + schema.swap_probs(swapped)) / 2
             part = chunk.assign(p_a=probs[:, 0], p_b=probs[:, 1])
             tmp = parts_dir / f"part-{start // cfg.chunk_rows:05d}.tmp"
             part.to_parquet(tmp, index=False)
             tmp.replace(tmp.with_suffix(".parquet"))  # a part exists only once it is complete
     out = pd.concat([pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))], ignore_index=True)
-    data.validate(out, "soft", source=str(parts_dir))
+    schema.validate(out, "soft", source=str(parts_dir))
     out.to_parquet(cfg.out_file, index=False)
     return out
 

@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kaggle_utils import data
-from kaggle_utils.batching import pad, token_budget_batches
-from kaggle_utils.budget import Deadline
-from kaggle_utils.cli import config_to_dict, parse_config, save_config
-from kaggle_utils.inputs import InputConfig, PromptFormatter
-from kaggle_utils.losses import LOSSES, preference_loss
-from kaggle_utils.metrics import evaluate
-from kaggle_utils.modeling import LoraSettings, ModelConfig, load_classifier, load_tokenizer, model_device
-from kaggle_utils.predict import predict_proba
+from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.batching import pad, token_budget_batches
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier, load_tokenizer, model_device
+from kaggle_utils.models.losses import LOSSES, preference_loss
+from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.scoring.predict import predict_proba
 
 
 @dataclass
@@ -107,14 +107,14 @@ class TrainResult:
 
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Training rows (labelled folds + pseudo-labelled extras) and validation rows."""
-    df = data.load(cfg.train_file, "train")
+    df = schema.load(cfg.train_file, "train")
     if cfg.val_fold >= 0:
         if "fold" not in df.columns:
-            raise data.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
+            raise schema.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
         train_df, val_df = df[df["fold"] != cfg.val_fold], df[df["fold"] == cfg.val_fold]
     else:
         train_df, val_df = df, df.iloc[:0]
-    extras = [data.load(f, "soft") for f in cfg.extra_files]
+    extras = [schema.load(f, "soft") for f in cfg.extra_files]
     train_df = pd.concat([train_df, *extras], ignore_index=True)
     if cfg.max_train_rows:
         train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
@@ -123,11 +123,11 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Hard labels (N,) and soft targets (N, 2); pseudo-labelled rows take the teacher's argmax as hard label."""
-    soft = data.soft_targets(df)
+    soft = schema.soft_targets(df)
     hard = soft.argmax(1).astype(np.int64)
     if "winner" in df.columns:
-        known = df["winner"].isin(data.WINNERS).to_numpy()
-        hard[known] = data.labels(df[known])
+        known = df["winner"].isin(schema.WINNERS).to_numpy()
+        hard[known] = schema.labels(df[known])
     return hard, soft
 
 
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     hard, soft = _targets(train_df)
     # both orientations are encoded once; an epoch picks one per row
     rows = fmt.encode(train_df)
-    rows_swapped = fmt.encode(data.swap_ab(train_df))
+    rows_swapped = fmt.encode(schema.swap_ab(train_df))
     lengths = fmt.lengths(rows)
     n_batches = len(_epoch_batches(cfg, lengths, 0)[1])
     if n_batches < cfg.grad_accum:
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         scores = predict_proba(
             model, fmt.encode(val_df), tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc="validate"
         )
-        metrics["val"] = evaluate(scores.probs, data.labels(val_df))
+        metrics["val"] = evaluate(scores.probs, schema.labels(val_df))
         pd.DataFrame(
             {"id": val_df["id"], "p_a": scores.probs[:, 0], "p_b": scores.probs[:, 1], "winner": val_df["winner"]}
         ).to_parquet(cfg.out_dir / "val_predictions.parquet", index=False)

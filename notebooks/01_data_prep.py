@@ -39,7 +39,10 @@ for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
     subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
-from kaggle_utils import clean, env, plots, sources
+from kaggle_utils.data import clean
+from kaggle_utils.kaggle import env
+from kaggle_utils import plots
+from kaggle_utils.data import sources
 from kaggle_utils.prepare import PrepareConfig, prepare, summary
 
 where = env.detect()
@@ -59,7 +62,7 @@ summary(frames)
 
 # %% [markdown]
 # ## Data layer: every source into one table
-# `kaggle_utils.sources` turns each public format (competition train, LMSYS arena-55k, chatbot arena
+# `kaggle_utils.data.sources` turns each public format (competition train, LMSYS arena-55k, chatbot arena
 # conversations, DPO chosen/rejected pairs, A/B-labelled message pairs, unlabelled pools) into one schema with a
 # `source` column; ties and bad rows are dropped and counted. The demo has one labelled source (the
 # competition-format train file) and the unlabelled pool; more sources are more `(frame or path, format, name)`

@@ -48,7 +48,8 @@ import json
 
 import pandas as pd
 
-from kaggle_utils import env, plots
+from kaggle_utils.kaggle import env
+from kaggle_utils import plots
 from kaggle_utils.pseudo_label import PseudoLabelConfig, label_summary, pseudo_label
 from kaggle_utils.train import TrainConfig, train
 

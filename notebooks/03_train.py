@@ -49,7 +49,8 @@ import json
 
 import pandas as pd
 
-from kaggle_utils import env, plots
+from kaggle_utils.kaggle import env
+from kaggle_utils import plots
 from kaggle_utils.train import TrainConfig, train
 
 # on Kaggle: earlier notebooks' outputs and the models are attached inputs, found by search

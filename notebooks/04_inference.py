@@ -56,7 +56,8 @@ import json
 
 import pandas as pd
 
-from kaggle_utils import env, plots
+from kaggle_utils.kaggle import env
+from kaggle_utils import plots
 from kaggle_utils.infer import InferConfig, infer
 
 where = env.detect()

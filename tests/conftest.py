@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kaggle_utils.demo_data import DemoDataConfig, generate_demo_data
-from kaggle_utils.demo_models import DemoModelsConfig, build_demo_models
-from kaggle_utils.modeling import load_tokenizer
+from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
+from kaggle_utils.models.demo import DemoModelsConfig, build_demo_models
+from kaggle_utils.models.loading import load_tokenizer
 from kaggle_utils.prepare import PrepareConfig, prepare
 from kaggle_utils.train import TrainConfig, TrainResult, train
 

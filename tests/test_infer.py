@@ -12,9 +12,9 @@ import pytest
 
 from kaggle_utils import infer as infer_module
 from kaggle_utils.infer import FALLBACK_LONGER_WINS, InferConfig, fallback_probs, infer, write_submission
-from kaggle_utils.inputs import InputConfig, PromptFormatter
-from kaggle_utils.modeling import ModelConfig, load_classifier
-from kaggle_utils.predict import predict_proba
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import ModelConfig, load_classifier
+from kaggle_utils.scoring.predict import predict_proba
 
 
 def _cfg(demo_files, out_dir: Path, **kw) -> InferConfig:

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.py"))
-STAGES = ["prepare", "train", "pseudo_label", "infer", "demo_data", "demo_models"]
+STAGES = ["prepare", "train", "pseudo_label", "infer", "data.demo", "models.demo"]
 
 
 def test_one_notebook_per_stage():

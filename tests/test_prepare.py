@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import data
-from kaggle_utils.clean import prompt_keys
+from kaggle_utils.data import schema
+from kaggle_utils.data.clean import prompt_keys
 from kaggle_utils.prepare import PrepareConfig, assign_folds, prepare, summary
 
 
@@ -22,12 +22,12 @@ def train_df(demo_files) -> pd.DataFrame:
 def test_prepare_writes_files(prepared, demo_files, train_df) -> None:
     out = prepared["dir"]
     assert sorted(p.name for p in out.iterdir()) == ["prepare_config.json", "train.parquet", "unlabeled.parquet"]
-    written = data.load(out / "train.parquet", "train")
+    written = schema.load(out / "train.parquet", "train")
     # the same rows in the same order, plus a fold column
     pd.testing.assert_frame_equal(written.drop(columns="fold"), train_df)
     assert written["fold"].dtype == np.int64
     assert set(written["fold"]) == {0, 1, 2, 3, 4}
-    pool = data.load(out / "unlabeled.parquet", "unlabeled")
+    pool = schema.load(out / "unlabeled.parquet", "unlabeled")
     pd.testing.assert_frame_equal(pool, pd.read_parquet(demo_files["unlabeled"]))
     cfg = json.loads((out / "prepare_config.json").read_text())
     assert cfg["n_folds"] == 5 and cfg["out_dir"] == str(out)
@@ -62,7 +62,7 @@ def test_prepare_rejects_a_bad_train_file(tmp_path: Path, demo_files, train_df) 
     bad.loc[7, "winner"] = "tie"
     bad.to_parquet(src / "train.parquet", index=False)
     (src / "test.parquet").write_bytes(demo_files["test"].read_bytes())
-    with pytest.raises(data.DataError, match=r"train\.parquet: column 'winner' row 7"):
+    with pytest.raises(schema.DataError, match=r"train\.parquet: column 'winner' row 7"):
         prepare(PrepareConfig(data_dir=src, out_dir=tmp_path / "out"))
     assert not (tmp_path / "out" / "train.parquet").exists()
 
@@ -114,12 +114,12 @@ def test_prepare_with_clean_drops_test_prompt_leaks(tmp_path: Path, demo_files, 
     train = train_df.copy()
     # a test prompt in another case and spacing, and a swapped duplicate of row 1
     train.loc[0, "prompt"] = "  " + test["prompt"].iloc[0].upper()
-    dup = data.swap_ab(train.iloc[[1]]).assign(id="dup-of-1")
+    dup = schema.swap_ab(train.iloc[[1]]).assign(id="dup-of-1")
     pd.concat([train, dup], ignore_index=True).to_parquet(src / "train.parquet", index=False)
     (src / "test.parquet").write_bytes(demo_files["test"].read_bytes())
     frames = prepare(PrepareConfig(data_dir=src, out_dir=tmp_path / "out", clean=True))
     out = frames["train"]
-    data.validate(out, "train")
+    schema.validate(out, "train")
     assert "dup-of-1" not in set(out["id"]) and train.loc[0, "id"] not in set(out["id"])
     assert not set(prompt_keys(out["prompt"])) & set(prompt_keys(test["prompt"]))
     report = pd.read_csv(tmp_path / "out" / "clean_report.csv")

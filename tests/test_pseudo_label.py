@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import data
 from kaggle_utils import pseudo_label as pl_module
-from kaggle_utils.cli import config_to_dict
-from kaggle_utils.inputs import InputConfig, PromptFormatter
-from kaggle_utils.modeling import ModelConfig, load_classifier
-from kaggle_utils.predict import predict_proba
+from kaggle_utils.config.cli import config_to_dict
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.pseudo_label import PseudoLabelConfig, label_summary, pseudo_label
+from kaggle_utils.scoring.predict import predict_proba
 
 PARTS = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
 
@@ -63,9 +63,9 @@ def test_output_is_a_valid_soft_label_file(labelled, prepared) -> None:
     pd.testing.assert_frame_equal(out.drop(columns=["p_a", "p_b"]), pool)
     np.testing.assert_allclose(out["p_a"] + out["p_b"], 1.0, atol=1e-5)
     assert ((out["p_a"] > 0) & (out["p_a"] < 1)).all()
-    data.validate(out, "soft")
+    schema.validate(out, "soft")
     # the file round-trips through the soft loader
-    pd.testing.assert_frame_equal(data.load(cfg.out_file, "soft"), out)
+    pd.testing.assert_frame_equal(schema.load(cfg.out_file, "soft"), out)
     parts = cfg.out_file.with_name("pseudo.parts")
     assert sorted(p.name for p in parts.iterdir()) == PARTS
     assert [len(pd.read_parquet(parts / p)) for p in PARTS] == [40, 40, 40]
@@ -81,19 +81,19 @@ def test_teacher_is_confident_on_the_demo_signal(labelled) -> None:
 
 def test_tta_averages_both_orders(labelled, teacher, tokenizer) -> None:
     cfg, out = labelled
-    pool = data.load(cfg.input_file, "unlabeled")
+    pool = schema.load(cfg.input_file, "unlabeled")
     fmt = PromptFormatter(tokenizer, InputConfig(max_length=256))
     direct = predict_proba(teacher, fmt.encode(pool), tokenizer.pad_token_id, 4096).probs
-    swapped = predict_proba(teacher, fmt.encode(data.swap_ab(pool)), tokenizer.pad_token_id, 4096).probs
+    swapped = predict_proba(teacher, fmt.encode(schema.swap_ab(pool)), tokenizer.pad_token_id, 4096).probs
     # the views disagree somewhat (position bias), so the average is not trivially either one
-    assert np.abs(direct - data.swap_probs(swapped)).max() > 1e-3
-    expected = (direct + data.swap_probs(swapped)) / 2
+    assert np.abs(direct - schema.swap_probs(swapped)).max() > 1e-3
+    expected = (direct + schema.swap_probs(swapped)) / 2
     np.testing.assert_allclose(out[["p_a", "p_b"]].to_numpy(), expected, atol=1e-4)
 
 
 def test_without_tta_the_labels_are_the_direct_scores(labelled, teacher, tokenizer, tmp_path: Path) -> None:
     cfg, _ = labelled
-    small = data.load(cfg.input_file, "unlabeled").iloc[:20]
+    small = schema.load(cfg.input_file, "unlabeled").iloc[:20]
     small.to_parquet(tmp_path / "small.parquet", index=False)
     cfg2 = PseudoLabelConfig(
         **{
@@ -133,7 +133,7 @@ def test_deleted_part_is_the_only_one_recomputed(labelled, tmp_path: Path, monke
     assert (parts / PARTS[1]).is_file()
     assert not list(parts.glob("*.tmp"))
     pd.testing.assert_frame_equal(again, out, atol=1e-6)
-    pd.testing.assert_frame_equal(data.load(cfg2.out_file, "soft"), again)
+    pd.testing.assert_frame_equal(schema.load(cfg2.out_file, "soft"), again)
 
 
 def test_complete_run_loads_no_model(labelled, tmp_path: Path, monkeypatch) -> None:

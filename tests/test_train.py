@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kaggle_utils import data
 from kaggle_utils import train as train_module
-from kaggle_utils.batching import pad
-from kaggle_utils.cli import config_to_dict
-from kaggle_utils.inputs import PromptFormatter
-from kaggle_utils.modeling import ModelConfig, load_classifier
+from kaggle_utils.config.cli import config_to_dict
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.batching import pad
+from kaggle_utils.inputs.formatter import PromptFormatter
+from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.train import TrainConfig, train
 
 MAX_LENGTH = 256
@@ -262,12 +262,12 @@ def loss_setup(prepared, qwen_path, tokenizer, tmp_path_factory):
 
 def _expected_first_step_loss(kind: str, frame: pd.DataFrame, swap: bool, base, tokenizer, cfg) -> dict:
     """The loss of the untrained model (LoRA starts as the identity) on the only batch, computed by hand."""
-    view = data.swap_ab(frame) if swap else frame
+    view = schema.swap_ab(frame) if swap else frame
     rows = PromptFormatter(tokenizer, cfg).encode(view)
     with torch.no_grad():
         logits = base(**pad(rows, tokenizer.pad_token_id)).logits.double().numpy()
     logp = logits - np.logaddexp(logits[:, :1], logits[:, 1:])
-    labelled = view["winner"].isin(data.WINNERS).to_numpy()
+    labelled = view["winner"].isin(schema.WINNERS).to_numpy()
     target = np.where(
         labelled[:, None],
         np.eye(2)[(view["winner"] == "model_b").to_numpy().astype(int)],
@@ -333,7 +333,7 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
     cfg = TrainConfig(
         model_path=qwen_path, train_file=demo_files["train"], out_dir=tmp_path, max_length=256, batch_tokens=1024
     )
-    with pytest.raises(data.DataError, match="no 'fold' column"):
+    with pytest.raises(schema.DataError, match="no 'fold' column"):
         train_module.split(cfg)
     train_df, val_df = train_module.split(TrainConfig(**{**config_to_dict(cfg), "val_fold": -1}))
     assert len(train_df) == 600 and len(val_df) == 0

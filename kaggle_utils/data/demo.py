@@ -1,0 +1,652 @@
+"""Deterministic SYNTHETIC demo data in the exact WSDM Cup (Multilingual Chatbot Arena) schema.
+
+The real competition data cannot be redistributed and is far too large for a CPU smoke run, so this
+module writes a small stand-in with the same files and columns::
+
+    train.parquet          id (str), prompt, response_a, response_b, winner, model_a, model_b, language
+    test.parquet           id (int64), prompt, response_a, response_b, scored (bool, all True)
+    unlabeled.parquet      id (str), prompt, response_a, response_b, model_a, model_b, language
+    sample_submission.csv  id, winner (every test id, winner "model_a")
+    test_labels.csv        id, winner (answer key for test.parquet; the real competition has none)
+    README.md              what the data is and how it was made
+
+Every parquet file carries ``{b"synthetic": b"true", b"generator": b"kaggle_utils.data.demo"}`` in its
+Arrow schema metadata, and every string id starts with ``syn-``.
+
+Preference signal (what a model can learn)
+------------------------------------------
+Each pair holds one *good* and one *flawed* response, written from the same per-language word bank:
+
+* the good response opens with a short structured lead in the row's language: a markdown heading
+  (``## Answer``), a bold label (``**Answer:**``) or a numbered list (``1.`` / ``2.`` / ``3.`` lines), and
+  is on average ~20% longer;
+* the flawed response opens (first sentence) with one phrase from a small fixed set of refusal /
+  apology / filler phrases in the row's language (``FLAW_MARKERS``, e.g. "I'm sorry, but I cannot help
+  with that.", "Извините, но я не могу помочь с этим.", "抱歉，我无法帮助您。").
+
+The good response sits at A or B with probability 1/2 each (so labels are balanced), the winner is the
+good one, and then a ``label_noise`` fraction of labels is flipped at random. With ``label_noise=0`` the
+rule "the response containing a flaw marker loses" is exactly right; with noise ``p`` it scores
+about ``1 - p``, the ceiling for any model. Model names carry no signal.
+
+Lengths follow the real token profile scaled down by ``length_scale``: prompt ~ lognormal(ln 39, 1.93),
+each response ~ lognormal(ln 452, 0.60), counted in words (1 word ~ 1 token; for Chinese / Japanese a
+"word" is a short phrase of a few characters), at least 3 prompt words and 8 response words, at most
+400 and 300.
+
+Only ``numpy.random.default_rng`` seeded from ``seed`` is used, so the same seed gives identical files.
+
+Run ``python -m kaggle_utils.data.demo --out-dir demo/data`` (``--help`` lists the options).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kaggle_utils.config.cli import parse_config
+
+SYNTHETIC_METADATA: dict[bytes, bytes] = {b"synthetic": b"true", b"generator": b"kaggle_utils.data.demo"}
+
+# Chatbot names in the competition's style; two different ones per row, independent of the winner.
+MODEL_NAMES: tuple[str, ...] = (
+    "gpt-4o-2024-05-13",
+    "gpt-4o-mini-2024-07-18",
+    "claude-3-5-sonnet-20240620",
+    "claude-3-haiku-20240307",
+    "llama-3.1-70b-instruct",
+    "llama-3.1-405b-instruct",
+    "gemma-2-27b-it",
+    "gemma-2-9b-it",
+    "qwen2.5-72b-instruct",
+    "mistral-large-2407",
+    "gemini-1.5-pro-002",
+    "deepseek-v2.5",
+    "yi-lightning",
+    "command-r-plus-08-2024",
+)
+
+# Language mix, roughly the real one (normalised when sampling); "unknown" rows use English text.
+LANGUAGE_WEIGHTS: dict[str, float] = {
+    "English": 0.50,
+    "Russian": 0.13,
+    "Chinese": 0.09,
+    "Vietnamese": 0.06,
+    "German": 0.03,
+    "Japanese": 0.03,
+    "Korean": 0.02,
+    "Spanish": 0.02,
+    "French": 0.015,
+    "unknown": 0.02,
+}
+
+# The flaw markers: a flawed response opens with one of these (refusal, AI disclaimer, apology, filler).
+FLAW_MARKERS: dict[str, list[str]] = {
+    "English": [
+        "I'm sorry, but I cannot help with that.",
+        "As an AI language model, I cannot do that.",
+        "Unfortunately, I am unable to answer this.",
+        "Well, it depends, hard to say.",
+    ],
+    "Russian": [
+        "Извините, но я не могу помочь с этим.",
+        "Как языковая модель ИИ, я не могу этого сделать.",
+        "К сожалению, я не могу ответить на это.",
+        "Ну, это зависит, сложно сказать.",
+    ],
+    "Chinese": [
+        "抱歉，我无法帮助您。",
+        "作为一个AI语言模型，我不能这样做。",
+        "很遗憾，我无法回答这个问题。",
+        "嗯，这个不好说，看情况吧。",
+    ],
+    "Vietnamese": [
+        "Xin lỗi, tôi không thể giúp bạn việc này.",
+        "Là một mô hình AI, tôi không thể làm điều đó.",
+        "Rất tiếc, tôi không thể trả lời câu hỏi này.",
+        "Ừm, cái này còn tùy, khó nói lắm.",
+    ],
+    "German": [
+        "Es tut mir leid, aber dabei kann ich nicht helfen.",
+        "Als KI-Sprachmodell kann ich das nicht tun.",
+        "Leider kann ich diese Frage nicht beantworten.",
+        "Naja, das kommt darauf an, schwer zu sagen.",
+    ],
+    "Japanese": [
+        "申し訳ありませんが、お手伝いできません。",
+        "AI言語モデルとして、それはできません。",
+        "残念ながら、この質問にはお答えできません。",
+        "うーん、場合によりますね、何とも言えません。",
+    ],
+    "Korean": [
+        "죄송하지만 도와드릴 수 없습니다.",
+        "AI 언어 모델로서 그렇게 할 수 없습니다.",
+        "안타깝게도 이 질문에 답변할 수 없습니다.",
+        "음, 경우에 따라 다르니 말하기 어렵네요.",
+    ],
+    "Spanish": [
+        "Lo siento, pero no puedo ayudar con eso.",
+        "Como modelo de lenguaje de IA, no puedo hacer eso.",
+        "Lamentablemente, no puedo responder a esto.",
+        "Bueno, depende, es difícil de decir.",
+    ],
+    "French": [
+        "Je suis désolé, mais je ne peux pas vous aider.",
+        "En tant que modèle de langage IA, je ne peux pas faire cela.",
+        "Malheureusement, je ne peux pas répondre à cette question.",
+        "Bon, ça dépend, difficile à dire.",
+    ],
+}
+FLAW_MARKERS["unknown"] = list(FLAW_MARKERS["English"])
+
+EMOJI: tuple[str, ...] = ("🙂", "😊", "🚀", "✅", "📌", "💡", "🔥", "👍", "✨", "🎉")
+
+# Real token-length profile of the competition (before ``length_scale``).
+PROMPT_MU, PROMPT_SIGMA = math.log(39.0), 1.93
+RESPONSE_MU, RESPONSE_SIGMA = math.log(452.0), 0.60
+GOOD_LENGTH_FACTOR = 1.2
+MIN_PROMPT_WORDS, MAX_PROMPT_WORDS = 3, 400
+MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS = 8, 300
+
+
+@dataclass
+class DemoDataConfig:
+    """Write a small deterministic SYNTHETIC dataset in the WSDM Cup schema (train/test/unlabeled)."""
+
+    # folder the files are written into (created if missing)
+    out_dir: Path = Path("demo/data")
+    # labelled training rows (train.parquet)
+    n_train: int = 1200
+    # test rows (test.parquet); their answers go to test_labels.csv, which the real competition does not have
+    n_test: int = 300
+    # unlabelled rows for pseudo-labelling (unlabeled.parquet)
+    n_unlabeled: int = 600
+    # seed: same seed -> identical files
+    seed: int = 0
+    # multiplies the real length profile (lognormal token lengths) so the demo stays CPU-sized
+    length_scale: float = 0.12
+    # fraction of labels flipped at random, so the signal is learnable but not perfect
+    label_noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        for name in ("n_train", "n_test", "n_unlabeled"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not (math.isfinite(self.length_scale) and self.length_scale > 0):
+            raise ValueError(f"length_scale must be a positive number, got {self.length_scale!r}")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(
+                f"label_noise must be in [0, 0.5) (0.5 or more would erase or invert the signal), "
+                f"got {self.label_noise!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _Lang:
+    """How to write text in one language: word bank, punctuation and the good-response leads."""
+
+    words: tuple[str, ...]
+    # joins words ("" for Chinese / Japanese)
+    sep: str
+    stop: str
+    qmark: str
+    # capitalise the first letter of each sentence
+    caps: bool
+    questions: tuple[str, ...]
+    instructions: tuple[str, ...]
+    # label words for the structured lead of a good response ("Answer", "Summary", ...)
+    labels: tuple[str, ...]
+    # Spanish opens questions with "¿"
+    qopen: str = ""
+
+
+def _w(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split("|") if w.strip())
+
+
+_LANGS: dict[str, _Lang] = {
+    "English": _Lang(
+        words=_w(
+            "time|data|model|example|simple|method|result|people|world|system|question|important|language|"
+            "water|city|history|energy|health|money|school|music|computer|network|travel|food|science|problem|"
+            "solution|future|market|design|project|family|nature|book|practice|quickly|better|different|"
+            "several|usually|because|process|value|idea|the|and|with|for|this"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=True,
+        questions=_w("How do I|What is|Why does|Can you explain|What are the differences between|Is it true that"),
+        instructions=_w("Explain|Write a short text about|Give me a list of|Summarize|Describe|Compare"),
+        labels=_w("Answer|Summary|Overview|Short answer"),
+    ),
+    "Russian": _Lang(
+        words=_w(
+            "время|данные|модель|пример|простой|метод|результат|люди|мир|система|вопрос|важный|язык|вода|"
+            "город|история|энергия|здоровье|деньги|школа|музыка|компьютер|сеть|путешествие|еда|наука|"
+            "проблема|решение|будущее|рынок|дизайн|проект|семья|природа|книга|практика|быстро|лучше|разный|"
+            "обычно|потому что|процесс|значение|идея|и|с|для|это"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=True,
+        questions=_w("Как|Что такое|Почему|Можешь объяснить|В чём разница между|Правда ли, что"),
+        instructions=_w("Объясни|Напиши короткий текст про|Дай список|Кратко перескажи|Опиши|Сравни"),
+        labels=_w("Ответ|Кратко|Обзор|Итог"),
+    ),
+    "Chinese": _Lang(
+        words=_w(
+            "时间|数据|模型|例如|简单的|方法|结果|人们|世界|系统|重要的|语言|水|城市|历史|能源|健康|金钱|"
+            "学校|音乐|电脑|网络|旅行|食物|科学|解决方案|未来|市场|设计|项目|家庭|自然|书|练习|很快|更好|"
+            "不同的|通常|因为|过程|价值|想法|我们可以|首先|然后|需要|可以|非常"
+        ),
+        sep="",
+        stop="。",
+        qmark="？",
+        caps=False,
+        questions=_w("如何|什么是|为什么|你能解释一下|有什么区别|是不是"),
+        instructions=_w("请解释|写一段关于|列出|总结一下|描述|比较"),
+        labels=_w("答案|总结|概述|简要回答"),
+    ),
+    "Vietnamese": _Lang(
+        words=_w(
+            "thời gian|dữ liệu|mô hình|ví dụ|đơn giản|phương pháp|kết quả|mọi người|thế giới|hệ thống|"
+            "quan trọng|ngôn ngữ|nước|thành phố|lịch sử|năng lượng|sức khỏe|tiền|trường học|âm nhạc|máy tính|"
+            "mạng|du lịch|đồ ăn|khoa học|vấn đề|giải pháp|tương lai|thị trường|thiết kế|dự án|gia đình|"
+            "thiên nhiên|sách|luyện tập|nhanh chóng|tốt hơn|khác nhau|thường|bởi vì|quá trình|giá trị|"
+            "ý tưởng|và|với|cho|của"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=True,
+        questions=_w("Làm thế nào để|Tại sao|Bạn có thể giải thích|Sự khác biệt giữa|Có đúng là|Cái gì là"),
+        instructions=_w("Hãy giải thích|Viết một đoạn văn ngắn về|Liệt kê|Tóm tắt|Mô tả|So sánh"),
+        labels=_w("Trả lời|Tóm tắt|Tổng quan|Câu trả lời ngắn"),
+    ),
+    "German": _Lang(
+        words=_w(
+            "Zeit|Daten|Modell|Beispiel|einfach|Methode|Ergebnis|Menschen|Welt|System|wichtig|Sprache|Wasser|"
+            "Stadt|Geschichte|Energie|Gesundheit|Geld|Schule|Musik|Computer|Netzwerk|Reise|Essen|Wissenschaft|"
+            "Problem|Lösung|Zukunft|Markt|Gestaltung|Projekt|Familie|Natur|Buch|Übung|schnell|besser|"
+            "verschieden|normalerweise|weil|Prozess|Größe|Idee|für|über|schön|Straße|Gemüse|und|mit"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=True,
+        questions=_w("Wie kann ich|Was ist|Warum|Kannst du erklären|Was ist der Unterschied zwischen|Stimmt es, dass"),
+        instructions=_w("Erkläre|Schreibe einen kurzen Text über|Gib mir eine Liste mit|Fasse zusammen|Beschreibe"),
+        labels=_w("Antwort|Zusammenfassung|Überblick|Kurze Antwort"),
+    ),
+    "Japanese": _Lang(
+        words=_w(
+            "時間|データ|モデル|例えば|簡単な|方法|結果|人々|世界|システム|重要な|言語|水|都市|歴史|エネルギー|"
+            "健康|お金|学校|音楽|コンピューター|ネットワーク|旅行|食べ物|科学|問題|解決策|未来|市場|デザイン|"
+            "プロジェクト|家族|自然|本|練習|すぐに|もっと良い|違う|普通は|なぜなら|過程|価値|アイデア|"
+            "について|そして|です|ます|の"
+        ),
+        sep="",
+        stop="。",
+        qmark="？",
+        caps=False,
+        questions=_w("どうやって|なぜ|教えてください、|違いは何ですか、|本当ですか、|何ですか、"),
+        instructions=_w("説明してください：|短い文章を書いてください：|リストを作ってください：|まとめてください："),
+        labels=_w("回答|まとめ|概要|簡単な答え"),
+    ),
+    "Korean": _Lang(
+        words=_w(
+            "시간|데이터|모델|예를 들어|간단한|방법|결과|사람들|세계|시스템|중요한|언어|물|도시|역사|에너지|"
+            "건강|돈|학교|음악|컴퓨터|네트워크|여행|음식|과학|문제|해결책|미래|시장|디자인|프로젝트|가족|"
+            "자연|책|연습|빠르게|더 좋은|다른|보통|왜냐하면|과정|가치|아이디어|그리고|입니다|위해"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=False,
+        questions=_w("어떻게|무엇이|왜|설명해 줄 수 있나요|차이점은 무엇인가요|사실인가요"),
+        instructions=_w("설명해 주세요:|다음에 대해 짧은 글을 써 주세요:|목록을 만들어 주세요:|요약해 주세요:"),
+        labels=_w("답변|요약|개요|짧은 답변"),
+    ),
+    "Spanish": _Lang(
+        words=_w(
+            "tiempo|datos|modelo|ejemplo|sencillo|método|resultado|personas|mundo|sistema|importante|idioma|"
+            "agua|ciudad|historia|energía|salud|dinero|escuela|música|ordenador|red|viaje|comida|ciencia|"
+            "problema|solución|futuro|mercado|diseño|proyecto|familia|naturaleza|libro|práctica|rápidamente|"
+            "mejor|diferente|normalmente|porque|proceso|valor|idea|también|niño|año|y|con|para"
+        ),
+        sep=" ",
+        stop=".",
+        qmark="?",
+        caps=True,
+        questions=_w("Cómo puedo|Qué es|Por qué|Puedes explicar|Cuál es la diferencia entre|Es cierto que"),
+        instructions=_w("Explica|Escribe un texto corto sobre|Dame una lista de|Resume|Describe|Compara"),
+        labels=_w("Respuesta|Resumen|Visión general|Respuesta corta"),
+        qopen="¿",
+    ),
+    "French": _Lang(
+        words=_w(
+            "temps|données|modèle|exemple|simple|méthode|résultat|personnes|monde|système|important|langue|"
+            "eau|ville|histoire|énergie|santé|argent|école|musique|ordinateur|réseau|voyage|nourriture|science|"
+            "problème|solution|avenir|marché|conception|projet|famille|nature|livre|pratique|rapidement|"
+            "meilleur|différent|généralement|parce que|processus|valeur|idée|très|déjà|être|et|avec|pour"
+        ),
+        sep=" ",
+        stop=".",
+        qmark=" ?",
+        caps=True,
+        questions=_w("Comment puis-je|Qu'est-ce que|Pourquoi|Peux-tu expliquer|Quelle est la différence entre"),
+        instructions=_w("Explique|Écris un court texte sur|Donne-moi une liste de|Résume|Décris|Compare"),
+        labels=_w("Réponse|Résumé|Aperçu|Réponse courte"),
+    ),
+}
+_LANGS["unknown"] = _LANGS["English"]
+
+_LANG_NAMES: tuple[str, ...] = tuple(LANGUAGE_WEIGHTS)
+_LANG_P = np.array([LANGUAGE_WEIGHTS[k] for k in _LANG_NAMES], dtype=float)
+_LANG_P = _LANG_P / _LANG_P.sum()
+
+
+class _Writer:
+    """Samples text for one language from one shared ``numpy`` generator."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def pick(self, items: Sequence[str]) -> str:
+        return items[int(self.rng.integers(len(items)))]
+
+    def words(self, lang: _Lang, n: int) -> list[str]:
+        """Bank entries adding up to ``n`` words (an entry such as "thời gian" counts as two)."""
+        idx = self.rng.integers(len(lang.words), size=n)
+        out: list[str] = []
+        count = 0
+        for i in idx:
+            if count >= n:
+                break
+            out.append(lang.words[i])
+            count += len(lang.words[i].split()) if lang.sep else 1
+        return out
+
+    def sentence(self, lang: _Lang, words: list[str], stop: str | None = None) -> str:
+        text = lang.sep.join(words)
+        if lang.caps:
+            # capitalise the first letter, skipping a leading "**" of a bolded word
+            j = next((k for k, ch in enumerate(text) if ch.isalpha()), None)
+            if j is not None:
+                text = text[:j] + text[j].upper() + text[j + 1 :]
+        if self.rng.random() < 0.05:
+            text += lang.sep + self.pick(EMOJI) if lang.sep else self.pick(EMOJI)
+        return text + (lang.stop if stop is None else stop)
+
+    def body(self, lang: _Lang, n_words: int) -> str:
+        """``n_words`` words as sentences of 5-12 words in paragraphs, with markdown now and then."""
+        words = self.words(lang, n_words)
+        if lang.sep and self.rng.random() < 0.15:
+            i = int(self.rng.integers(len(words)))
+            words[i] = f"**{words[i]}**"
+        sentences: list[str] = []
+        pos = 0
+        while pos < len(words):
+            k = int(self.rng.integers(5, 13))
+            chunk = words[pos : pos + k]
+            pos += k
+            if len(chunk) < 3 and sentences:
+                # glue a short tail onto the previous sentence rather than emit a 1-2 word sentence
+                prev = sentences.pop()
+                prev_words = prev[: -len(lang.stop)] + lang.sep + lang.sep.join(chunk)
+                sentences.append(prev_words + lang.stop)
+                continue
+            sentences.append(self.sentence(lang, chunk))
+        paragraphs: list[str] = []
+        i = 0
+        while i < len(sentences):
+            k = int(self.rng.integers(2, 5))
+            para = sentences[i : i + k]
+            i += k
+            if len(para) >= 2 and self.rng.random() < 0.12:
+                paragraphs.append("\n".join("- " + s for s in para))
+            else:
+                paragraphs.append((" " if lang.sep else "").join(para))
+        return "\n\n".join(paragraphs)
+
+    def prompt(self, lang: _Lang, n_words: int) -> str:
+        is_question = self.rng.random() < 0.6
+        head = self.pick(lang.questions if is_question else lang.instructions)
+        n_head = max(1, len(head.split()))
+        n_topic = max(1, min(n_words - n_head, int(self.rng.integers(2, 9))))
+        topic = lang.sep.join(self.words(lang, n_topic))
+        if is_question:
+            first = f"{lang.qopen}{head}{lang.sep}{topic}{lang.qmark}"
+        else:
+            first = f"{head}{lang.sep}{topic}{lang.stop}"
+        rest = n_words - n_head - n_topic
+        if rest >= 3:
+            context = self.body(lang, rest)
+            # long prompts: context first, then the question, like most real long prompts
+            text = context + "\n\n" + first
+        else:
+            text = first
+        if self.rng.random() < 0.04:
+            text += " " + self.pick(EMOJI)
+        return text
+
+    def good_response(self, lang: _Lang, n_words: int) -> str:
+        style = int(self.rng.integers(3))
+        label = self.pick(lang.labels)
+        if style == 0:
+            return f"## {label}\n\n" + self.body(lang, max(3, n_words - 1))
+        if style == 1:
+            return f"**{label}:** " + self.body(lang, max(3, n_words - 1))
+        n_items = int(self.rng.integers(2, 5))
+        items = []
+        used = 0
+        for j in range(n_items):
+            k = int(self.rng.integers(3, 7))
+            used += k
+            items.append(f"{j + 1}. " + self.sentence(lang, self.words(lang, k)))
+        lead = "\n".join(items)
+        rest = n_words - used
+        return lead if rest < 3 else lead + "\n\n" + self.body(lang, rest)
+
+    def flawed_response(self, lang: _Lang, marker: str, n_words: int) -> str:
+        n_marker = len(marker.split()) if lang.sep else 2
+        rest = max(3, n_words - n_marker)
+        return marker + (" " if lang.sep else "") + self.body(lang, rest)
+
+
+def _lengths(rng: np.random.Generator, mu: float, sigma: float, scale: float, lo: int, hi: int, n: int) -> np.ndarray:
+    raw = rng.lognormal(mean=mu, sigma=sigma, size=n) * scale
+    return np.clip(np.rint(raw), lo, hi).astype(int)
+
+
+def _make_rows(rng: np.random.Generator, n: int, cfg: DemoDataConfig) -> pd.DataFrame:
+    """``n`` labelled rows: prompt, response_a/b, winner, model_a/b, language (all drawn from ``rng``)."""
+    langs = rng.choice(len(_LANG_NAMES), size=n, p=_LANG_P)
+    prompt_len = _lengths(rng, PROMPT_MU, PROMPT_SIGMA, cfg.length_scale, MIN_PROMPT_WORDS, MAX_PROMPT_WORDS, n)
+    good_scale = cfg.length_scale * GOOD_LENGTH_FACTOR
+    good_len = _lengths(rng, RESPONSE_MU, RESPONSE_SIGMA, good_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n)
+    bad_len = _lengths(rng, RESPONSE_MU, RESPONSE_SIGMA, cfg.length_scale, MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS, n)
+    good_is_a = rng.random(n) < 0.5
+    flip = rng.random(n) < cfg.label_noise
+    writer = _Writer(rng)
+    records: dict[str, list[str]] = {k: [] for k in ("prompt", "response_a", "response_b", "winner")}
+    records.update(model_a=[], model_b=[], language=[])
+    for i in range(n):
+        name = _LANG_NAMES[int(langs[i])]
+        lang = _LANGS[name]
+        markers = FLAW_MARKERS[name]
+        marker = markers[int(rng.integers(len(markers)))]
+        prompt = writer.prompt(lang, int(prompt_len[i]))
+        good = writer.good_response(lang, int(good_len[i]))
+        bad = writer.flawed_response(lang, marker, int(bad_len[i]))
+        if any(m in good for m in markers):  # cannot happen with the banks above; guards future edits
+            raise RuntimeError(f"a good {name} response contains a flaw marker: {good[:80]!r}")
+        a_wins = bool(good_is_a[i]) != bool(flip[i])
+        ma, mb = rng.choice(len(MODEL_NAMES), size=2, replace=False)
+        records["prompt"].append(prompt)
+        records["response_a"].append(good if good_is_a[i] else bad)
+        records["response_b"].append(bad if good_is_a[i] else good)
+        records["winner"].append("model_a" if a_wins else "model_b")
+        records["model_a"].append(MODEL_NAMES[int(ma)])
+        records["model_b"].append(MODEL_NAMES[int(mb)])
+        records["language"].append(name)
+    return pd.DataFrame(records)
+
+
+def _string_ids(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` unique ids like ``syn-3f9a0c1d2b4e5f60``."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n:
+        for value in rng.integers(0, 2**63 - 1, size=n - len(ids), dtype=np.int64):
+            sid = f"syn-{int(value):016x}"
+            if sid not in seen:
+                seen.add(sid)
+                ids.append(sid)
+    return ids
+
+
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("winner", pa.string()),
+        ("model_a", pa.string()),
+        ("model_b", pa.string()),
+        ("language", pa.string()),
+    ]
+)
+TEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("prompt", pa.string()),
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("scored", pa.bool_()),
+    ]
+)
+UNLABELED_SCHEMA = pa.schema([f for f in TRAIN_SCHEMA if f.name != "winner"])
+
+
+def _write_parquet(df: pd.DataFrame, schema: pa.Schema, path: Path) -> Path:
+    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata.update(SYNTHETIC_METADATA)
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    return path
+
+
+def _readme(cfg: DemoDataConfig, train: pd.DataFrame) -> str:
+    lang_counts = train["language"].value_counts()
+    lang_lines = "\n".join(f"| {name} | {int(count)} |" for name, count in lang_counts.items())
+    win_a = float((train["winner"] == "model_a").mean())
+    return f"""# SYNTHETIC demo data (not the competition data)
+
+Every row in this folder is **synthetic**: generated by `kaggle_utils.data.demo` with seed {cfg.seed}
+(`python -m kaggle_utils.data.demo --seed {cfg.seed} --n-train {cfg.n_train} --n-test {cfg.n_test} \\
+--n-unlabeled {cfg.n_unlabeled} --length-scale {cfg.length_scale} --label-noise {cfg.label_noise}`).
+The same seed and options give identical files. The files follow the WSDM Cup - Multilingual Chatbot Arena
+schema so that the whole pipeline can be exercised on a CPU; scores on this data say nothing about the
+real competition. Parquet files carry `synthetic: true` in their Arrow schema metadata and string ids
+start with `syn-`.
+
+## Files
+
+| file | rows | columns |
+|---|---|---|
+| train.parquet | {cfg.n_train} | id (str), prompt, response_a/b, winner, model_a/b, language |
+| test.parquet | {cfg.n_test} | id (int64), prompt, response_a/b, scored (bool, all true) |
+| unlabeled.parquet | {cfg.n_unlabeled} | id (str), prompt, response_a/b, model_a/b, language |
+| sample_submission.csv | {cfg.n_test} | id, winner (all `model_a`) |
+| test_labels.csv | {cfg.n_test} | id, winner: answer key for test.parquet (the real competition has none) |
+
+## The preference signal
+
+Each pair has one *good* and one *flawed* response built from the same per-language word bank.
+
+- The **good** response opens with a short structured lead in the row's language: a markdown heading
+  (`## Answer`), a bold label (`**Answer:**`) or a numbered list (`1.`, `2.`, ... lines), and is on
+  average ~{round((GOOD_LENGTH_FACTOR - 1) * 100)}% longer.
+- The **flawed** response opens (first sentence) with one of a few fixed refusal / apology / filler
+  phrases in the row's language (`kaggle_utils.data.demo.FLAW_MARKERS`), e.g. "I'm sorry, but I cannot
+  help with that.", "Извините, но я не могу помочь с этим.", "抱歉，我无法帮助您。".
+
+The winner is the good response, placed at A or B with probability 1/2; then a fraction
+{cfg.label_noise} of labels is flipped at random, so the best possible accuracy is about
+{1 - cfg.label_noise:.2f}. Model names are drawn independently of the winner (no signal).
+In train.parquet, `model_a` wins {win_a:.1%} of rows.
+
+## Lengths
+
+Word counts follow the real token-length profile times `length_scale` = {cfg.length_scale}: prompt ~
+lognormal(ln 39, 1.93), each response ~ lognormal(ln 452, 0.60); prompts have
+{MIN_PROMPT_WORDS}-{MAX_PROMPT_WORDS} words, responses {MIN_RESPONSE_WORDS}-{MAX_RESPONSE_WORDS}.
+For Chinese and Japanese a "word" is a short phrase.
+
+## Languages (train.parquet)
+
+| language | rows |
+|---|---|
+{lang_lines}
+"""
+
+
+def generate_demo_data(cfg: DemoDataConfig) -> dict[str, Path]:
+    """Write the synthetic train/test/unlabeled files into ``cfg.out_dir``; return their paths by name."""
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    # one independent stream per split, so e.g. changing n_unlabeled leaves train and test unchanged
+    rng_train, rng_test, rng_unlabeled, rng_ids = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)
+    )
+
+    train = _make_rows(rng_train, cfg.n_train, cfg)
+    test = _make_rows(rng_test, cfg.n_test, cfg)
+    unlabeled = _make_rows(rng_unlabeled, cfg.n_unlabeled, cfg).drop(columns="winner")
+
+    string_ids = _string_ids(rng_ids, cfg.n_train + cfg.n_unlabeled)
+    train.insert(0, "id", string_ids[: cfg.n_train])
+    unlabeled.insert(0, "id", string_ids[cfg.n_train :])
+    test_ids = rng_ids.choice(10**9, size=cfg.n_test, replace=False).astype(np.int64) + 10**9
+    test.insert(0, "id", test_ids)
+    test["scored"] = True
+
+    paths = {
+        "train": _write_parquet(train, TRAIN_SCHEMA, out / "train.parquet"),
+        "test": _write_parquet(test, TEST_SCHEMA, out / "test.parquet"),
+        "unlabeled": _write_parquet(unlabeled, UNLABELED_SCHEMA, out / "unlabeled.parquet"),
+    }
+    sample = pd.DataFrame({"id": test["id"], "winner": "model_a"})
+    paths["sample_submission"] = out / "sample_submission.csv"
+    sample.to_csv(paths["sample_submission"], index=False)
+    paths["test_labels"] = out / "test_labels.csv"
+    test[["id", "winner"]].to_csv(paths["test_labels"], index=False)
+    paths["readme"] = out / "README.md"
+    paths["readme"].write_text(_readme(cfg, train), encoding="utf-8")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(DemoDataConfig, argv)
+    paths = generate_demo_data(cfg)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+
+
+if __name__ == "__main__":
+    main()

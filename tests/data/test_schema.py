@@ -1,0 +1,212 @@
+"""kaggle_utils.data.schema: schema validation with precise errors, labels, and the A/B swap."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kaggle_utils.data import schema
+from kaggle_utils.data.schema import DataError
+
+
+def _train_frame(n: int = 8) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": [f"id-{i}" for i in range(n)],
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "response_a": [f"answer A {i}" for i in range(n)],
+            "response_b": [f"answer B number {i}" for i in range(n)],
+            "winner": ["model_a" if i % 3 else "model_b" for i in range(n)],
+            "model_a": [f"ma-{i}" for i in range(n)],
+            "model_b": [f"mb-{i}" for i in range(n)],
+            "language": ["English"] * n,
+        }
+    )
+
+
+def _soft_frame(n: int = 8) -> pd.DataFrame:
+    df = _train_frame(n).drop(columns=["winner"])
+    p_a = np.linspace(0.1, 0.9, n)
+    return df.assign(p_a=p_a, p_b=1 - p_a)
+
+
+def _write(df: pd.DataFrame, path: Path) -> Path:
+    df.to_parquet(path, index=False)
+    return path
+
+
+def _assert_names(err: DataError, path: Path, column: str | None, row: int | None) -> None:
+    msg = str(err)
+    assert str(path) in msg, msg
+    if column is not None:
+        assert column in msg, msg
+    if row is not None:
+        assert re.search(rf"\brow {row}\b", msg), msg
+
+
+def test_valid_file_loads_unchanged(tmp_path: Path) -> None:
+    df = _train_frame()
+    out = schema.load(_write(df, tmp_path / "train.parquet"), "train")
+    pd.testing.assert_frame_equal(out, df, check_dtype=False)
+
+
+def test_csv_loads(tmp_path: Path) -> None:
+    df = _train_frame()
+    path = tmp_path / "train.csv"
+    df.to_csv(path, index=False)
+    assert list(schema.load(path, "train")["id"]) == list(df["id"])
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    path = _write(_train_frame().drop(columns=["response_b"]), tmp_path / "train.parquet")
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "train")
+    _assert_names(exc.value, path, "response_b", None)
+    assert "missing column" in str(exc.value)
+
+
+def test_none_text_cell(tmp_path: Path) -> None:
+    df = _train_frame()
+    df["response_b"] = df["response_b"].astype(object)
+    df.loc[5, "response_b"] = None
+    path = _write(df, tmp_path / "test.parquet")
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "test")
+    _assert_names(exc.value, path, "'response_b'", 5)
+    assert "id-5" in str(exc.value)
+
+
+def test_non_string_text_cell_in_frame() -> None:
+    df = _train_frame().astype({"prompt": object})
+    df.loc[3, "prompt"] = 42
+    with pytest.raises(DataError) as exc:
+        schema.validate(df, "unlabeled", source="pool.parquet")
+    _assert_names(exc.value, Path("pool.parquet"), "'prompt'", 3)
+    assert "int" in str(exc.value)
+
+
+def test_duplicate_id(tmp_path: Path) -> None:
+    df = _train_frame()
+    df.loc[6, "id"] = "id-2"
+    path = _write(df, tmp_path / "train.parquet")
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "train")
+    _assert_names(exc.value, path, "'id'", 6)
+    assert "id-2" in str(exc.value)
+
+
+def test_bad_winner(tmp_path: Path) -> None:
+    df = _train_frame()
+    df.loc[4, "winner"] = "tie"
+    path = _write(df, tmp_path / "train.parquet")
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "train")
+    _assert_names(exc.value, path, "'winner'", 4)
+    assert "'tie'" in str(exc.value)
+
+
+def test_winner_not_required_for_test_kind(tmp_path: Path) -> None:
+    df = _train_frame()
+    df.loc[4, "winner"] = "tie"
+    assert len(schema.load(_write(df, tmp_path / "t.parquet"), "test")) == len(df)
+
+
+@pytest.mark.parametrize("bad", [(0.7, 0.7), (1.2, -0.2), (np.nan, 1.0)], ids=["sum-1.4", "negative", "nan"])
+def test_soft_labels_must_be_probabilities(tmp_path: Path, bad: tuple[float, float]) -> None:
+    df = _soft_frame()
+    df.loc[5, ["p_a", "p_b"]] = bad
+    path = _write(df, tmp_path / "pseudo.parquet")
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "soft")
+    _assert_names(exc.value, path, "'p_a','p_b'", 5)
+
+
+def test_soft_labels_valid(tmp_path: Path) -> None:
+    df = _soft_frame()
+    out = schema.load(_write(df, tmp_path / "pseudo.parquet"), "soft")
+    np.testing.assert_allclose(out[["p_a", "p_b"]].sum(axis=1), 1.0)
+
+
+def test_truncated_parquet(tmp_path: Path) -> None:
+    path = _write(_train_frame(), tmp_path / "train.parquet")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError) as exc:
+        schema.load(path, "train")
+    _assert_names(exc.value, path, None, None)
+    assert "cannot be read as parquet" in str(exc.value)
+
+
+def test_garbage_and_missing_and_wrong_suffix(tmp_path: Path) -> None:
+    garbage = tmp_path / "x.parquet"
+    garbage.write_bytes(b"not a parquet file at all")
+    with pytest.raises(DataError, match=re.escape(str(garbage))):
+        schema.read_table(garbage)
+    with pytest.raises(DataError, match="file not found"):
+        schema.read_table(tmp_path / "nope.parquet")
+    other = tmp_path / "x.json"
+    other.write_text("{}")
+    with pytest.raises(DataError, match="expected a .parquet or .csv"):
+        schema.read_table(other)
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown kind"):
+        schema.validate(_train_frame(), "nonsense")
+
+
+def test_swap_ab_swaps_everything() -> None:
+    df = _train_frame().assign(p_a=np.linspace(0.2, 0.8, 8))
+    df["p_b"] = 1 - df["p_a"]
+    out = schema.swap_ab(df)
+    assert list(out["response_a"]) == list(df["response_b"])
+    assert list(out["response_b"]) == list(df["response_a"])
+    assert list(out["model_a"]) == list(df["model_b"])
+    assert list(out["model_b"]) == list(df["model_a"])
+    flip = {"model_a": "model_b", "model_b": "model_a"}
+    assert list(out["winner"]) == [flip[w] for w in df["winner"]]
+    np.testing.assert_array_equal(out["p_a"], df["p_b"])
+    np.testing.assert_array_equal(out["p_b"], df["p_a"])
+    # untouched columns and the input itself
+    assert list(out["prompt"]) == list(df["prompt"]) and list(out["id"]) == list(df["id"])
+    assert list(df["response_a"]) == [f"answer A {i}" for i in range(8)]
+    np.testing.assert_array_equal(schema.labels(out), 1 - schema.labels(df))
+
+
+def test_swap_ab_twice_is_identity() -> None:
+    df = _train_frame().assign(p_a=np.linspace(0.2, 0.8, 8))
+    df["p_b"] = 1 - df["p_a"]
+    pd.testing.assert_frame_equal(schema.swap_ab(schema.swap_ab(df)), df)
+    soft = _soft_frame()  # no winner column
+    pd.testing.assert_frame_equal(schema.swap_ab(schema.swap_ab(soft)), soft)
+
+
+def test_swap_probs() -> None:
+    probs = np.array([[0.875, 0.125], [0.25, 0.75]], dtype=np.float32)
+    np.testing.assert_array_equal(schema.swap_probs(probs), [[0.125, 0.875], [0.75, 0.25]])
+    np.testing.assert_array_equal(schema.swap_probs(schema.swap_probs(probs)), probs)
+
+
+def test_labels() -> None:
+    df = _train_frame(4)
+    assert df["winner"].tolist() == ["model_b", "model_a", "model_a", "model_b"]
+    np.testing.assert_array_equal(schema.labels(df), [1, 0, 0, 1])
+
+
+def test_soft_targets_one_hot_without_probabilities() -> None:
+    df = _train_frame(4)
+    np.testing.assert_array_equal(schema.soft_targets(df), [[0, 1], [1, 0], [1, 0], [0, 1]])
+
+
+def test_soft_targets_uses_probabilities_and_falls_back_per_row() -> None:
+    df = _train_frame(4).assign(p_a=[0.8, np.nan, 0.25, np.nan], p_b=[0.2, np.nan, 0.75, np.nan])
+    np.testing.assert_allclose(schema.soft_targets(df), [[0.8, 0.2], [1, 0], [0.25, 0.75], [0, 1]])
+
+
+def test_soft_targets_of_soft_file() -> None:
+    df = _soft_frame(3)
+    np.testing.assert_allclose(schema.soft_targets(df), df[["p_a", "p_b"]].to_numpy())

@@ -1,0 +1,60 @@
+"""Environment detection and the search that finds inputs under /kaggle/input without hard-coded paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from kaggle_utils.kaggle import env
+
+
+def test_detect_kinds():
+    assert env.detect({}).kind == "local"
+    assert env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}).kind == "kaggle-interactive"
+    assert env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}).kind == "kaggle-batch"
+    rerun = env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_IS_COMPETITION_RERUN": "True"})
+    assert rerun.is_rerun and rerun.on_kaggle and str(rerun.working_dir) == "/kaggle/working"
+
+
+@pytest.fixture
+def kaggle_input(tmp_path):
+    """A Kaggle-like input tree: competition, two model versions, an adapter, an earlier kernel's output."""
+    comp = tmp_path / "wsdm-cup-multilingual-chatbot-arena"
+    comp.mkdir()
+    (comp / "train.parquet").write_bytes(b"x")
+    (comp / "test.parquet").write_bytes(b"x")
+    for version in (
+        "qwen2.5/transformers/14b/1",
+        "qwen2.5/transformers/14b/1/nested-copy",
+        "gemma-2/transformers/9b/2",
+    ):
+        d = tmp_path / version
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"x")
+    adapter = tmp_path / "my-adapters/qwen/adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    prepared = tmp_path / "wsdm-arena-01-data-prep/prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "train.parquet").write_bytes(b"x")
+    return tmp_path
+
+
+def test_search_finds_each_input_by_what_identifies_it(kaggle_input):
+    assert env.find_competition_dir(kaggle_input).name == "wsdm-cup-multilingual-chatbot-arena"
+    assert env.find_model_dir(kaggle_input, "qwen") == kaggle_input / "qwen2.5/transformers/14b/1"
+    assert env.find_model_dir(kaggle_input, "gemma") == kaggle_input / "gemma-2/transformers/9b/2"
+    assert env.find_adapter_dir(kaggle_input, "qwen") == kaggle_input / "my-adapters/qwen/adapter"
+    assert env.find_dir(kaggle_input, "train.parquet", "prepared").name == "prepared"
+    with pytest.raises(FileNotFoundError, match="llama"):
+        env.find_model_dir(kaggle_input, "llama")
+
+
+def test_locate_prefers_an_existing_path_then_searches_on_kaggle_only(kaggle_input, tmp_path):
+    on_kaggle = env.Environment("kaggle-batch", kaggle_input, tmp_path)
+    local = env.Environment("local", tmp_path, tmp_path)
+    find = lambda root: env.find_model_dir(root, "gemma")  # noqa: E731
+    assert env.locate(kaggle_input / "qwen2.5", on_kaggle, find) == kaggle_input / "qwen2.5"
+    assert env.locate("demo/models/absent", on_kaggle, find) == kaggle_input / "gemma-2/transformers/9b/2"
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        env.locate("demo/models/absent", local, find)

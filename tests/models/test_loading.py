@@ -1,0 +1,115 @@
+"""kaggle_utils.models.loading: 4-bit nf4 loading on the CPU, a full-precision head, LoRA attach and adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import (
+    LoraSettings,
+    ModelConfig,
+    compute_dtype,
+    load_classifier,
+    load_tokenizer,
+    model_device,
+    pick_device,
+)
+from kaggle_utils.scoring.predict import predict_proba
+
+
+@pytest.fixture(scope="module")
+def base_4bit(qwen_path, tokenizer):
+    return load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def val_rows(trained, tokenizer) -> tuple[pd.DataFrame, list[list[int]]]:
+    val = pd.read_parquet(trained.cfg.train_file).query("fold == 0").reset_index(drop=True)
+    return val, PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(val)
+
+
+def test_4bit_load_on_cpu_quantises_linears_but_not_the_head(base_4bit, tokenizer) -> None:
+    import bitsandbytes as bnb
+
+    quantised = {n: m for n, m in base_4bit.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    # 2 layers x (q, k, v, o, gate, up, down)
+    assert len(quantised) == 14
+    assert all(".layers." in n for n in quantised)
+    q = quantised["model.layers.0.self_attn.q_proj"]
+    assert q.weight.quant_state.quant_type == "nf4"
+    assert q.weight.quant_state.nested  # double quantisation
+    assert q.weight.dtype == torch.uint8
+    head = base_4bit.score
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    assert head.out_features == 2
+    assert model_device(base_4bit).type == "cpu"
+    assert not base_4bit.training
+    assert base_4bit.config.pad_token_id == tokenizer.pad_token_id and base_4bit.config.use_cache is False
+
+
+def test_full_precision_load(qwen_path, tokenizer) -> None:
+    model = load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=False), tokenizer.pad_token_id)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 15 and all(m.weight.dtype == torch.float32 for m in linears)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_gemma2_gets_eager_attention(gemma_path, tokenizer) -> None:
+    model = load_classifier(ModelConfig(model_path=gemma_path, load_in_4bit=False), tokenizer.pad_token_id)
+    assert model.config.model_type == "gemma2"
+    assert model.config._attn_implementation == "eager"
+
+
+def test_lora_attach_trains_only_lora_and_head(qwen_path, tokenizer) -> None:
+    model = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True),
+        tokenizer.pad_token_id,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+    )
+    assert model.training
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "score" in n for n in trainable)
+    assert sum("lora_A" in n for n in trainable) == 14
+    assert any("score" in n for n in trainable)
+    # hidden 64, rank 4: A is (4, in), B is (out, 4)
+    a = dict(model.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert tuple(a.shape) == (4, 64)
+
+
+def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit, qwen_path, tokenizer, val_rows):
+    """The saved adapter (LoRA + head) reloaded on the 4-bit base gives what the trained model predicted."""
+    val, rows = val_rows
+    tuned = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=trained.result.adapter_dir
+    )
+    assert not tuned.training
+    pad_id = tokenizer.pad_token_id
+    p_base = predict_proba(base_4bit, rows, pad_id, batch_tokens=4096).probs
+    p_tuned = predict_proba(tuned, rows, pad_id, batch_tokens=4096).probs
+    assert np.abs(p_base - p_tuned).max() > 0.1
+    saved = pd.read_parquet(trained.cfg.out_dir / "val_predictions.parquet")
+    assert saved["id"].tolist() == val["id"].tolist()
+    np.testing.assert_allclose(p_tuned, saved[["p_a", "p_b"]].to_numpy(), atol=1e-4)
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_classifier(ModelConfig(model_path=tmp_path), pad_token_id=0)
+
+
+def test_tokenizer_has_a_pad_token(qwen_path) -> None:
+    tok = load_tokenizer(qwen_path)
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 151643
+
+
+def test_devices() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto") == torch.device(expected)
+    assert compute_dtype(torch.device("cpu")) == torch.float32
