@@ -66,6 +66,8 @@ KERNEL ?=
 # Kaggle's image: its Python and its glibc (which manylinux wheels its pip accepts)
 KAGGLE_PYTHON ?= 3.11
 KAGGLE_GLIBC ?= 2.35
+# the adapters `make upload-model` staged: `make push` checks the inference recipe against their training configs
+MODELS_DIR ?= build/kaggle/models
 # the kernel version `make push` printed, for `make submit`
 VERSION ?=
 MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
@@ -73,10 +75,10 @@ MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
 .PHONY: validate push dataset wheels wheels-dataset submit status output render
 
 validate: notebooks  ## check every kernel's metadata and built notebook (the CLI's rules + the competition's)
-	$(KAGGLE_CLI) validate --kernel "$(KERNEL)"
+	$(KAGGLE_CLI) validate --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)"
 
 push: notebooks  ## build, validate and push the kernels to Kaggle (all, or KERNEL=...)
-	$(KAGGLE_CLI) push --kernel "$(KERNEL)"
+	$(KAGGLE_CLI) push --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)"
 
 dataset: $(STAMP)  ## publish kaggle_utils/ (and nothing else) as a new version of the utils dataset
 	$(KAGGLE_CLI) dataset -m "$(MESSAGE)"
@@ -117,3 +119,22 @@ bench-data: $(STAMP)  ## time the data layer on PAIRS synthetic pairs (default 5
 
 bench-inputs: $(STAMP)  ## time format + tokenise of PAIRS pairs and batching waste; ends with an `inputs:` line
 	$(BIN)/python benchmarks/bench_inputs.py --pairs $(PAIRS)
+
+# ---- Data from Kaggle for shell runs, trained adapters back to it (kaggle_utils.kaggle.download / .models) ------
+# `make data`: the recipe's competition and datasets into DEST (competition/ = the prepare recipe's data_dir);
+# FORCE=1 fetches again even what is already there and checked. Defaults are per target, so that they cannot
+# change another section's RECIPE.
+data: RECIPE ?= data-wsdm
+data: DEST ?= data
+# `make upload-model DIR=output/train/qwen NAME=wsdm-qwen14b-lora`: DIR is a training output or adapter folder;
+# the upload is staged in build/kaggle/models/NAME/ and kept there (the training config of what was uploaded)
+UPLOAD_STAGE = $(or $(MODELS_DIR),build/kaggle/models)
+
+.PHONY: data upload-model
+
+data: $(STAMP)  ## download + unpack + check the competition files and the recipe's datasets into DEST (default data/)
+	$(BIN)/python -m kaggle_utils.kaggle.download --recipe "$(RECIPE)" --dest "$(DEST)" $(if $(FORCE),--force true)
+
+upload-model: $(STAMP)  ## publish a trained adapter as the Kaggle dataset NAME (created if new): DIR=... NAME=...
+	$(BIN)/python -m kaggle_utils.kaggle.models upload --dir "$(DIR)" --name "$(NAME)" \
+	  --owner "$(KAGGLE_USERNAME)" -m "$(MESSAGE)" --stage-dir "$(UPLOAD_STAGE)"

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,9 @@ FALLBACK_LONGER_WINS = 0.55
 @dataclass
 class InferConfig(InputConfig):
     """Time-budgeted cascade inference; every field is also a ``--flag``."""
+
+    # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "infer"
 
     # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.kaggle.env)
     test_file: Path = Path("demo/data/test.parquet")

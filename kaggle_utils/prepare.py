@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,9 @@ from kaggle_utils.data import schema, sources
 @dataclass
 class PrepareConfig:
     """Validate train/test/unlabelled files and write train with a ``fold`` column."""
+
+    # the stage its recipes name (``stage = "prepare"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "prepare"
 
     # folder holding the competition files (train.parquet, test.parquet); found by search on Kaggle
     data_dir: Path = Path("demo/data")

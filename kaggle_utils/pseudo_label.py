@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ from kaggle_utils.scoring.predict import predict_proba
 @dataclass
 class PseudoLabelConfig(ModelConfig, InputConfig):
     """Score an unlabelled pool with a teacher; every field is also a ``--flag``."""
+
+    # the stage its recipes name (``stage = "pseudo_label"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "pseudo_label"
 
     # the teacher's LoRA adapter (train stage output ``adapter/``); empty: the base model as is
     adapter_dir: Path | None = Path("demo/work/teacher/adapter")

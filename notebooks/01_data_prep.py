@@ -19,9 +19,11 @@
 # `python -m kaggle_utils.prepare --help`.
 
 # %% tags=["parameters"]
-data_dir = ""  # competition folder; empty: searched under /kaggle/input on Kaggle, demo/data locally
-out_dir = "demo/work/prepared"
-n_folds = 5
+# Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.prepare --help` lists them).
+# `make push` replaces this cell's values with the Kaggle profile's recipes (recipes/profiles.toml) and their
+# resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
+prepare_recipe = "demo-prepare"
+prepare_overrides = {}
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
@@ -39,18 +41,18 @@ for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
     subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
-from kaggle_utils.data import clean
-from kaggle_utils.kaggle import env
+from dataclasses import replace
+
 from kaggle_utils import plots
-from kaggle_utils.data import sources
+from kaggle_utils.config import recipes
+from kaggle_utils.data import clean, sources
+from kaggle_utils.kaggle import env
 from kaggle_utils.prepare import PrepareConfig, prepare, summary
 
+# on Kaggle the competition folder is found under /kaggle/input wherever it is mounted
 where = env.detect()
-cfg = PrepareConfig(
-    data_dir=env.resolve_dir(data_dir, where, env.find_competition_dir, "demo/data"),
-    out_dir=Path(out_dir) if not where.on_kaggle else where.working_dir / "prepared",
-    n_folds=n_folds,
-)
+cfg = recipes.load(prepare_recipe, PrepareConfig, prepare_overrides)
+cfg = replace(cfg, data_dir=env.locate(cfg.data_dir, where, env.find_competition_dir))
 print(where.kind, cfg)
 
 # %% [markdown]

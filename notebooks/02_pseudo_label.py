@@ -19,14 +19,14 @@
 # Shell equivalents: `python -m kaggle_utils.train`, `python -m kaggle_utils.pseudo_label`.
 
 # %% tags=["parameters"]
-prepared_dir = "demo/work/prepared"
-teacher_model = "demo/models/qwen2-tiny"  # base model folder; on Kaggle, when absent, found by teacher_hint
-teacher_hint = "qwen"
-teacher_adapter = ""  # a trained teacher adapter; empty: train one here on the labelled folds
-work_dir = "demo/work"
-max_length = 384
-teacher_epochs = 3.0
-teacher_lr = 2e-3
+# Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.pseudo_label --help` lists them).
+# `make push` replaces this cell's values with the Kaggle profile's recipes (recipes/profiles.toml) and their
+# resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
+# the teacher: a train recipe run here first; empty: the adapter_dir of the pseudo-label recipe (an uploaded one)
+teacher_recipe = "demo-teacher"
+teacher_overrides = {}
+pseudo_label_recipe = "demo-pseudo-label"
+pseudo_label_overrides = {}
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
@@ -45,43 +45,40 @@ for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
 
 # %%
 import json
+from dataclasses import replace
 
-import pandas as pd
-
-from kaggle_utils.kaggle import env
 from kaggle_utils import plots
+from kaggle_utils.config import recipes
+from kaggle_utils.kaggle import env
 from kaggle_utils.pseudo_label import PseudoLabelConfig, label_summary, pseudo_label
 from kaggle_utils.train import TrainConfig, train
 
-# on Kaggle: notebook 01's output and the model are attached inputs, and outputs go to /kaggle/working
+# on Kaggle, notebook 01's output and the models are attached inputs, found wherever they are mounted
 where = env.detect()
-prepared = env.locate(prepared_dir, where, lambda r: env.find_dir(r, "unlabeled.parquet", "prepared"))
-teacher = env.locate(teacher_model, where, lambda r: env.find_model_dir(r, teacher_hint))
-work = where.working_dir if where.on_kaggle else Path(work_dir)
+cfg = recipes.load(pseudo_label_recipe, PseudoLabelConfig, pseudo_label_overrides)
+cfg = replace(cfg, model_path=env.locate_model(cfg.model_path, where), input_file=env.locate_file(cfg.input_file, where))
 
 # %% [markdown]
 # ## The teacher
 
 # %%
-if teacher_adapter:
-    adapter = Path(teacher_adapter)
-else:
-    result = train(TrainConfig(
-        model_path=teacher, train_file=prepared / "train.parquet", out_dir=work / "teacher",
-        max_length=max_length, epochs=teacher_epochs, lr=teacher_lr, batch_tokens=4096, loss="ce",
-    ))
-    adapter = result.adapter_dir
+if teacher_recipe:
+    teacher = recipes.load(teacher_recipe, TrainConfig, teacher_overrides)
+    teacher = replace(
+        teacher, model_path=env.locate_model(teacher.model_path, where), train_file=env.locate_file(teacher.train_file, where)
+    )
+    result = train(teacher)
+    cfg = replace(cfg, adapter_dir=result.adapter_dir)
     plots.training_curve(result.history, "Teacher loss")
     print(json.dumps(result.metrics, indent=2))
+else:
+    cfg = replace(cfg, adapter_dir=env.locate_adapter(cfg.adapter_dir, where))
+    print(f"teacher adapter: {cfg.adapter_dir}")
 
 # %% [markdown]
 # ## Soft labels for the pool
 
 # %%
-cfg = PseudoLabelConfig(
-    model_path=teacher, adapter_dir=adapter, input_file=prepared / "unlabeled.parquet",
-    out_file=work / "pseudo.parquet", max_length=max_length, tta=True,
-)
 soft = pseudo_label(cfg)
 label_summary(soft)
 

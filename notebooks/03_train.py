@@ -18,16 +18,14 @@
 # stand-ins of both architectures. Shell equivalent: `python -m kaggle_utils.train --help`.
 
 # %% tags=["parameters"]
-prepared_dir = "demo/work/prepared"
-pseudo_file = "demo/work/pseudo.parquet"  # soft labels from notebook 02; empty: labelled rows only
-# name -> base model folder; on Kaggle, when absent, the attached model whose path contains the name
-students = {"qwen": "demo/models/qwen2-tiny", "gemma": "demo/models/gemma2-tiny"}
-work_dir = "demo/work"
-loss = "mixed"
-max_length = 384
-epochs = 3.0
-lr = 2e-3
-time_budget_minutes = 0.0  # per student; 0: no limit
+# Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.train --help` lists them).
+# `make push` replaces this cell's values with the Kaggle profile's recipes (recipes/profiles.toml) and their
+# resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
+# the students: primary (scores every test row) and secondary (the least certain rows); an empty recipe skips one
+primary_recipe = "demo-student-qwen2"
+primary_overrides = {}
+secondary_recipe = "demo-student-gemma2"
+secondary_overrides = {}
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
@@ -45,33 +43,37 @@ for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
     subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
-import json
+from dataclasses import replace
 
 import pandas as pd
 
-from kaggle_utils.kaggle import env
 from kaggle_utils import plots
+from kaggle_utils.config import recipes
+from kaggle_utils.kaggle import env
 from kaggle_utils.train import TrainConfig, train
 
-# on Kaggle: earlier notebooks' outputs and the models are attached inputs, found by search
+# on Kaggle, earlier notebooks' outputs and the models are attached inputs, found wherever they are mounted
 where = env.detect()
-prepared = env.locate(prepared_dir, where, lambda r: env.find_dir(r, "train.parquet", "prepared"))
-pseudo = env.locate(pseudo_file, where, lambda r: env.find_dir(r, "pseudo.parquet") / "pseudo.parquet") if pseudo_file else None
-work = where.working_dir if where.on_kaggle else Path(work_dir)
+students = {"primary": (primary_recipe, primary_overrides), "secondary": (secondary_recipe, secondary_overrides)}
 
 # %%
 results = {}
-for name, model_path in students.items():
-    cfg = TrainConfig(
-        model_path=env.locate(model_path, where, lambda r, hint=name: env.find_model_dir(r, hint)),
-        train_file=prepared / "train.parquet", extra_files=[str(pseudo)] if pseudo else [], out_dir=work / name, loss=loss,
-        max_length=max_length, epochs=epochs, lr=lr, batch_tokens=4096, time_budget_minutes=time_budget_minutes,
+for role, (recipe, overrides) in students.items():
+    if not recipe:
+        continue
+    cfg = recipes.load(recipe, TrainConfig, overrides)
+    cfg = replace(
+        cfg,
+        model_path=env.locate_model(cfg.model_path, where),
+        train_file=env.locate_file(cfg.train_file, where),
+        extra_files=[str(env.locate_file(f, where)) for f in cfg.extra_files],
     )
-    results[name] = train(cfg)
-    plots.training_curve(results[name].history, f"{name}: loss ({loss})")
+    print(f"{role}: {recipe} · {cfg.model_path} · max_length {cfg.max_length} · loss {cfg.loss}")
+    results[role] = train(cfg)
+    plots.training_curve(results[role].history, f"{role} ({recipe}): loss ({cfg.loss})")
 
 # %% [markdown]
 # ## Held-out fold
 
 # %%
-pd.DataFrame({name: r.metrics["val"] | {"steps": r.metrics["steps"]} for name, r in results.items()}).T
+pd.DataFrame({role: r.metrics["val"] | {"steps": r.metrics["steps"]} for role, r in results.items()}).T

@@ -23,18 +23,11 @@ import time
 started_at = time.time()  # the budget counts from here: imports and model loading included
 
 # %% tags=["parameters"]
-test_file = ""  # empty: test.parquet of the competition under /kaggle/input on Kaggle, demo/data locally
-# model and adapter folders: local paths; on Kaggle, when absent, found under /kaggle/input by the hints
-primary_model = "demo/models/qwen2-tiny"
-primary_adapter = "demo/work/qwen/adapter"
-primary_hint = "qwen"
-secondary_model = "demo/models/gemma2-tiny"  # empty: primary only
-secondary_adapter = "demo/work/gemma/adapter"
-secondary_hint = "gemma"
-time_budget_minutes = 690.0
-out_dir = "demo/work/submission"
-labels_file = "demo/data/test_labels.csv"  # the demo's answer key; absent on Kaggle
-max_length = 384
+# Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.infer --help` lists them).
+# `make push` replaces this cell's values with the Kaggle profile's recipes (recipes/profiles.toml) and their
+# resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
+infer_recipe = "demo-infer"
+infer_overrides = {}
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
@@ -53,27 +46,29 @@ for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
 
 # %%
 import json
+from dataclasses import replace
 
 import pandas as pd
 
-from kaggle_utils.kaggle import env
 from kaggle_utils import plots
+from kaggle_utils.config import recipes
 from kaggle_utils.infer import InferConfig, infer
+from kaggle_utils.kaggle import env
 
+# on Kaggle the test file, the base models and the uploaded adapters are found wherever they are mounted
 where = env.detect()
-cfg = InferConfig(
-    test_file=Path(test_file) if test_file else env.resolve_dir("", where, env.find_competition_dir, "demo/data")
-    / "test.parquet",
-    primary_model=env.locate(primary_model, where, lambda r: env.find_model_dir(r, primary_hint)),
-    primary_adapter=env.locate(primary_adapter, where, lambda r: env.find_adapter_dir(r, primary_hint)),
-    secondary_model=env.locate(secondary_model, where, lambda r: env.find_model_dir(r, secondary_hint))
-    if secondary_model else None,
-    secondary_adapter=env.locate(secondary_adapter, where, lambda r: env.find_adapter_dir(r, secondary_hint))
-    if secondary_model else None,
-    time_budget_minutes=time_budget_minutes, started_at=started_at, max_length=max_length,
-    out_dir=where.working_dir if where.on_kaggle else Path(out_dir),
-    labels_file=labels_file if labels_file and Path(labels_file).is_file() else None,
+cfg = recipes.load(infer_recipe, InferConfig, infer_overrides)
+cfg = replace(
+    cfg,
+    test_file=env.locate_file(cfg.test_file, where),
+    primary_model=env.locate_model(cfg.primary_model, where),
+    primary_adapter=env.locate_adapter(cfg.primary_adapter, where),
+    secondary_model=env.locate_model(cfg.secondary_model, where),
+    secondary_adapter=env.locate_adapter(cfg.secondary_adapter, where),
+    labels_file=cfg.labels_file if cfg.labels_file and cfg.labels_file.is_file() else None,
+    started_at=started_at,
 )
+print(where.kind, cfg)
 pred = infer(cfg)
 report = json.loads((cfg.out_dir / "report.json").read_text())
 print(json.dumps(report, indent=2))

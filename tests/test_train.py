@@ -110,6 +110,17 @@ def test_training_artifacts(trained, prepared) -> None:
     assert "trainable params" in trained.stdout and "steps 90 (30/epoch)" in trained.stdout
 
 
+def test_adapter_carries_its_training_config(trained) -> None:
+    """An adapter copied elsewhere (a Kaggle dataset) still says how its inputs were built."""
+    out = trained.cfg.out_dir
+    carried = out / "adapter" / "train_config.json"
+    assert carried.is_file(), f"{carried} is missing: save_adapter must write the config into adapter/"
+    assert carried.read_text() == (out / "train_config.json").read_text()
+    saved = json.loads(carried.read_text())
+    assert (saved["max_length"], saved["template"], saved["truncation"]) == (MAX_LENGTH, "tagged", "right")
+    assert TrainConfig(**saved) == trained.cfg
+
+
 def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, monkeypatch) -> None:
     """Run the same command again after the adapter was lost: it resumes at the last step and trains nothing."""
     out = tmp_path / "copy"
@@ -122,6 +133,8 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, mon
     result, stdout = _run(cfg)
     assert f"resuming from {out / 'checkpoint.pt'} at step 90/90" in stdout
     assert calls == []  # no training step ran
+    # the re-saved adapter carries this run's config again
+    assert (out / "adapter" / "train_config.json").read_text() == (out / "train_config.json").read_text()
     assert result.metrics["steps"] == 90
     _assert_same_history(result.history, trained.result.history)
     _assert_same_weights(_adapter_weights(out), _adapter_weights(trained.cfg.out_dir))
@@ -132,8 +145,11 @@ def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) 
     out = tmp_path / "copy"
     shutil.copytree(trained.cfg.out_dir, out)
     cfg = TrainConfig(**{**config_to_dict(trained.cfg), "out_dir": out, "lr": 1e-3})
+    before = (out / "train_config.json").read_text()
     with pytest.raises(RuntimeError, match=r"different config \(lr\)"):
         _run(cfg)
+    # the refused run leaves the record of the run that wrote the checkpoint as it was
+    assert (out / "train_config.json").read_text() == before
 
 
 # --- interrupted runs (tiny, full precision, no dropout: bit-for-bit reproducible) ---------------------------

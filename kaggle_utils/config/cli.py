@@ -13,7 +13,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _base_type(tp: Any) -> Any:
+def base_type(tp: Any) -> Any:
     """Strip ``Optional[...]`` / ``X | None`` down to ``X``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -54,7 +54,7 @@ def _base_type(tp: Any) -> Any:
 
 
 def _converter(tp: Any) -> Callable[[str], Any]:
-    base = _base_type(tp)
+    base = base_type(tp)
     convert = _plain_converter(base)
     if base is tp:
         return convert
@@ -87,19 +87,28 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--option`` per field of the dataclass ``cls``."""
+def build_parser(
+    cls: type, description: str | None = None, defaults: Mapping[str, Any] | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per field of the dataclass ``cls``.
+
+    ``defaults`` (a recipe's values) replace the dataclass defaults; a required field they set is no longer required.
+    """
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=epilog,
+        formatter_class=_HelpFormatter,
     )
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if f.name in defaults:
+            required, default = False, defaults[f.name]
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -112,10 +121,31 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the epilog (the list of recipes) kept as written."""
+
+
 def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
-    """Parse ``argv`` into an instance of the config dataclass ``cls`` (validated by its ``__post_init__``)."""
-    args = build_parser(cls).parse_args(argv)
-    return cls(**vars(args))
+    """Parse ``argv`` into an instance of the config dataclass ``cls`` (validated by its ``__post_init__``).
+
+    When ``cls`` has a ``STAGE``, ``--recipe NAME|PATH`` fills the fields from a recipe first and the other flags
+    override it; ``--help`` lists the stage's recipes.
+    """
+    from kaggle_utils.config import recipes
+
+    if not getattr(cls, "STAGE", None):
+        return cls(**vars(build_parser(cls).parse_args(argv)))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="")
+    known, rest = pre.parse_known_args(argv)
+    values = recipes.recipe_values(known.recipe, cls) if known.recipe else {}
+    lines = [f"  {r.name:<28} {r.summary}" for r in recipes.available(cls.STAGE)]
+    epilog = "recipes for this stage (--recipe NAME, or a path to a .toml file):\n" + "\n".join(lines)
+    parser = build_parser(cls, defaults=values, epilog=epilog)
+    parser.add_argument("--recipe", default=known.recipe, help="recipe name or .toml path; flags override it")
+    args = vars(parser.parse_args(rest))
+    args.pop("recipe")
+    return cls(**args)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -126,8 +126,8 @@ class InputConfig:
             raise ValueError(f"head_fraction={self.head_fraction} must be in [0, 1]")
         if self.num_proc < 1:
             raise ValueError(f"num_proc={self.num_proc} must be at least 1")
-        if self.cache_dir:
-            self.cache_dir = Path(self.cache_dir)
+        # an empty string (a recipe or a flag left empty) means no cache
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
 
 
 def allocate(lengths: tuple[int, int, int], budget: int, prompt_fraction: float) -> tuple[int, int, int]:

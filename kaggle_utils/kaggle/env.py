@@ -113,3 +113,33 @@ def locate(value: str | Path, env: Environment, find) -> Path:
     if env.on_kaggle:
         return find(env.input_root)
     raise FileNotFoundError(f"{path}: not found; run the earlier notebooks (or `make demo`) or pass an existing path")
+
+
+def input_slug(path: str | Path) -> str | None:
+    """The first folder below ``/kaggle/input`` in a recipe path (the dataset, model or kernel slug), else None."""
+    parts = Path(path).parts
+    root = KAGGLE_INPUT.parts
+    return parts[len(root)] if len(parts) > len(root) and parts[: len(root)] == root else None
+
+
+def locate_model(path: str | Path | None, env: Environment) -> Path | None:
+    """A recipe's base-model folder: as written, or on Kaggle the attached model wherever it is mounted.
+
+    An empty path (an optional model left out) stays None, as in the stage configs.
+    """
+    if not path:
+        return None
+    return locate(path, env, lambda root: find_model_dir(root, input_slug(path) or Path(path).name))
+
+
+def locate_adapter(path: str | Path | None, env: Environment) -> Path | None:
+    """A recipe's LoRA adapter folder: as written, or on Kaggle the attached dataset that holds it; empty: None."""
+    if not path:
+        return None
+    return locate(path, env, lambda root: find_adapter_dir(root, input_slug(path) or Path(path).name))
+
+
+def locate_file(path: str | Path, env: Environment) -> Path:
+    """A recipe's input file: as written, or on Kaggle the file of that name in the input it names."""
+    name = Path(path).name
+    return locate(path, env, lambda root: find_dir(root, name, input_slug(path)) / name)

@@ -30,10 +30,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from kaggle_utils.kaggle import staging
+
 COMPETITION = "wsdm-cup-multilingual-chatbot-arena"
 OWNER = "{owner}"
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_METADATA = "kernel-metadata.json"
+# where `make upload-model` stages each adapter dataset; staging reads their train_config.json
+MODELS_DIR = ROOT / "build/kaggle/models"
 DATASET_METADATA = "dataset-metadata.json"
 # the pins file the notebooks' bootstrap cell searches for under /kaggle/input
 WHEELS_PINS = "kaggle_utils-wheels.txt"
@@ -244,17 +248,20 @@ def kernel_dirs(root: Path = ROOT, kernel: str | None = None) -> list[Path]:
 # -------------------------------------------------------------------------------------------------- staging
 
 
-def stage_kernel(meta_dir: Path, notebooks_dir: Path, owner: str, out_dir: Path) -> Path:
-    """``out_dir/<slug>/`` holding the filled-in metadata and the built notebook, validated; returns it."""
+def stage_kernel(meta_dir: Path, notebooks_dir: Path, owner: str, out_dir: Path, models_dir: Path = MODELS_DIR) -> Path:
+    """``out_dir/<slug>/`` holding the filled-in metadata and the built notebook with its Kaggle recipes injected
+    (:mod:`kaggle_utils.kaggle.staging`), validated; returns it. ``models_dir`` holds the uploaded adapters'
+    training configs that an inference notebook's recipe is checked against."""
     meta = load_kernel_metadata(meta_dir / KERNEL_METADATA, owner)
     built = notebooks_dir / meta["code_file"]
     if not built.is_file():
         raise MetadataError(f"{built} not found: build it with `make notebooks` (from notebooks/{built.stem}.py)")
     check_notebook(built)
+    notebook = staging.stage_notebook(json.loads(built.read_text()), built.stem, meta, models_dir)
     staged = out_dir / meta_dir.name
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    shutil.copy2(built, staged / meta["code_file"])
+    (staged / meta["code_file"]).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
     (staged / KERNEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     _raise_if(kernel_problems(meta, staged), staged / KERNEL_METADATA)
     return staged
@@ -306,13 +313,14 @@ def push_kernels(
     stage_dir: Path = ROOT / "build/kaggle/kernels",
     root: Path = ROOT,
     kaggle: str | None = None,
+    models_dir: Path = MODELS_DIR,
 ) -> dict[str, int | None]:
     """Stage and validate every selected kernel first (nothing is pushed if one is wrong), then push each.
 
     Returns the version number Kaggle gave each kernel id (None if the CLI did not print one).
     """
     credential_source()
-    staged = [stage_kernel(d, notebooks_dir, owner, stage_dir) for d in kernel_dirs(root, kernel)]
+    staged = [stage_kernel(d, notebooks_dir, owner, stage_dir, models_dir) for d in kernel_dirs(root, kernel)]
     versions = {}
     for folder in staged:
         output = run_kaggle(["kernels", "push", "-p", str(folder)], kaggle)
@@ -441,6 +449,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--kernel", default="", help="one kernel (slug or notebook name); empty: all")
         cmd.add_argument("--notebooks-dir", type=Path, default=ROOT / "build/notebooks", help="built .ipynb files")
         cmd.add_argument("--stage-dir", type=Path, default=ROOT / "build/kaggle/kernels", help="staging folder")
+        cmd.add_argument(
+            "--models-dir", type=Path, default=MODELS_DIR, help="staged adapter datasets (make upload-model)"
+        )
     cmd = sub.add_parser("dataset", help="stage kaggle_utils/ and publish it as a dataset version")
     cmd.add_argument("--message", "-m", default="kaggle_utils update", help="version notes")
     cmd.add_argument("--stage-dir", type=Path, default=ROOT / "build/kaggle/dataset", help="staging folder")
@@ -482,10 +493,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner = resolve_owner(args.owner)
         if args.command == "validate":
             for d in kernel_dirs(ROOT, args.kernel or None):
-                print("ok:", stage_kernel(d, args.notebooks_dir, owner, args.stage_dir))
+                print("ok:", stage_kernel(d, args.notebooks_dir, owner, args.stage_dir, args.models_dir))
         elif args.command == "push":
             for ref, version in push_kernels(
-                owner, args.kernel or None, args.notebooks_dir, args.stage_dir, kaggle=args.kaggle
+                owner,
+                args.kernel or None,
+                args.notebooks_dir,
+                args.stage_dir,
+                kaggle=args.kaggle,
+                models_dir=args.models_dir,
             ).items():
                 print(f"pushed {ref} version {version}")
         elif args.command == "dataset":
@@ -501,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_kaggle(["kernels", "status", ref], args.kaggle)
                 else:
                     run_kaggle(["kernels", "output", ref, "-p", str(args.dest / ref.split("/")[1]), "-o"], args.kaggle)
-    except (MetadataError, CredentialsError, KaggleCommandError) as err:
+    except (MetadataError, staging.StagingError, CredentialsError, KaggleCommandError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

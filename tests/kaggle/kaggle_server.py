@@ -3,27 +3,41 @@
 The CLI sends every call as ``POST /api/v1/<service>/<Method>`` with a JSON body. With
 ``KAGGLE_API_ENVIRONMENT=LOCALHOST`` it targets ``http://localhost``; ``HTTP_PROXY`` pointing at this server
 routes those requests here whatever port it listens on (the proxy request line carries the absolute URL).
-Blob uploads are a ``PUT`` to the ``createUrl`` this server hands out from ``StartBlobUpload``.
 
-Every request is recorded (verb, path, JSON body, raw bytes); replies are canned per RPC method name
-and can be overridden by a test, e.g. ``server.replies["SaveKernel"] = {"error": "..."}``.
+* Uploads: ``StartBlobUpload`` hands out one ``createUrl`` and token per file (numbered from 1); the file is then
+  a ``PUT`` to that URL. :meth:`FakeKaggle.uploads` pairs each uploaded file's name with its bytes.
+* Downloads: ``competitions.CompetitionApiService/DownloadDataFiles`` and
+  ``datasets.DatasetApiService/DownloadDataset`` answer the way Kaggle does, with a redirect to a signed storage
+  URL; here that is a ``GET`` of a file this server holds in ``files`` (:meth:`FakeKaggle.serve_zip`).
+
+Every request is recorded (verb, path, JSON body, raw bytes); replies are canned per RPC method name and can be
+overridden by a test, e.g. ``server.replies["SaveKernel"] = {"error": "..."}``. A reply is a dict (200 with that
+JSON), an int or an :class:`Error` (that HTTP status with Kaggle's ``{"code", "message"}`` body), or a
+:class:`Redirect`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+# Fake credentials the fixtures put in the environment: the key must never show up in anything a tool prints.
+OWNER = "testuser"
+FAKE_KEY = "not-a-real-key"
 
 
 @dataclass
 class Recorded:
     verb: str
     path: str
-    # the parsed JSON body of an RPC; None for an upload
+    # the parsed JSON body of an RPC; None for an upload or a file download
     body: Any
     # the raw bytes received (an upload's file content)
     data: bytes
@@ -34,17 +48,52 @@ class Recorded:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
+@dataclass(frozen=True)
+class Error:
+    """An HTTP error with the JSON body Kaggle sends, e.g. ``Error(404, "not found")``."""
+
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """``302 Found`` to ``http://localhost<path>``: how Kaggle hands out a download (a signed storage URL)."""
+
+    path: str
+
+
+# What kaggle.com answers a competition download by an account that has not accepted the rules: HTTP 403 with
+# this body (quoted in openai/mle-bench issue #29, 2025). kagglesdk turns any JSON body with "code" >= 400 into an
+# HTTPError carrying "message"; the CLI prints it, adds its 403 hint, and exits 1.
+RULES_NOT_ACCEPTED = Error(403, "You must accept this competition's rules before you'll be able to download files.")
+
+
 def default_replies() -> dict[str, Any]:
-    """What a healthy Kaggle answers; a status code instead of a dict answers an HTTP error with that code."""
+    """What a healthy Kaggle answers; a status code instead of a dict answers an HTTP error with that code.
+
+    Downloads answer 404 until a test serves a file (:meth:`FakeKaggle.serve_zip`).
+    """
     return {
         "SaveKernel": {"ref": "/code/owner/slug", "url": "http://localhost/code/owner/slug", "versionNumber": 7},
-        "StartBlobUpload": {"token": "blob-token-1", "createUrl": "http://localhost/upload/blob-1"},
         "CreateDatasetVersion": {"status": "ok", "url": "http://localhost/datasets/owner/slug", "ref": "owner/slug"},
         "CreateDataset": {"status": "ok", "url": "http://localhost/datasets/owner/slug", "ref": "owner/slug"},
         "GetDatasetStatus": 404,
+        "GetDatasetMetadata": {"info": {"licenses": [{"name": "CC0-1.0"}]}},
+        "DownloadDataFiles": 404,
+        "DownloadDataset": 404,
         "GetKernelSessionStatus": {"status": "COMPLETE"},
         "CreateCodeSubmission": {"message": "Submission successful", "ref": 1},
     }
+
+
+def zip_bytes(members: Mapping[str, bytes]) -> bytes:
+    """A zip archive holding ``members`` (name → content), as Kaggle serves a competition's or dataset's files."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
 
 
 @dataclass
@@ -53,18 +102,25 @@ class FakeKaggle:
 
     replies: dict[str, Any] = field(default_factory=default_replies)
     requests: list[Recorded] = field(default_factory=list)
+    # what GET serves, by path (the targets of Redirect replies)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def __enter__(self) -> FakeKaggle:
         fake = self
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
-            def _reply(self, code: int, payload: Any = None) -> None:
-                data = json.dumps(payload if payload is not None else {}).encode()
+            def _send(self, code: int, data: bytes, kind: str, headers: Mapping[str, str] | None = None) -> None:
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _reply(self, code: int, payload: Any = None) -> None:
+                self._send(code, json.dumps(payload if payload is not None else {}).encode(), "application/json")
 
             def _read(self) -> bytes:
                 # uploads stream without Content-Length (chunked) when the body is a file reader
@@ -83,24 +139,44 @@ class FakeKaggle:
                 path = urlsplit(self.path).path
                 raw = self._read()
                 rec = Recorded("POST", path, json.loads(raw or b"{}"), raw)
-                fake.requests.append(rec)
-                reply = fake.replies.get(rec.method, {})
+                with lock:
+                    fake.requests.append(rec)
+                    if rec.method == "StartBlobUpload" and rec.method not in fake.replies:
+                        n = len(fake.calls("StartBlobUpload"))
+                        reply: Any = {"token": f"blob-token-{n}", "createUrl": f"http://localhost/upload/blob-{n}"}
+                    else:
+                        reply = fake.replies.get(rec.method, {})
                 if isinstance(reply, int):
                     why = "not found" if reply == 404 else "internal error"
-                    self._reply(reply, {"code": reply, "message": f"{rec.method}: {why}"})
+                    reply = Error(reply, f"{rec.method}: {why}")
+                if isinstance(reply, Error):
+                    self._reply(reply.code, {"code": reply.code, "message": reply.message})
+                elif isinstance(reply, Redirect):
+                    self._send(302, b"", "text/plain", {"Location": f"http://localhost{reply.path}"})
                 else:
                     self._reply(200, reply)
 
+            def do_GET(self) -> None:  # noqa: N802
+                path = urlsplit(self.path).path
+                with lock:
+                    fake.requests.append(Recorded("GET", path, None, b""))
+                if path in fake.files:
+                    self._send(200, fake.files[path], "application/zip")
+                else:
+                    self._reply(404, {"code": 404, "message": f"no file {path}"})
+
             def do_PUT(self) -> None:  # noqa: N802
                 raw = self._read()
-                fake.requests.append(Recorded("PUT", urlsplit(self.path).path, None, raw))
+                with lock:
+                    fake.requests.append(Recorded("PUT", urlsplit(self.path).path, None, raw))
                 self._reply(200, {})
 
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll interval: shutdown() waits for one, at the end of every test
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
         return self
 
@@ -114,3 +190,16 @@ class FakeKaggle:
 
     def calls(self, method: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method]
+
+    def serve_zip(self, method: str, name: str, members: Mapping[str, bytes]) -> bytes:
+        """Answer the download RPC ``method`` with a redirect to ``/files/<name>``, a zip of ``members``."""
+        data = zip_bytes(members)
+        self.files[f"/files/{name}"] = data
+        self.replies[method] = Redirect(f"/files/{name}")
+        return data
+
+    def uploads(self) -> dict[str, bytes]:
+        """Each uploaded file's name (as given to ``StartBlobUpload``) → the bytes PUT to its upload URL."""
+        put = {r.path: r.data for r in self.requests if r.verb == "PUT"}
+        starts = self.calls("StartBlobUpload")
+        return {r.body["name"]: put[f"/upload/blob-{n}"] for n, r in enumerate(starts, 1) if f"/upload/blob-{n}" in put}

@@ -58,3 +58,23 @@ def test_locate_prefers_an_existing_path_then_searches_on_kaggle_only(kaggle_inp
     assert env.locate("demo/models/absent", on_kaggle, find) == kaggle_input / "gemma-2/transformers/9b/2"
     with pytest.raises(FileNotFoundError, match="make demo"):
         env.locate("demo/models/absent", local, find)
+
+
+def test_recipe_paths_are_found_wherever_kaggle_mounts_the_input(kaggle_input, tmp_path):
+    """Kaggle recipes name /kaggle/input/<slug>/...; the slug finds the input under another mount root."""
+    on_kaggle = env.Environment("kaggle-batch", kaggle_input, tmp_path)
+    assert env.input_slug("/kaggle/input/qwen2.5/transformers/14b/1") == "qwen2.5"
+    assert env.input_slug("demo/models/qwen2-tiny") is None
+    model = env.locate_model("/kaggle/input/qwen2.5/transformers/14b/1", on_kaggle)
+    assert model == kaggle_input / "qwen2.5/transformers/14b/1"
+    assert env.locate_adapter("/kaggle/input/my-adapters", on_kaggle) == kaggle_input / "my-adapters/qwen/adapter"
+    train = env.locate_file("/kaggle/input/wsdm-arena-01-data-prep/prepared/train.parquet", on_kaggle)
+    assert train == kaggle_input / "wsdm-arena-01-data-prep/prepared/train.parquet"
+    # the slug decides: the competition's train.parquet is not taken for the prepared one
+    with pytest.raises(FileNotFoundError, match="wsdm-arena-02"):
+        env.locate_file("/kaggle/input/wsdm-arena-02-pseudo-label/pseudo.parquet", on_kaggle)
+
+
+def test_an_empty_optional_model_or_adapter_stays_none(tmp_path):
+    on_kaggle = env.Environment("kaggle-batch", tmp_path, tmp_path)
+    assert env.locate_model("", on_kaggle) is None and env.locate_adapter(None, on_kaggle) is None

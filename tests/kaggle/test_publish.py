@@ -22,7 +22,6 @@ from pathlib import Path
 
 import jupytext
 import pytest
-from kaggle_server import FakeKaggle
 
 from kaggle_utils.kaggle import publish as kc
 
@@ -48,33 +47,6 @@ def _meta(kernel_dir: Path) -> dict:
     return kc.load_kernel_metadata(kernel_dir / kc.KERNEL_METADATA, OWNER)
 
 
-@pytest.fixture
-def creds(tmp_path, monkeypatch) -> Path:
-    """Fake credentials in the environment and a HOME of their own (no real kaggle.json can be read)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    monkeypatch.setenv("KAGGLE_USERNAME", OWNER)
-    monkeypatch.setenv("KAGGLE_KEY", FAKE_KEY)
-    return home
-
-
-@pytest.fixture
-def kaggle(creds, monkeypatch):
-    """The fake api.kaggle.com; the real CLI reaches it through HTTP_PROXY."""
-    with FakeKaggle() as server:
-        monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "LOCALHOST")
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, server.proxy)
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.setenv(name, "")
-        yield server
-
-
 @pytest.fixture(scope="module")
 def built_notebooks(tmp_path_factory) -> Path:
     """The .ipynb files as `make notebooks` builds them (jupytext, with kernelspec, no outputs)."""
@@ -97,7 +69,7 @@ def test_one_kernel_per_notebook():
 
 
 @pytest.mark.parametrize("kernel_dir", KERNEL_DIRS, ids=lambda p: p.name)
-def test_kernel_metadata_is_valid_and_points_at_a_notebook(kernel_dir, built_notebooks, tmp_path):
+def test_kernel_metadata_is_valid_and_points_at_a_notebook(kernel_dir, built_notebooks, tmp_path, models_dir):
     meta = _meta(kernel_dir)  # raises MetadataError listing every broken rule
     assert (ROOT / "notebooks" / Path(meta["code_file"]).with_suffix(".py").name).is_file()
     assert meta["id"] == f"{OWNER}/{kernel_dir.name}" and kc.slugify(meta["title"]) == kernel_dir.name
@@ -106,13 +78,13 @@ def test_kernel_metadata_is_valid_and_points_at_a_notebook(kernel_dir, built_not
     # competition rules: offline, its data, T4 x2
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4"
     assert meta["competition_sources"] == [kc.COMPETITION] and meta["kernel_type"] == "notebook"
-    # every dataset and kernel it reads exists in this repository's definitions
+    # every kernel reads the package and the wheels; the others it reads are models uploaded by make upload-model
     utils = kc.fill_owner(json.loads((ROOT / kc.DATASET_METADATA).read_text())["id"], OWNER)
-    assert meta["dataset_sources"] == [utils, kc.fill_owner(kc.WHEELS_DATASET["id"], OWNER)]
+    assert meta["dataset_sources"][:2] == [utils, kc.fill_owner(kc.WHEELS_DATASET["id"], OWNER)]
     kernel_ids = {_meta(d)["id"] for d in KERNEL_DIRS}
     assert set(meta["kernel_sources"]) <= kernel_ids - {meta["id"]}
     # staged: the built notebook next to its metadata, and the stage passes the same rules
-    staged = kc.stage_kernel(kernel_dir, built_notebooks, OWNER, tmp_path)
+    staged = kc.stage_kernel(kernel_dir, built_notebooks, OWNER, tmp_path, models_dir)
     assert sorted(p.name for p in staged.iterdir()) == sorted([kc.KERNEL_METADATA, meta["code_file"]])
     assert kc.kernel_problems(json.loads((staged / kc.KERNEL_METADATA).read_text()), staged) == []
 
@@ -184,8 +156,8 @@ def test_dataset_metadata_is_valid_and_staging_holds_only_the_package(tmp_path):
 # ------------------------------------------------------------------------------- end to end, real kaggle CLI
 
 
-def test_make_push_sends_every_kernel_as_defined(kaggle):
-    proc = _make("push", f"KAGGLE_USERNAME={OWNER}")
+def test_make_push_sends_every_kernel_as_defined(kaggle, models_dir):
+    proc = _make("push", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     saves = {r.body["slug"]: r.body for r in kaggle.calls("SaveKernel")}
     assert sorted(saves) == sorted(f"{OWNER}/{d.name}" for d in KERNEL_DIRS)
@@ -207,9 +179,9 @@ def test_make_push_sends_every_kernel_as_defined(kaggle):
     assert FAKE_KEY not in proc.stdout + proc.stderr
 
 
-def test_a_push_error_in_the_response_fails_make_push(kaggle):
+def test_a_push_error_in_the_response_fails_make_push(kaggle, models_dir):
     kaggle.replies["SaveKernel"] = {"error": "Notebook exceeds the session limit"}
-    proc = _make("push", "KERNEL=04_inference", f"KAGGLE_USERNAME={OWNER}")
+    proc = _make("push", "KERNEL=04_inference", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
     assert proc.returncode != 0
     assert "Kernel push error: Notebook exceeds the session limit" in proc.stderr
     assert [r.body["slug"] for r in kaggle.calls("SaveKernel")] == [f"{OWNER}/wsdm-arena-04-inference"]

@@ -1,0 +1,148 @@
+"""Recipes: every file loads into its stage's dataclass; a broken key fails naming the file and the key; a variant
+overrides only what it writes; the command line takes ``--recipe`` and flags over it; profiles name real recipes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+
+from kaggle_utils.config import recipes
+from kaggle_utils.kaggle.staging import STAGE_CONFIGS
+from kaggle_utils.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE_FILES = sorted(p for p in recipes.RECIPES_DIR.glob("*.toml") if p != recipes.PROFILES_FILE)
+
+
+def config_class(stage: str) -> type:
+    if stage == "data":  # the download stage lives in the kaggle layer, outside the notebooks' stages
+        from kaggle_utils.kaggle.download import DownloadConfig
+
+        return DownloadConfig
+    return STAGE_CONFIGS[stage]
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_every_recipe_loads_into_its_stage_config(path):
+    recipe = recipes.read(path)
+    cfg = recipes.load(path.stem, config_class(recipe.stage))
+    assert type(cfg).STAGE == recipe.stage
+    # the header says what it is for; every field it sets reaches the config
+    assert path.read_text().startswith("#") and recipe.summary
+    for key, value in recipe.values.items():
+        got = getattr(cfg, key)
+        assert (str(got) if isinstance(got, Path) else got) == value or (value == "" and got is None), key
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_an_unknown_key_names_the_file_the_key_and_the_closest_field(tmp_path):
+    bad = write(tmp_path, "bad", 'stage = "train"\nextends = "demo-teacher"\n[optim]\nlrr = 1e-3\n')
+    with pytest.raises(recipes.RecipeError, match=r"bad\.toml: unknown key 'lrr' \(did you mean 'lr'\?\)"):
+        recipes.load(bad, TrainConfig)
+
+
+def test_a_value_of_the_wrong_type_names_the_file_and_the_key(tmp_path):
+    bad = write(tmp_path, "typo", 'stage = "train"\nextends = "demo-teacher"\nmax_length = "2500"\n')
+    with pytest.raises(recipes.RecipeError, match=r"typo\.toml: key 'max_length' = '2500' should be int"):
+        recipes.load(bad, TrainConfig)
+    flag = write(tmp_path, "flag", 'stage = "train"\nextends = "demo-teacher"\nload_in_4bit = "yes"\n')
+    with pytest.raises(recipes.RecipeError, match="'load_in_4bit' = 'yes' should be bool"):
+        recipes.load(flag, TrainConfig)
+
+
+def test_a_broken_key_in_a_base_is_reported_in_the_base_file(tmp_path):
+    write(tmp_path, "base", 'stage = "train"\nmodel_path = "m"\nbatch_tokenz = 4096\n')
+    child = write(tmp_path, "child", 'extends = "base"\nlr = 1e-3\n')
+    with pytest.raises(recipes.RecipeError, match=r"base\.toml: unknown key 'batch_tokenz'"):
+        recipes.load(child, TrainConfig)
+
+
+def test_a_variant_overrides_only_what_it_writes():
+    base, variant = recipes.read("demo-student-qwen2"), recipes.read("demo-student-gemma2")
+    changed = {k for k in variant.values if variant.values[k] != base.values.get(k)}
+    assert changed == {"model_path", "out_dir"}
+    assert [p.stem for p in variant.chain] == [
+        "train-base",
+        "demo-teacher",
+        "demo-student-qwen2",
+        "demo-student-gemma2",
+    ]
+    real = recipes.load("student-gemma2-9b", TrainConfig)
+    assert (real.max_length, real.loss, real.lora_r, real.load_in_4bit) == (2500, "mixed", 16, True)
+
+
+def test_extends_loops_stage_mismatches_and_double_keys_are_errors(tmp_path):
+    write(tmp_path, "a", 'stage = "train"\nextends = "b"\n')
+    write(tmp_path, "b", 'stage = "train"\nextends = "a"\n')
+    with pytest.raises(recipes.RecipeError, match="loops back"):
+        recipes.read(tmp_path / "a.toml")
+    other = write(tmp_path, "other", 'stage = "infer"\nextends = "demo-teacher"\n')
+    with pytest.raises(recipes.RecipeError, match="stage 'infer' differs"):
+        recipes.read(other)
+    twice = write(tmp_path, "twice", 'stage = "train"\nlr = 1.0\n[optim]\nlr = 2.0\n')
+    with pytest.raises(recipes.RecipeError, match="'lr' is set twice"):
+        recipes.read(twice)
+    with pytest.raises(recipes.RecipeError, match="not 'infer'"):
+        recipes.load("demo-teacher", STAGE_CONFIGS["infer"])
+    with pytest.raises(recipes.RecipeError, match="no recipe 'nope'"):
+        recipes.read("nope")
+
+
+def test_overrides_are_checked_like_recipe_keys():
+    cfg = recipes.load("demo-teacher", TrainConfig, {"lr": 0.5, "out_dir": "elsewhere"})
+    assert cfg.lr == 0.5 and cfg.out_dir == Path("elsewhere")
+    with pytest.raises(recipes.RecipeError, match="overrides of recipe demo-teacher: unknown key 'epoch'"):
+        recipes.load("demo-teacher", TrainConfig, {"epoch": 2})
+
+
+def run_cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_command_line_takes_a_recipe_and_flags_over_it():
+    from kaggle_utils.config.cli import parse_config
+
+    cfg = parse_config(TrainConfig, ["--recipe", "student-qwen2.5-14b", "--lr", "3e-5"])
+    assert (cfg.max_length, cfg.lr, cfg.loss) == (2500, 3e-5, "mixed")
+    assert parse_config(TrainConfig, ["--lr", "3e-5"]).max_length == TrainConfig().max_length
+    for stage in ("prepare", "train", "pseudo_label", "infer"):
+        text = run_cli(f"kaggle_utils.{stage}", "--help")
+        listed = re.findall(r"^  (\S+) ", text.split("recipes for this stage")[1], flags=re.M)
+        assert listed == [r.name for r in recipes.available(stage)] and listed, stage
+
+
+def test_profiles_name_existing_recipes_of_the_right_stage():
+    roles = {"prepare": "prepare", "teacher": "train", "pseudo_label": "pseudo_label", "primary": "train"}
+    roles |= {"secondary": "train", "infer": "infer"}
+    for profile in ("demo", "kaggle"):
+        for notebook, table in recipes.profile(profile).items():
+            assert (ROOT / "notebooks" / f"{notebook}.py").is_file(), notebook
+            for role, name in table.items():
+                assert not name or recipes.read(name).stage == roles[role], (profile, notebook, role)
+    for stage, names in recipes.profile("shell").items():
+        assert all(recipes.read(n) for n in names), stage
+
+
+@pytest.mark.parametrize("notebook", sorted(recipes.profile("demo")), ids=str)
+def test_notebook_defaults_are_the_demo_profile(notebook):
+    """The parameters cell holds ``<role>_recipe`` / ``<role>_overrides`` for exactly the profile's roles."""
+    nb = jupytext.read(ROOT / "notebooks" / f"{notebook}.py")
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    params: dict = {}
+    exec(cell.source, params)
+    roles = recipes.profile("demo")[notebook]
+    assert {k: v for k, v in params.items() if k.endswith("_recipe")} == {f"{r}_recipe": n for r, n in roles.items()}
+    assert {k for k in params if k.endswith("_overrides")} == {f"{r}_overrides" for r in roles}
+    assert set(recipes.profile("kaggle")[notebook]) == set(roles)
