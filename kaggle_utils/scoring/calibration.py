@@ -1,0 +1,490 @@
+"""Calibration fitted on validation predictions: a temperature per model, a blend weight, swap-TTA.
+
+Everything works on the logit margin ``z = log(p_a / p_b)`` of a row (positive: A preferred):
+
+* **temperature scaling**: ``p_a = sigmoid(z / T)``, with ``T > 0`` fitted to minimise log loss on the model's
+  ``val_predictions.parquet`` (written by the train stage); saved as ``calibration.json`` beside the adapter;
+* **blend**: two calibrated margins mixed in logit space, ``z = (1 - w) * z1 / T1 + w * z2 / T2``, with ``w`` in
+  [0, 1] fitted on the validation rows both models scored; saved as ``blend.json``;
+* **swap-TTA**: a row's calibrated margin averaged with the negated calibrated margin of its A/B-swapped view.
+
+Temperature scaling divides every margin by the same positive number, so it never changes which response a row
+predicts: accuracy is fixed, only log loss moves. Numpy and pandas only, so inference can import it cheaply.
+
+Run from a shell::
+
+    python -m kaggle_utils.scoring.calibration --val-predictions out/val_predictions.parquet \\
+        --out out/adapter/calibration.json \\
+        [--secondary-val-predictions out2/val_predictions.parquet --blend-out out/blend.json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kaggle_utils.config.cli import parse_config
+from kaggle_utils.data import schema
+from kaggle_utils.scoring.metrics import evaluate
+
+# Probabilities are clipped to [EPS, 1] before the log, so p = 0 or 1 gives a finite margin (|z| <= 16.1);
+# the same floor as metrics.log_loss.
+EPS = 1e-7
+# Fewer usable rows than this: no fit, T = 1 (a 1-parameter fit on a handful of rows mostly fits their noise).
+MIN_ROWS = 100
+# T is searched in [T_MIN, T_MAX]. On separable rows (every prediction right) log loss keeps falling as T -> 0,
+# and on noise it keeps falling as T -> inf; the bracket keeps T finite and the reason says when it binds.
+T_MIN, T_MAX = 0.05, 20.0
+# Blend weight used when there are too few rows to fit one: infer's former fixed weight.
+DEFAULT_WEIGHT = 0.5
+# Golden-section stops when the bracket is this narrow (in log T, or in w).
+TOL = 1e-7
+# Columns a val_predictions.parquet must have (written by kaggle_utils.train).
+VAL_COLUMNS = ("id", "p_a", "p_b", "winner")
+
+
+class CalibrationFileError(ValueError):
+    """A calibration.json / blend.json / val_predictions file is malformed; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- margins and losses
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """Logit margin ``log(p_a / p_b)`` per row, shape (N,), from probabilities (N, 2); NaN rows stay NaN."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0)  # (N, 2); 0 and 1 give a finite margin
+    return np.log(p[:, 0]) - np.log(p[:, 1])
+
+
+def probs_from_margin(z: np.ndarray) -> np.ndarray:
+    """Probabilities (N, 2) from margins (N,): ``[sigmoid(z), sigmoid(-z)]``, stable for large |z|."""
+    z = np.asarray(z, dtype=np.float64)
+    p_a = np.exp(-np.logaddexp(0.0, -z))  # sigmoid(z) without overflow
+    p_b = np.exp(-np.logaddexp(0.0, z))
+    return np.stack([p_a, p_b], axis=1)  # (N, 2)
+
+
+def margin_log_loss(z: np.ndarray, labels: np.ndarray) -> float:
+    """Mean log loss of margins (N,) against labels (N,) (0 = A wins): ``softplus(-s*z)``, s = +1 for A, -1 for B.
+
+    The fitting objective: exact (no clip), smooth and convex in ``1/T`` and in ``w``, so a 1-D search is safe.
+    """
+    sign = 1.0 - 2.0 * np.asarray(labels, dtype=np.float64)  # (N,) +1 when A won, -1 when B won
+    return float(np.logaddexp(0.0, -sign * z).mean())
+
+
+def _metrics(z: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The project's metrics (metrics.evaluate: accuracy, clipped log loss) of margins (N,)."""
+    out = evaluate(probs_from_margin(z), labels)
+    return {"accuracy": out["accuracy"], "log_loss": out["log_loss"]}
+
+
+def golden_section(f: Callable[[float], float], lo: float, hi: float, tol: float = TOL) -> float:
+    """Minimiser of a unimodal ``f`` on [lo, hi]; the endpoints are compared too, so a bound can win exactly."""
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...: each step keeps this share of the bracket
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    candidates = [(fc, c), (fd, d), (f(lo), lo), (f(hi), hi)]
+    return min(candidates)[1]
+
+
+def _usable(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rows (N,) bool with both probabilities finite; labels must already be 0/1."""
+    return np.isfinite(np.asarray(probs, dtype=np.float64)).all(1) & np.isin(labels, (0, 1))
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _save_json(record, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    return path
+
+
+def _read_json(cls, path: Path) -> dict:
+    """The JSON object in ``path`` checked against the fields of ``cls``; errors name the file and the fix."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationFileError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise CalibrationFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CalibrationFileError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    return data
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model's temperature, fitted on its validation predictions; saved as ``calibration.json``."""
+
+    # divide the margin log(p_a/p_b) by this; 1.0 is the identity
+    temperature: float = 1.0
+    # validation rows the fit used (finite probabilities and a known winner)
+    rows: int = 0
+    # rows left out because p_a or p_b was NaN or infinite
+    nan_rows: int = 0
+    # log loss on the rows used, before and after scaling (metrics.log_loss); None when no fit ran
+    log_loss_before: float | None = None
+    # log loss after dividing the margins by ``temperature``
+    log_loss_after: float | None = None
+    # accuracy on the rows used: temperature scaling cannot change it, so one figure serves before and after
+    accuracy: float | None = None
+    # how the temperature was reached: fitted, fitted but held at a bracket bound, or why it is 1
+    reason: str = "identity"
+    # the validation file it was fitted on, for the record
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+
+    @classmethod
+    def identity(cls, reason: str) -> Calibration:
+        return cls(temperature=1.0, reason=reason)
+
+    def scaled_margin(self, probs: np.ndarray) -> np.ndarray:
+        """Calibrated margins (N,) of probabilities (N, 2)."""
+        return margin(probs) / self.temperature
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, 2); the argmax of every row is kept."""
+        return probs_from_margin(self.scaled_margin(probs))
+
+    def save(self, path: Path | str) -> Path:
+        return _save_json(self, path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Calibration:
+        """Read ``calibration.json``; a missing file is the identity (with the reason), a malformed one an error."""
+        path = Path(path)
+        if not path.exists():
+            return cls.identity(f"no calibration file at {path}: identity (T = 1)")
+        data = _read_json(cls, path)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise CalibrationFileError(f"{path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Weight of the secondary model in logit space, ``z = (1-w)*z1/T1 + w*z2/T2``; saved as ``blend.json``."""
+
+    # weight of the secondary's calibrated margin, in [0, 1]
+    weight: float = DEFAULT_WEIGHT
+    # temperature of the primary (T1) that the weight was fitted with
+    primary_temperature: float = 1.0
+    # temperature of the secondary (T2) that the weight was fitted with
+    secondary_temperature: float = 1.0
+    # validation rows both models scored (joined on id), on which the weight was fitted
+    rows: int = 0
+    # accuracy and log loss on those rows: primary, secondary (raw and calibrated) and the blend
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # how the weight was reached: fitted, or why it is the default
+    reason: str = "default weight"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"weight={self.weight} must be in [0, 1]")
+        for name in ("primary_temperature", "secondary_temperature"):
+            t = getattr(self, name)
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f"{name}={t} must be a finite number > 0")
+
+    def combine(self, primary_probs: np.ndarray, secondary_probs: np.ndarray) -> np.ndarray:
+        """Blended probabilities (N, 2) of two models' probabilities (N, 2) on the same rows."""
+        z1 = margin(primary_probs) / self.primary_temperature  # (N,)
+        z2 = margin(secondary_probs) / self.secondary_temperature  # (N,)
+        return probs_from_margin(blend_margins(z1, z2, self.weight))
+
+    def save(self, path: Path | str) -> Path:
+        return _save_json(self, path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Blend:
+        """Read ``blend.json``; a missing file is the default weight (with the reason), a malformed one an error."""
+        path = Path(path)
+        if not path.exists():
+            return cls(reason=f"no blend file at {path}: default weight {DEFAULT_WEIGHT}, temperatures 1")
+        data = _read_json(cls, path)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise CalibrationFileError(f"{path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, min_rows: int = MIN_ROWS, source: str = "") -> Calibration:
+    """Temperature minimising log loss of ``softmax(z / T)``; probs (N, 2), labels (N,) with 0 = A wins.
+
+    Golden-section search on ``log T`` over [T_MIN, T_MAX]: the loss is convex in ``1/T``, hence unimodal in
+    ``log T``. Non-finite rows are dropped and counted; with fewer than ``min_rows`` usable rows T stays 1.
+    """
+    labels = np.asarray(labels)
+    ok = _usable(probs, labels)  # (N,)
+    nan_rows = int((~np.isfinite(np.asarray(probs, dtype=np.float64)).all(1)).sum())
+    rows = int(ok.sum())
+    if rows < min_rows:
+        reason = f"only {rows} usable rows (< min_rows={min_rows}): too few to fit, identity (T = 1)"
+        return Calibration(rows=rows, nan_rows=nan_rows, reason=reason, source=source)
+    z, y = margin(np.asarray(probs)[ok]), labels[ok]  # (R,), (R,)
+    log_t = golden_section(lambda x: margin_log_loss(z * math.exp(-x), y), math.log(T_MIN), math.log(T_MAX))
+    t = math.exp(log_t)
+    reason = "fitted"
+    if log_t <= math.log(T_MIN) + 1e-3:
+        reason = f"held at the lower bound T_MIN={T_MIN}: the rows are (nearly) separable, loss falls as T -> 0"
+    elif log_t >= math.log(T_MAX) - 1e-3:
+        reason = f"held at the upper bound T_MAX={T_MAX}: the margins carry (almost) no signal, loss falls as T -> inf"
+    before, after = _metrics(z, y), _metrics(z / t, y)
+    return Calibration(
+        temperature=t,
+        rows=rows,
+        nan_rows=nan_rows,
+        log_loss_before=before["log_loss"],
+        log_loss_after=after["log_loss"],
+        accuracy=after["accuracy"],
+        reason=reason,
+        source=source,
+    )
+
+
+def blend_margins(z1: np.ndarray, z2: np.ndarray, weight: float) -> np.ndarray:
+    """Logit-space blend of two calibrated margins (N,): ``(1 - w) * z1 + w * z2``."""
+    return (1.0 - weight) * z1 + weight * z2
+
+
+def fit_blend(
+    primary_probs: np.ndarray,
+    secondary_probs: np.ndarray,
+    labels: np.ndarray,
+    primary: Calibration,
+    secondary: Calibration,
+    min_rows: int = MIN_ROWS,
+) -> Blend:
+    """Weight ``w`` in [0, 1] minimising log loss of the blended calibrated margins on rows both models scored.
+
+    probs (N, 2) each, labels (N,). The loss is convex in ``w`` and both ends are compared, so the blend's log
+    loss on these rows is never above the better calibrated model's.
+    """
+    labels = np.asarray(labels)
+    ok = _usable(primary_probs, labels) & _usable(secondary_probs, labels)  # (N,)
+    y = labels[ok]
+    z1, z2 = margin(np.asarray(primary_probs)[ok]), margin(np.asarray(secondary_probs)[ok])  # (R,) raw margins
+    c1, c2 = z1 / primary.temperature, z2 / secondary.temperature  # (R,) calibrated
+    temps = {"primary_temperature": primary.temperature, "secondary_temperature": secondary.temperature}
+    if len(y) < min_rows:
+        reason = f"only {len(y)} rows both scored (< min_rows={min_rows}): default weight {DEFAULT_WEIGHT}"
+        return Blend(weight=DEFAULT_WEIGHT, rows=len(y), reason=reason, **temps)
+    w = golden_section(lambda v: margin_log_loss(blend_margins(c1, c2, v), y), 0.0, 1.0)
+    p1, p2 = np.asarray(primary_probs, dtype=np.float64)[ok], np.asarray(secondary_probs, dtype=np.float64)[ok]
+    fixed = evaluate((1 - DEFAULT_WEIGHT) * p1 + DEFAULT_WEIGHT * p2, y)  # what infer did before: a fixed average
+    metrics = {
+        "fixed_average": {"accuracy": fixed["accuracy"], "log_loss": fixed["log_loss"]},
+        "primary": _metrics(z1, y),
+        "secondary": _metrics(z2, y),
+        "primary_calibrated": _metrics(c1, y),
+        "secondary_calibrated": _metrics(c2, y),
+        "blend": _metrics(blend_margins(c1, c2, w), y),
+    }
+    return Blend(weight=w, rows=len(y), metrics=metrics, reason="fitted", **temps)
+
+
+def swap_tta_margin(z: np.ndarray, z_swapped: np.ndarray) -> np.ndarray:
+    """Average a row's calibrated margin (N,) with the NEGATED margin (N,) its A/B-swapped view got.
+
+    On the swapped view "A" is the original B, so its margin must be negated to speak about the original A; a
+    constant position bias b (z + b on a row, -z + b on its swap) cancels: ((z + b) - (-z + b)) / 2 = z.
+    """
+    return 0.5 * (z - z_swapped)
+
+
+def swap_tta_probs(probs: np.ndarray, swapped_probs: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """Swap-TTA in calibrated space: probs (N, 2) on the rows, swapped_probs (N, 2) on their swapped views."""
+    z = calibration.scaled_margin(probs)  # (N,)
+    z_swapped = calibration.scaled_margin(swapped_probs)  # (N,) about the swapped view's A (the original B)
+    return probs_from_margin(swap_tta_margin(z, z_swapped))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds, so messages read ``id 3``, not ``id np.int64(3)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_val_predictions(path: Path | str) -> pd.DataFrame:
+    """A ``val_predictions.parquet`` (id, p_a, p_b, winner) with the label as ``label`` (0 = A wins, -1 = unknown)."""
+    df = schema.read_table(path)
+    missing = [c for c in VAL_COLUMNS if c not in df.columns]
+    if missing:
+        raise CalibrationFileError(f"{path}: missing column(s) {missing}; expected {list(VAL_COLUMNS)}")
+    dup = df["id"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise CalibrationFileError(
+            f"{path}: column 'id' row {row}: id {_plain(df['id'].iloc[row])!r} appears more than once"
+        )
+    known = df["winner"].isin(schema.WINNERS).to_numpy()  # (N,) ties or missing winners cannot be fitted on
+    out = df[["id", "p_a", "p_b"]].reset_index(drop=True)
+    out["label"] = np.where(known, schema.labels(df), -1)  # (N,)
+    return out
+
+
+def fit_from_val_predictions(path: Path | str, min_rows: int = MIN_ROWS) -> Calibration:
+    """Temperature of one model from its ``val_predictions.parquet`` (rows without a known winner are skipped)."""
+    df = read_val_predictions(path)
+    probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float64)  # (N, 2)
+    return fit_temperature(probs, df["label"].to_numpy(), min_rows=min_rows, source=str(path))
+
+
+def fit_blend_from_files(
+    primary_val: Path | str,
+    secondary_val: Path | str,
+    primary: Calibration | None = None,
+    secondary: Calibration | None = None,
+    min_rows: int = MIN_ROWS,
+) -> Blend:
+    """Blend weight from two ``val_predictions.parquet`` files joined on ``id``.
+
+    Each model's temperature is fitted on all of its own validation rows unless given; the weight is then
+    fitted on the rows both files hold. The two files must agree on every shared row's winner.
+    """
+    a, b = read_val_predictions(primary_val), read_val_predictions(secondary_val)
+    if primary is None:
+        primary = fit_from_val_predictions(primary_val, min_rows=min_rows)
+    if secondary is None:
+        secondary = fit_from_val_predictions(secondary_val, min_rows=min_rows)
+    joined = a.merge(b, on="id", suffixes=("_1", "_2"), validate="1:1")  # (R, ...) rows in both files
+    clash = joined["label_1"] != joined["label_2"]
+    if clash.any():
+        bad = joined["id"].to_numpy()[clash.to_numpy()][0]
+        raise CalibrationFileError(
+            f"{primary_val} and {secondary_val} disagree on the winner of id {_plain(bad)!r}; "
+            "fit the blend on predictions of the same validation labels"
+        )
+    p1 = joined[["p_a_1", "p_b_1"]].to_numpy(dtype=np.float64)  # (R, 2)
+    p2 = joined[["p_a_2", "p_b_2"]].to_numpy(dtype=np.float64)  # (R, 2)
+    return fit_blend(p1, p2, joined["label_1"].to_numpy(), primary, secondary, min_rows=min_rows)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class CalibrateConfig:
+    """Fit a temperature on a model's validation predictions, and optionally a blend weight with a second model."""
+
+    # the primary model's val_predictions.parquet (written by the train stage)
+    val_predictions: Path
+    # where the primary's calibration.json goes (beside its adapter)
+    out: Path
+    # the secondary model's val_predictions.parquet; empty: no blend
+    secondary_val_predictions: Path | None = None
+    # where the secondary's calibration.json goes; empty: not written (blend.json records its temperature anyway)
+    secondary_out: Path | None = None
+    # where blend.json goes; required with --secondary-val-predictions
+    blend_out: Path | None = None
+    # fewer usable rows than this: no fit (T = 1, default blend weight)
+    min_rows: int = MIN_ROWS
+
+    def __post_init__(self) -> None:
+        self.val_predictions, self.out = Path(self.val_predictions), Path(self.out)
+        for name in ("secondary_val_predictions", "secondary_out", "blend_out"):
+            value = getattr(self, name)
+            setattr(self, name, Path(value) if value else None)
+        if self.secondary_val_predictions is not None and self.blend_out is None:
+            raise ValueError("--secondary-val-predictions needs --blend-out (where blend.json goes)")
+        if self.secondary_val_predictions is None and (self.blend_out or self.secondary_out):
+            raise ValueError("--blend-out / --secondary-out need --secondary-val-predictions")
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows={self.min_rows} must be >= 1")
+
+
+def summary(calibrations: dict[str, Calibration], blend: Blend | None = None) -> pd.DataFrame:
+    """One row per model (before: raw, after: calibrated) and one for the blend (before: a fixed 0.5 average)."""
+    table = [
+        {
+            "model": name,
+            "rows": c.rows,
+            "T": c.temperature,
+            "w": None,
+            "log_loss_before": c.log_loss_before,
+            "log_loss_after": c.log_loss_after,
+            "accuracy_before": c.accuracy,
+            "accuracy_after": c.accuracy,
+            "reason": c.reason,
+        }
+        for name, c in calibrations.items()
+    ]
+    if blend is not None:
+        fixed, fitted = blend.metrics.get("fixed_average", {}), blend.metrics.get("blend", {})
+        table.append(
+            {
+                "model": "blend",
+                "rows": blend.rows,
+                "T": None,
+                "w": blend.weight,
+                "log_loss_before": fixed.get("log_loss"),
+                "log_loss_after": fitted.get("log_loss"),
+                "accuracy_before": fixed.get("accuracy"),
+                "accuracy_after": fitted.get("accuracy"),
+                "reason": blend.reason,
+            }
+        )
+    return pd.DataFrame(table)
+
+
+def run(cfg: CalibrateConfig) -> tuple[dict[str, Calibration], Blend | None]:
+    """Fit and save what ``cfg`` asks for; returns the calibrations by role and the blend (if any)."""
+    calibrations = {"primary": fit_from_val_predictions(cfg.val_predictions, min_rows=cfg.min_rows)}
+    calibrations["primary"].save(cfg.out)
+    blend = None
+    if cfg.secondary_val_predictions is not None:
+        calibrations["secondary"] = fit_from_val_predictions(cfg.secondary_val_predictions, min_rows=cfg.min_rows)
+        if cfg.secondary_out is not None:
+            calibrations["secondary"].save(cfg.secondary_out)
+        blend = fit_blend_from_files(
+            cfg.val_predictions,
+            cfg.secondary_val_predictions,
+            calibrations["primary"],
+            calibrations["secondary"],
+            min_rows=cfg.min_rows,
+        )
+        blend.save(cfg.blend_out)
+    return calibrations, blend
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(CalibrateConfig, argv)
+    calibrations, blend = run(cfg)
+    print(summary(calibrations, blend).to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print(f"wrote {cfg.out}" + (f", {cfg.blend_out}" if blend is not None else ""))
+
+
+if __name__ == "__main__":
+    main()
