@@ -101,7 +101,7 @@ def test_exhausted_deadline_gives_a_complete_fallback_submission(
     np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), fallback_probs(competition_test))
     longer_a = competition_test["response_a"].str.len() >= competition_test["response_b"].str.len()
     assert sub["winner"].tolist() == np.where(longer_a, "model_a", "model_b").tolist()
-    assert report["primary"] == {"scored": 0, "seconds": report["primary"]["seconds"], "stopped_by_deadline": True}
+    assert report["primary"] == {"scored": 0, "skipped": "no time left", "stopped_by_deadline": True}
     assert report["fallback_rows"] == 120
     assert "secondary" not in report  # nothing left to re-score
     assert report["elapsed_minutes"] >= 60
@@ -151,10 +151,15 @@ def test_secondary_rescores_the_least_certain_rows_first(
             self.checks += 1
             return self.checks == 1
 
-    def limited(cfg, model_path, adapter, df, deadline, order=None, desc=""):
+        def remaining(self) -> float:
+            return float("inf")
+
+        clock = staticmethod(time.time)
+
+    def limited(cfg, model_path, adapter, df, deadline, order=None, desc="", prior=0.0):
         if desc == "secondary":
             deadline = OneBatch()
-        return original(cfg, model_path, adapter, df, deadline, order=order, desc=desc)
+        return original(cfg, model_path, adapter, df, deadline, order=order, desc=desc, prior=prior)
 
     monkeypatch.setattr(infer_module, "score_model", limited)
     max_rows = 2  # priority windows of 8 x 2 rows

@@ -81,6 +81,41 @@ def validate(df: pd.DataFrame, kind: str, source: str = "<frame>") -> pd.DataFra
     return df
 
 
+def read_test(path: Path | str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The test file for inference, repaired rather than refused: a hidden test set must still get a submission.
+
+    Refused (:class:`DataError`, before any model loads) only when it cannot be a test file at all: unreadable,
+    or without an ``id`` column or a text column. Otherwise every row is kept in order and ids stay exactly as
+    read (CSV ids as text, so ``007`` keeps its zeros; ``null`` or ``N/A`` in a text field stays text); a
+    missing or non-text field becomes empty text. Returns the frame and the repairs made, as counts by kind.
+    """
+    path = Path(path)
+    if path.suffix == ".csv" and path.is_file():
+        try:  # every column as text: pandas would turn "007" into 7 and "N/A" into NaN
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot be read as csv ({type(exc).__name__}: {exc})") from exc
+    else:
+        df = read_table(path)
+    missing = [c for c in SCHEMAS["test"] if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a test file: missing column(s) {missing}; found {list(df.columns)}")
+    df = df.reset_index(drop=True)
+    repairs: dict[str, int] = {}
+    for col in TEXT_COLUMNS:
+        values = df[col].to_numpy(dtype=object)
+        absent = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in values], dtype=bool)
+        other = np.array([not isinstance(v, str) for v in values], dtype=bool) & ~absent
+        if absent.any() or other.any():
+            repairs[f"{col}: missing -> empty text"] = int(absent.sum())
+            repairs[f"{col}: not text -> empty text"] = int(other.sum())
+            df[col] = np.where(absent | other, "", values)
+    ids = df["id"]
+    repairs["id: missing (kept)"] = int(ids.isna().sum())
+    repairs["id: repeated (kept)"] = int(ids.duplicated().sum())
+    return df, {k: v for k, v in repairs.items() if v}
+
+
 def load(path: Path | str, kind: str) -> pd.DataFrame:
     """Read and validate one competition-format file."""
     return validate(read_table(path), kind, source=str(path))

@@ -6,6 +6,7 @@ One loader for every stage and every size: a tiny demo model and Qwen2.5-14B tak
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,65 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU has it (A100/H100), fp16 on older GPUs (T4 is sm_75: no bf16), fp32 on the CPU."""
+    """bf16 on compute capability >= 8.0 (A100/H100), fp16 on older GPUs, fp32 on the CPU.
+
+    Not ``torch.cuda.is_bf16_supported()``: it counts emulated bf16, which it reports on a T4 (sm_75).
+    """
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.float32
+
+
+# Loading swaps process-wide state in transformers (the default dtype): one load at a time, whatever the thread.
+LOAD_LOCK = threading.Lock()
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelFilesError(FileNotFoundError):
+    """A model, adapter or tokenizer folder is missing or incomplete; the message names the path and the fix."""
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Every ``.safetensors`` file's header is readable and its data fully present (catches truncated copies)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as err:  # SafetensorError and OSError: both mean the file cannot be used
+            why = f"{path}: unreadable weights ({err}); copy the file again (a truncated upload or download?)"
+            raise ModelFilesError(why) from err
+
+
+def check_model_dir(path: Path | None, what: str = "model") -> None:
+    """A base-model folder: config.json, weights and a tokenizer, before any load is attempted (no hub lookup)."""
+    folder = Path(path or "")
+    fix = "attach the model to the notebook (Add input) or pass the folder that save_pretrained wrote"
+    if not folder.is_dir():
+        raise ModelFilesError(f"{what} folder {folder} does not exist: {fix}")
+    if not (folder / "config.json").is_file():
+        raise ModelFilesError(f"{what} folder {folder} has no config.json: {fix}")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelFilesError(f"{what} folder {folder} has no weights (*.safetensors / *.bin): {fix}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFilesError(
+            f"{what} folder {folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): save the tokenizer with "
+            "the model (tokenizer.save_pretrained(folder))"
+        )
+    _check_safetensors(folder)
+
+
+def check_adapter_dir(path: Path | None, what: str = "adapter") -> None:
+    """A peft LoRA folder: adapter_config.json and adapter weights, checked before the base model is loaded."""
+    folder = Path(path or "")
+    fix = "pass the adapter/ folder the train stage wrote, or attach the dataset make upload-model published"
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelFilesError(f"{what} folder {folder} has no adapter_config.json: {fix}")
+    if not any(folder.glob("adapter_model.*")):
+        raise ModelFilesError(f"{what} folder {folder} has no adapter_model.safetensors: {fix}")
+    _check_safetensors(folder)
 
 
 @dataclass
@@ -55,7 +111,8 @@ class LoraSettings:
 def load_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    # local_files_only: a missing folder is an error here, never a 50-second attempt to reach the hub offline
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tok.pad_token_id is None:
         # decoder models often ship without a pad token; the classifier needs one to find the last real token
         tok.pad_token = tok.eos_token
@@ -99,16 +156,18 @@ def load_classifier(
             llm_int8_skip_modules=["score"],
         )
         kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, **kwargs)
-    if not cfg.load_in_4bit:
-        model.to(device)
+    with LOAD_LOCK:
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
+        if not cfg.load_in_4bit:
+            model.to(device)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
 
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with LOAD_LOCK:
+            model = PeftModel.from_pretrained(model, adapter, local_files_only=True)
         model.eval()
         return model
     if lora is None:

@@ -31,17 +31,28 @@ class Deadline:
 class RateMeter:
     """Seconds per padded token, measured over the work done so far; projects the next unit's time."""
 
-    def __init__(self, safety: float = 1.25):
+    def __init__(self, safety: float = 1.25, prior_seconds_per_token: float = 0.0):
         self.safety = safety
+        # used until the first measurement, so that a first batch is not free (a slow model's first batch
+        # started a minute before the deadline would otherwise run over it)
+        self.prior = prior_seconds_per_token
         self.tokens = 0
         self.seconds = 0.0
+        # the fastest batch so far: a floor for any batch, whatever its size (per-batch overheads do not shrink
+        # with the tokens, so a per-token rate alone under-projects the short batches at the end of a pass)
+        self.min_batch_seconds = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
+        self.min_batch_seconds = seconds if self.tokens == 0 else min(self.min_batch_seconds, seconds)
         self.tokens += tokens
         self.seconds += seconds
 
     def estimate(self, tokens: int) -> float:
-        """Projected seconds for ``tokens`` padded tokens, with a safety factor; 0 before any measurement."""
-        if self.tokens == 0:
-            return 0.0
-        return self.safety * tokens * self.seconds / self.tokens
+        """Projected seconds for ``tokens`` padded tokens, with a safety factor; the prior before any measurement."""
+        per_token = self.seconds / self.tokens if self.tokens else self.prior
+        return self.safety * max(tokens * per_token, self.min_batch_seconds)
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Measured seconds per padded token (the prior before any measurement)."""
+        return self.seconds / self.tokens if self.tokens else self.prior

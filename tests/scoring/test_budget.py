@@ -58,8 +58,12 @@ def test_rate_meter_estimate() -> None:
     assert r.estimate(10_000) == 0.0  # nothing measured yet
     r.add(tokens=1000, seconds=2.0)
     r.add(tokens=3000, seconds=6.0)  # 2 ms per token overall
-    assert r.estimate(500) == pytest.approx(1.25 * 500 * 0.002)
+    assert r.estimate(2000) == pytest.approx(1.25 * 2000 * 0.002)
+    # no batch is projected faster than the fastest one measured (per-batch overheads do not shrink)
+    assert r.estimate(500) == pytest.approx(1.25 * 2.0)
     assert RateMeter(safety=1.0).estimate(1) == 0.0
+    # a prior is used until the first measurement: a first batch is not free
+    assert RateMeter(safety=1.0, prior_seconds_per_token=0.005).estimate(2000) == pytest.approx(10.0)
 
 
 def test_rate_meter_with_deadline() -> None:

@@ -1,0 +1,216 @@
+"""One scoring pass of one model over many rows: a model copy per device, a shared queue of batches, guards.
+
+The Kaggle shape is two T4s: each GPU loads its own copy (one after the other) and its thread takes the next
+batch from one queue, so a fast GPU does more, and when a GPU's thread dies (a load failure, an error in a
+forward) the other finishes the queue; the batch it held goes back once. Nothing here raises for a model
+problem: the pass returns what was scored, the errors as text, and leaves the rest NaN for the caller.
+
+Resumable: with ``parts_dir``, finished batches are flushed to parquet parts (atomically, every
+``flush_seconds``) under a key of the pass's inputs; a rerun of the same pass restores them and scores only
+the rest. Batches are planned from all rows, so a resumed pass forms the same batches and gives the same
+probabilities as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kaggle_utils.models.loading import model_device
+from kaggle_utils.scoring.budget import Deadline, RateMeter
+from kaggle_utils.scoring.predict import score_batch
+
+
+@dataclass
+class PassResult:
+    """``probs`` (N, 2), NaN where unscored; what stopped the pass and what went wrong, for the report."""
+
+    probs: np.ndarray
+    seconds: float
+    stopped_by_deadline: bool
+    # one line per failure: which device, what happened; empty when all went well
+    errors: list[str] = field(default_factory=list)
+    # seconds each device took to load its copy
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    # out-of-memory batches split and rows that did not fit even alone
+    oom: dict[str, int] = field(default_factory=dict)
+    # batches restored from an earlier run's parts
+    resumed_batches: int = 0
+    # measured seconds per padded token (the last device to finish), for planning the next pass
+    seconds_per_token: float = 0.0
+
+    @property
+    def scored(self) -> np.ndarray:
+        return np.isfinite(self.probs).all(1)
+
+
+class Parts:
+    """Finished batches of one pass on disk: ``part-NNNNN.parquet`` files of (batch, row, p_a, p_b)."""
+
+    def __init__(self, folder: Path | None, flush_seconds: float):
+        self.folder, self.flush_seconds = folder, flush_seconds
+        self.pending: list[pd.DataFrame] = []
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+
+    def restore(self) -> pd.DataFrame:
+        """The batches an earlier run of this pass finished (empty when none)."""
+        files = sorted(self.folder.glob("part-*.parquet")) if self.folder is not None else []
+        if not files:
+            return pd.DataFrame({"batch": [], "row": [], "p_a": [], "p_b": []}).astype({"batch": int, "row": int})
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    def add(self, batch: int, idx: np.ndarray, probs: np.ndarray) -> None:
+        if self.folder is None:
+            return
+        part = pd.DataFrame({"batch": batch, "row": idx, "p_a": probs[:, 0], "p_b": probs[:, 1]})
+        with self.lock:
+            self.pending.append(part)
+            if time.monotonic() - self.last_flush >= self.flush_seconds:
+                self._flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        number = len(list(self.folder.glob("part-*.parquet")))
+        tmp = self.folder / f"part-{number:05d}.tmp"
+        pd.concat(self.pending, ignore_index=True).to_parquet(tmp, index=False)
+        tmp.replace(tmp.with_suffix(".parquet"))  # a part exists only once complete
+        self.pending, self.last_flush = [], time.monotonic()
+
+
+def pass_key(*parts: object) -> str:
+    """A short hash of everything that decides a pass's output (model, adapter, settings, rows, batches)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _Shared:
+    """State the worker threads share; numpy writes go to disjoint rows, lists are appended under the GIL."""
+
+    rows: list[list[int]]
+    batches: list[np.ndarray]
+    todo: queue.Queue
+    probs: np.ndarray
+    parts: Parts
+    deadline: Deadline
+    prior: float
+    result: PassResult
+    attempts: dict[int, int] = field(default_factory=dict)
+    bar: tqdm | None = None
+    # set when the caller stops waiting (the deadline): workers take no further batch
+    stop: bool = False
+
+
+def _worker(device: str, load: Callable[[str], object], pad_id: int, shared: _Shared) -> None:
+    result = shared.result
+    t0 = time.monotonic()
+    try:
+        model = load(device)
+    except Exception as err:  # a broken copy must not take the other devices down with it
+        result.errors.append(f"{device}: loading failed: {type(err).__name__}: {err}")
+        return
+    result.load_seconds[device] = round(time.monotonic() - t0, 1)
+    rate = RateMeter(prior_seconds_per_token=shared.prior)
+    while not shared.stop:
+        try:
+            b = shared.todo.get_nowait()
+        except queue.Empty:
+            break
+        idx = shared.batches[b]
+        padded = len(idx) * max(len(shared.rows[i]) for i in idx)
+        if not shared.deadline.allows(rate.estimate(padded)):
+            result.stopped_by_deadline = True
+            break
+        tb = shared.deadline.clock()  # the deadline's clock: measured times and the deadline must agree
+        try:
+            probs = score_batch(model, shared.rows, idx, pad_id, model_device(model), result.oom)
+        except Exception as err:
+            result.errors.append(f"{device}: batch {b} failed, device stopped: {type(err).__name__}: {err}")
+            shared.attempts[b] = shared.attempts.get(b, 0) + 1
+            if shared.attempts[b] < 2:  # once more on another device; twice is the batch's fault
+                shared.todo.put(b)
+            break
+        shared.probs[idx] = probs
+        shared.parts.add(b, idx, probs)
+        rate.add(padded, shared.deadline.clock() - tb)
+        result.seconds_per_token = rate.seconds_per_token
+        bar = shared.bar
+        if bar is not None:
+            bar.update(len(idx))
+    del model
+
+
+def run_pass(
+    load: Callable[[str], object],
+    devices: Sequence[str],
+    rows: list[list[int]],
+    batches: list[np.ndarray],
+    pad_id: int,
+    deadline: Deadline,
+    prior_seconds_per_token: float = 0.0,
+    parts_dir: Path | None = None,
+    flush_seconds: float = 60.0,
+    desc: str = "scoring",
+) -> PassResult:
+    """Score ``batches`` (row indices into ``rows``, in priority order) with ``load(device)`` on every device."""
+    t0 = time.monotonic()
+    probs = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    result = PassResult(probs, 0.0, False)
+    parts = Parts(parts_dir, flush_seconds)
+    done = parts.restore()
+    if len(done):
+        probs[done["row"].to_numpy()] = done[["p_a", "p_b"]].to_numpy(dtype=np.float32)
+    finished = set(done["batch"].astype(int))
+    result.resumed_batches = len(finished)
+    todo: queue.Queue = queue.Queue()
+    for b in range(len(batches)):
+        if b not in finished:
+            todo.put(b)
+    if todo.empty():
+        return result
+    bar = tqdm(total=sum(len(batches[b]) for b in list(todo.queue)), desc=desc, unit="row", leave=False)
+    shared = _Shared(rows, batches, todo, probs, parts, deadline, prior_seconds_per_token, result, bar=bar)
+    threads = [threading.Thread(target=_worker, args=(d, load, pad_id, shared), name=d, daemon=True) for d in devices]
+    try:
+        for t in threads:
+            t.start()
+        _join_until(threads, deadline, result)
+    finally:
+        shared.stop, shared.bar = True, None
+        parts.flush()  # even on a KeyboardInterrupt: what was scored survives the kill
+        bar.close()
+    result.seconds = time.monotonic() - t0
+    if any(t.is_alive() for t in threads):
+        # a device still loading or in a forward at the deadline is left behind (daemon threads): what it
+        # writes from now on goes to the old array, never into the result handed back
+        result.probs = probs.copy()
+    return result
+
+
+def _join_until(threads: list[threading.Thread], deadline: Deadline, result: PassResult) -> None:
+    """Wait for the workers, but never past the deadline: a slow load or a slow batch cannot overrun it."""
+    for t in threads:
+        remaining = deadline.remaining()
+        t.join(timeout=None if remaining == float("inf") else max(0.0, remaining))
+        if t.is_alive():
+            result.stopped_by_deadline = True
+            result.errors.append(f"{t.name}: still loading or scoring at the deadline; left behind")

@@ -1,0 +1,291 @@
+"""kaggle_utils.infer as a hostile rerun would try it: bad rows, broken models, out-of-memory batches, a dying GPU
+thread, slow models near the deadline, nonsense start times, and a kill halfway. A submission comes out every time."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kaggle_utils import infer as infer_module
+from kaggle_utils.infer import InferConfig, InferenceError, check_started_at, infer
+from kaggle_utils.models.loading import ModelFilesError, check_model_dir
+
+MAX_LENGTH = 256
+
+
+def _cfg(test_file: Path, out_dir: Path, qwen_path: Path, adapter: Path, **kw) -> InferConfig:
+    params = dict(
+        test_file=test_file,
+        out_dir=out_dir,
+        max_length=MAX_LENGTH,
+        batch_tokens=2048,
+        max_rows=16,
+        primary_model=qwen_path,
+        primary_adapter=adapter,
+        checkpoint_seconds=0.0,
+    )
+    return InferConfig(**{**params, **kw})
+
+
+def _report(out_dir: Path) -> dict:
+    return json.loads((out_dir / "report.json").read_text())
+
+
+class Wrapped(torch.nn.Module):
+    """A loaded model with a behaviour injected around its forward (and its own device for model_device)."""
+
+    def __init__(self, model, before_forward):
+        super().__init__()
+        self.model, self.before_forward = model, before_forward
+
+    def forward(self, **enc):
+        self.before_forward(enc["input_ids"])
+        return self.model(**enc)
+
+
+def wrap_loads(monkeypatch, before_forward=None, on_load=None) -> list[str]:
+    """Every load_classifier call in infer returns a Wrapped model; ``on_load(n, device)`` runs first."""
+    original, loads = infer_module.load_classifier, []
+
+    def load(cfg, pad_id, adapter=None, **kw):
+        loads.append(cfg.device)
+        if on_load is not None:
+            on_load(len(loads), cfg.device)
+        model = original(cfg, pad_id, adapter=adapter, **kw)
+        return Wrapped(model, before_forward) if before_forward else model
+
+    monkeypatch.setattr(infer_module, "load_classifier", load)
+    return loads
+
+
+@pytest.fixture(scope="module")
+def adapter(trained) -> Path:
+    return trained.result.adapter_dir
+
+
+@pytest.fixture(scope="module")
+def reference(competition_test, demo_files, qwen_path, adapter, tmp_path_factory) -> pd.DataFrame:
+    """An uninterrupted primary-only run: the predictions the guarded runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    return infer(_cfg(demo_files["test"], out, qwen_path, adapter))
+
+
+def test_a_hostile_test_file_still_gets_one_row_per_id_exactly_as_read(
+    competition_test, qwen_path, adapter, tmp_path
+) -> None:
+    rows = competition_test.head(8).copy()
+    rows["id"] = ["007", "0", "99999999999999999999999", "-3", "a,b", "null", "00012", "7.50"]
+    rows.loc[1, "prompt"] = ""
+    rows.loc[2, "response_a"] = "N/A"
+    rows.loc[3, "response_b"] = "null"
+    path = tmp_path / "test.csv"
+    rows.to_csv(path, index=False)
+    text = path.read_text().replace(rows.loc[4, "response_a"], "", 1)  # an empty (missing) field in the CSV
+    path.write_text(text)
+    pq = tmp_path / "test.parquet"
+    odd = competition_test.head(4).astype({"prompt": object, "response_a": object})
+    odd.loc[0, "prompt"], odd.loc[1, "response_a"] = None, float("nan")
+    odd.to_parquet(pq, index=False)
+
+    infer(_cfg(path, tmp_path / "csv", qwen_path, adapter))
+    sub = (tmp_path / "csv" / "submission.csv").read_text().splitlines()
+    written_ids = [line.rsplit(",", 1)[0] for line in sub[1:]]
+    assert written_ids == ["007", "0", "99999999999999999999999", "-3", '"a,b"', "null", "00012", "7.50"]
+    assert all(line.endswith((",model_a", ",model_b")) for line in sub[1:])
+    assert _report(tmp_path / "csv")["fallback_rows"] == 0
+
+    pred = infer(_cfg(pq, tmp_path / "pq", qwen_path, adapter))
+    report = _report(tmp_path / "pq")
+    assert report["repairs"] == {"prompt: missing -> empty text": 1, "response_a: missing -> empty text": 1}
+    assert pred["id"].tolist() == odd["id"].tolist() and (pred["source"] == "primary").all()
+
+
+def test_a_file_that_cannot_be_a_test_file_is_refused_before_any_model_loads(
+    competition_test, qwen_path, adapter, tmp_path, monkeypatch
+) -> None:
+    loads = wrap_loads(monkeypatch)
+    path = tmp_path / "test.parquet"
+    competition_test.drop(columns="response_b").to_parquet(path)
+    with pytest.raises(ValueError, match="not a test file: missing column"):
+        infer(_cfg(path, tmp_path / "out", qwen_path, adapter))
+    assert loads == []
+
+
+def test_a_broken_secondary_still_gives_the_primarys_submission(
+    reference, demo_files, qwen_path, gemma_path, adapter, tmp_path
+) -> None:
+    broken = tmp_path / "gemma-copy"
+    shutil.copytree(gemma_path, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])  # a truncated upload
+    cfg = _cfg(demo_files["test"], tmp_path / "out", qwen_path, adapter, secondary_model=broken)
+    pred = infer(cfg)
+    report = _report(tmp_path / "out")
+    assert (pred["source"] == "primary").all() and report["fallback_rows"] == 0
+    np.testing.assert_array_equal(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy())
+    (error,) = report["errors"]
+    assert "model.safetensors: unreadable weights" in error and "copy the file again" in error
+    # fail_soft off (development): the same run raises, but only after the submission is written
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(InferenceError, match="unreadable weights"):
+        infer(_cfg(demo_files["test"], tmp_path / "out2", qwen_path, adapter, secondary_model=broken, fail_soft=False))
+    assert len(pd.read_csv(tmp_path / "out2" / "submission.csv")) == len(reference)
+
+
+def test_model_folders_are_checked_with_the_path_and_the_fix(qwen_path, tmp_path) -> None:
+    with pytest.raises(ModelFilesError, match=r"typo-qwen does not exist: attach the model"):
+        check_model_dir(tmp_path / "typo-qwen")
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(qwen_path, no_tok)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"):
+        (no_tok / name).unlink(missing_ok=True)
+    with pytest.raises(ModelFilesError, match="has no tokenizer"):
+        check_model_dir(no_tok)
+
+
+def test_out_of_memory_batches_are_split_and_every_row_scored(
+    reference, demo_files, qwen_path, adapter, tmp_path, monkeypatch
+) -> None:
+    """Batches above 600 tokens raise torch.OutOfMemoryError: they are halved until they fit."""
+
+    def oom_above(input_ids):
+        if input_ids.numel() > 600:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    wrap_loads(monkeypatch, before_forward=oom_above)
+    pred = infer(_cfg(demo_files["test"], tmp_path, qwen_path, adapter))
+    report = _report(tmp_path)
+    assert (pred["source"] == "primary").all() and report["primary"]["oom"]["oom_splits"] > 0
+    np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy(), atol=1e-5)
+
+
+def test_a_thread_that_dies_leaves_its_work_to_the_other_device(
+    reference, demo_files, qwen_path, adapter, tmp_path, monkeypatch
+) -> None:
+    def second_copy_fails(n, device):
+        if n == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    wrap_loads(monkeypatch, on_load=second_copy_fails)
+    pred = infer(_cfg(demo_files["test"], tmp_path, qwen_path, adapter, devices="cpu,cpu"))
+    report = _report(tmp_path)
+    assert (pred["source"] == "primary").all()
+    assert any("loading failed" in e and "illegal memory access" in e for e in report["errors"])
+    np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy(), atol=1e-5)
+
+
+class FakeClock:
+    """Simulated wall clock for the deadline: it moves only when a model 'works', so setup costs nothing."""
+
+    def __init__(self) -> None:
+        self.now = 2_000_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(infer_module, "Deadline", functools.partial(infer_module.Deadline, clock=fake))
+    return fake
+
+
+def test_a_slow_model_stops_before_the_deadline(demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock) -> None:
+    wrap_loads(monkeypatch, before_forward=lambda ids: clock.advance(4.0))  # 4 s a batch
+    start = clock.now
+    cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter, time_budget_minutes=1.0, reserve_minutes=0.5)
+    infer(cfg)
+    report = _report(tmp_path)
+    assert clock.now - start <= 30.0, "the run passed its deadline"
+    assert report["primary"]["stopped_by_deadline"] and 0 < report["primary"]["scored"] < report["rows"]
+    assert report["fallback_rows"] == report["rows"] - report["primary"]["scored"]
+
+
+def test_a_slow_first_batch_is_counted_before_it_starts(
+    demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock
+) -> None:
+    """28 of 30 s go to loading; a first batch takes 3 s. The prior (200 tokens/s) keeps it from starting."""
+    wrap_loads(monkeypatch, before_forward=lambda ids: clock.advance(3.0), on_load=lambda n, d: clock.advance(28.0))
+    start = clock.now
+    cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter, time_budget_minutes=1.0, reserve_minutes=0.5)
+    infer(cfg)
+    report = _report(tmp_path)
+    assert clock.now - start <= 30.0, "the first batch ran past the deadline"
+    assert report["primary"]["scored"] == 0 and report["fallback_rows"] == report["rows"]
+
+
+def test_a_slow_secondary_load_is_left_behind_at_the_deadline(
+    demo_files, qwen_path, gemma_path, adapter, tmp_path, monkeypatch
+) -> None:
+    """Real time: the secondary's copy takes 60 s to load and the run has 20 s; waiting stops at the deadline."""
+
+    def slow_second_model(n, device):
+        if n == 2:
+            time.sleep(60.0)
+
+    wrap_loads(monkeypatch, on_load=slow_second_model)
+    started = time.time()
+    cfg = _cfg(
+        demo_files["test"],
+        tmp_path,
+        qwen_path,
+        adapter,
+        secondary_model=gemma_path,
+        started_at=started,
+        time_budget_minutes=0.4,
+        reserve_minutes=0.05,
+    )
+    infer(cfg)
+    report = _report(tmp_path)
+    assert time.time() - started <= 21 + 2.0, "waiting for the slow load passed the deadline"
+    assert report["sources"] == {"primary": report["rows"]} and report["secondary"]["scored"] == 0
+
+
+@pytest.mark.parametrize(
+    "started_at,match",
+    [(time.time() * 1000, "looks like milliseconds"), (time.time() + 3600, "in the future"), (12.0, "before 2001")],
+)
+def test_a_started_at_that_cannot_be_a_start_time_is_refused(started_at, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_started_at(started_at)
+    with pytest.raises(ValueError, match=match):
+        InferConfig(started_at=started_at)
+    with pytest.raises(ValueError, match="devices is empty"):
+        InferConfig(devices="")
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: not an Exception, so no guard catches it."""
+
+
+def test_kill_and_rerun_gives_identical_predictions(
+    reference, demo_files, qwen_path, adapter, tmp_path, monkeypatch
+) -> None:
+    calls = []
+
+    def killed_after_three(input_ids):
+        calls.append(1)
+        if len(calls) > 3:
+            raise Killed
+
+    wrap_loads(monkeypatch, before_forward=killed_after_three)
+    cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter)
+    infer(cfg)
+    assert 0 < _report(tmp_path)["sources"].get("primary", 0) < len(reference)
+    monkeypatch.undo()
+    pred = infer(cfg)
+    report = _report(tmp_path)
+    assert report["primary"]["resumed_batches"] == 3
+    np.testing.assert_array_equal(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy())
