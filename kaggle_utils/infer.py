@@ -47,6 +47,7 @@ from kaggle_utils.models.loading import (
     load_tokenizer,
 )
 from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.calibration import Blend, Calibration
 from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.scoring.pool import PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
@@ -72,7 +73,8 @@ class InferConfig(InputConfig):
     secondary_model: Path | None = None
     # the secondary's LoRA adapter folder; empty: the base model as is
     secondary_adapter: Path | None = None
-    # weight of the secondary model in the average on rows both scored
+    # weight of the secondary in the blend of calibrated logits on rows both scored, used when no blend.json (fitted
+    # on validation predictions, see notebook 03) lies beside the secondary adapter
     secondary_weight: float = 0.5
     # load base weights 4-bit nf4 (as trained); else fp16/bf16
     load_in_4bit: bool = True
@@ -251,9 +253,19 @@ class Cascade:
         result = self.guarded("primary", cfg.primary_model, cfg.primary_adapter, None, prior)
         if result is not None:
             scored = result.scored
-            self.probs[scored], self.source[scored] = result.probs[scored], "primary"
+            cal = self.calibration("primary", cfg.primary_adapter)
+            self.probs[scored], self.source[scored] = cal.apply(result.probs[scored]), "primary"
             self.report["primary"] = _pass_report(result, scored)
         return result
+
+    def calibration(self, what: str, adapter: Path | None) -> Calibration:
+        """The adapter's fitted temperature (``calibration.json``, written by the train stage), else identity."""
+        if adapter is None:
+            cal = Calibration.identity("no adapter: the base model as is")
+        else:
+            cal = Calibration.load(adapter / "calibration.json")
+        self.report.setdefault("calibration", {})[what] = {"temperature": cal.temperature, "reason": cal.reason}
+        return cal
 
     def guarded(self, what, model_path, adapter, order, prior) -> PassResult | None:
         """``score_model``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
@@ -287,10 +299,29 @@ class Cascade:
         if second is None:
             return
         both = second.scored & scored
-        w = cfg.secondary_weight
-        self.probs[both] = (1 - w) * self.probs[both] + w * second.probs[both]
+        blend = self.blend(first.probs, second.probs)
+        self.probs[both] = blend.combine(first.probs[both], second.probs[both])
         self.source[both] = "blend"
         self.report["secondary"] = _pass_report(second, both)
+
+    def blend(self, primary_probs: np.ndarray, secondary_probs: np.ndarray) -> Blend:
+        """The fitted blend (``blend.json`` beside the secondary adapter), else ``secondary_weight`` with each
+        model's own temperature; both average calibrated logit margins, not probabilities."""
+        cfg = self.cfg
+        fitted = cfg.secondary_adapter / "blend.json" if cfg.secondary_adapter else None
+        if fitted is not None and fitted.is_file():
+            blend = Blend.load(fitted)
+        else:
+            t1 = self.calibration("primary", cfg.primary_adapter).temperature
+            t2 = self.calibration("secondary", cfg.secondary_adapter).temperature
+            blend = Blend(
+                weight=cfg.secondary_weight,
+                primary_temperature=t1,
+                secondary_temperature=t2,
+                reason=f"no blend.json beside the secondary adapter: secondary_weight={cfg.secondary_weight}",
+            )
+        self.report["blend"] = {"weight": blend.weight, "reason": blend.reason}
+        return blend
 
     def predictions(self) -> pd.DataFrame:
         pred = pd.DataFrame({"id": self.test["id"], "p_a": self.probs[:, 0], "p_b": self.probs[:, 1]})

@@ -34,6 +34,7 @@ from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier, load_tokenizer, model_device
 from kaggle_utils.models.losses import LOSSES, preference_loss
+from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.scoring.predict import predict_proba
@@ -434,6 +435,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     if len(run.val_df):
         metrics["val"] = validate(run, run.val_df)
+        # the temperature inference applies to this adapter's probabilities, saved with the adapter it belongs to
+        fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet")
+        fitted.save(adapter_dir / "calibration.json")
+        metrics["calibration"] = {"temperature": fitted.temperature, "reason": fitted.reason}
     return TrainResult(adapter_dir, save_outputs(run, metrics), metrics)
 
 

@@ -50,6 +50,7 @@ import pandas as pd
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import env
+from kaggle_utils.scoring import calibration
 from kaggle_utils.train import TrainConfig, train
 
 # on Kaggle, earlier notebooks' outputs and the models are attached inputs, found wherever they are mounted
@@ -77,3 +78,21 @@ for role, (recipe, overrides) in students.items():
 
 # %%
 pd.DataFrame({role: r.metrics["val"] | {"steps": r.metrics["steps"]} for role, r in results.items()}).T
+
+# %% [markdown]
+# ## Calibration and the blend
+# Each student's temperature was fitted on its validation fold and saved with its adapter (`calibration.json`).
+# The weight of the secondary in the cascade's blend is fitted here on the rows both scored, in calibrated logit
+# space, and saved beside the secondary adapter (`blend.json`), where inference reads it.
+
+# %%
+if {"primary", "secondary"} <= set(results):
+    cals = {role: calibration.Calibration.load(r.adapter_dir / "calibration.json") for role, r in results.items()}
+    blend = calibration.fit_blend_from_files(
+        results["primary"].adapter_dir.parent / "val_predictions.parquet",
+        results["secondary"].adapter_dir.parent / "val_predictions.parquet",
+        primary=cals["primary"],
+        secondary=cals["secondary"],
+    )
+    blend.save(results["secondary"].adapter_dir / "blend.json")
+    display(calibration.summary(cals, blend))

@@ -14,6 +14,7 @@ from kaggle_utils import infer as infer_module
 from kaggle_utils.infer import FALLBACK_LONGER_WINS, InferConfig, fallback_probs, infer, write_submission
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
+from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.predict import predict_proba
 
 
@@ -132,8 +133,11 @@ def test_secondary_blends_every_row_with_time_to_spare(
     _assert_complete_submission(sub, competition_test)
     assert report["secondary"]["scored"] == 120 and report["secondary"]["stopped_by_deadline"] is False
     assert (pred["source"] == "blend").all()
-    expected = 0.75 * primary_pred[["p_a", "p_b"]].to_numpy() + 0.25 * gemma_probs
-    np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), expected, atol=1e-4)
+    # the blend averages calibrated logit margins: the primary's are already calibrated in its predictions, and the
+    # base Gemma2 (no adapter) keeps temperature 1
+    assert report["blend"]["weight"] == 0.25 and "no blend.json" in report["blend"]["reason"]
+    z = 0.75 * calibration.margin(primary_pred[["p_a", "p_b"]].to_numpy()) + 0.25 * calibration.margin(gemma_probs)
+    np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy(), calibration.probs_from_margin(z), atol=1e-4)
 
 
 def test_secondary_rescores_the_least_certain_rows_first(

@@ -289,3 +289,40 @@ def test_kill_and_rerun_gives_identical_predictions(
     report = _report(tmp_path)
     assert report["primary"]["resumed_batches"] == 3
     np.testing.assert_array_equal(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy())
+
+
+def test_the_adapters_fitted_temperature_and_blend_are_applied(
+    reference, demo_files, qwen_path, gemma_path, adapter, tmp_path
+) -> None:
+    from kaggle_utils.scoring.calibration import Blend, Calibration, margin
+
+    calibrated = tmp_path / "adapter"
+    shutil.copytree(adapter, calibrated)
+    Calibration(temperature=2.0, rows=500, reason="fitted").save(calibrated / "calibration.json")
+    pred = infer(_cfg(demo_files["test"], tmp_path / "t2", qwen_path, calibrated))
+    ref = reference[["p_a", "p_b"]].to_numpy()
+    assert _report(tmp_path / "t2")["calibration"]["primary"]["temperature"] == 2.0
+    # the reference ran with the temperature the train stage fitted (adapter/calibration.json): undo it, apply T=2
+    fitted = Calibration.load(adapter / "calibration.json").temperature
+    assert fitted != 1.0
+    np.testing.assert_allclose(margin(pred[["p_a", "p_b"]].to_numpy()), margin(ref) * fitted / 2.0, atol=1e-4)
+    # a blend.json beside the secondary adapter wins over secondary_weight: weight 1 keeps the secondary alone
+    gemma_adapter = tmp_path / "gemma-adapter"
+    shutil.copytree(adapter, gemma_adapter)  # any adapter file set; the secondary base is the tiny Qwen2 again
+    Blend(weight=1.0, reason="fitted").save(gemma_adapter / "blend.json")
+    out = tmp_path / "blend"
+    pred = infer(
+        _cfg(
+            demo_files["test"],
+            out,
+            qwen_path,
+            adapter,
+            secondary_model=qwen_path,
+            secondary_adapter=gemma_adapter,
+            secondary_weight=0.3,
+        )
+    )
+    report = _report(out)
+    assert report["blend"] == {"weight": 1.0, "reason": "fitted"} and (pred["source"] == "blend").all()
+    # weight 1: the secondary alone, at the blend's temperature 1 (the same model and adapter as the reference)
+    np.testing.assert_allclose(margin(pred[["p_a", "p_b"]].to_numpy()), margin(ref) * fitted, atol=1e-3)
