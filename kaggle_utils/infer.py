@@ -78,6 +78,8 @@ class InferConfig(InputConfig):
     secondary_weight: float = 0.5
     # load base weights 4-bit nf4 (as trained); else fp16/bf16
     load_in_4bit: bool = True
+    # compute dtype: "auto" (bf16 on sm_80+, fp16 on a T4, fp32 on the CPU) or "fp16" / "bf16" / "fp32"
+    dtype: str = "auto"
     # "auto": every visible GPU (one model copy and thread each), else the CPU; or e.g. "cuda:0,cuda:1"
     devices: str = "auto"
     # the whole budget in minutes, counted from ``started_at`` (Kaggle allows 720; the winners capped at 690)
@@ -186,7 +188,7 @@ def score_model(
 
     def load(device: str):
         return load_classifier(
-            ModelConfig(model_path=model_path, load_in_4bit=cfg.load_in_4bit, device=device),
+            ModelConfig(model_path=model_path, load_in_4bit=cfg.load_in_4bit, device=device, dtype=cfg.dtype),
             tok.pad_token_id,
             adapter=adapter,
         )

@@ -20,11 +20,16 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on compute capability >= 8.0 (A100/H100), fp16 on older GPUs, fp32 on the CPU.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """bf16 on compute capability >= 8.0 (A100/H100), fp16 on older GPUs, fp32 on the CPU; or ``requested``.
 
     Not ``torch.cuda.is_bf16_supported()``: it counts emulated bf16, which it reports on a T4 (sm_75).
     """
+    if requested != "auto":
+        return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.float32
@@ -94,9 +99,14 @@ class ModelConfig:
     device: str = "auto"
     # attention kernel; "auto" picks eager for Gemma2 (its logit soft-capping is ignored by sdpa), sdpa otherwise
     attn_implementation: str = "auto"
+    # compute dtype: "auto" (bf16 on sm_80+, fp16 on older GPUs, fp32 on the CPU), or "fp16" / "bf16" / "fp32"
+    # (fp16 on an H100 rehearses a T4)
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
 
 
 @dataclass
@@ -144,7 +154,7 @@ def load_classifier(
     if not (cfg.model_path / "config.json").is_file():
         raise FileNotFoundError(f"{cfg.model_path}: no config.json; expected a model folder saved by save_pretrained")
     device = pick_device(cfg.device)
-    dtype = compute_dtype(device)
+    dtype = compute_dtype(device, cfg.dtype)
     kwargs = {"dtype": dtype, "num_labels": 2, "attn_implementation": _attn_impl(cfg)}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
