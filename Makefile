@@ -138,3 +138,9 @@ data: $(STAMP)  ## download + unpack + check the competition files and the recip
 upload-model: $(STAMP)  ## publish a trained adapter as the Kaggle dataset NAME (created if new): DIR=... NAME=...
 	$(BIN)/python -m kaggle_utils.kaggle.models upload --dir "$(DIR)" --name "$(NAME)" \
 	  --owner "$(KAGGLE_USERNAME)" -m "$(MESSAGE)" --stage-dir "$(UPLOAD_STAGE)"
+
+# ---- Inference engine benchmark on a GPU (benchmarks/bench_infer.py) --------------------------------------------
+.PHONY: bench-infer
+
+bench-infer: $(STAMP)  ## (CUDA GPU) engine vs public recipe vs ideal at real shapes, fp16 under a 15 GiB cap
+	$(BIN)/python benchmarks/bench_infer.py --work build/bench-infer

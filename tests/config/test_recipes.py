@@ -3,12 +3,14 @@ overrides only what it writes; the command line takes ``--recipe`` and flags ove
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import jupytext
+import pandas as pd
 import pytest
 
 from kaggle_utils.config import recipes
@@ -146,3 +148,14 @@ def test_notebook_defaults_are_the_demo_profile(notebook):
     assert {k: v for k, v in params.items() if k.endswith("_recipe")} == {f"{r}_recipe": n for r, n in roles.items()}
     assert {k for k in params if k.endswith("_overrides")} == {f"{r}_overrides" for r in roles}
     assert set(recipes.profile("kaggle")[notebook]) == set(roles)
+
+
+def test_a_stage_runs_from_a_recipe_in_a_shell(demo_files, tmp_path):
+    """`python -m kaggle_utils.prepare --recipe PATH` with a flag over it: the recipe's values reach the stage."""
+    recipe = write(tmp_path, "three-folds", 'stage = "prepare"\nextends = "demo-prepare"\nn_folds = 3\n')
+    out = tmp_path / "prepared"
+    run_cli("kaggle_utils.prepare", "--recipe", str(recipe), "--data-dir", str(demo_files["train"].parent),
+            "--out-dir", str(out))  # fmt: skip
+    saved = json.loads((out / "prepare_config.json").read_text())
+    assert saved["n_folds"] == 3 and saved["clean"] is False and saved["out_dir"] == str(out)
+    assert sorted(pd.read_parquet(out / "train.parquet")["fold"].unique()) == [0, 1, 2]
