@@ -181,6 +181,7 @@ def score_model(
         model_path,
         adapter,
         cfg.load_in_4bit,
+        cfg.dtype,
         config_to_dict(InputConfig(**_input_fields(cfg))),
         df["id"].tolist(),
         [b.tolist() for b in batches],
