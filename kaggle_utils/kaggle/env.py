@@ -89,13 +89,6 @@ def find_package_dir(root: Path) -> Path:
     return _one(sorted(hits), "kaggle_utils package", root, None)
 
 
-def resolve_dir(given: str | Path, env: Environment, find, local_default: str | Path) -> Path:
-    """A notebook parameter: the path given; if empty, ``find(env.input_root)`` on Kaggle, else the demo path."""
-    if given:
-        return Path(given)
-    return find(env.input_root) if env.on_kaggle else Path(local_default)
-
-
 def find_dir(root: Path, marker: str, hint: str | None = None) -> Path:
     """The least nested folder under ``root`` holding a file named ``marker`` whose path contains ``hint``."""
     return _one(_search(root, marker, hint), f"folder holding {marker}", root, hint)
