@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: this is the CPU build; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,demo,notebooks,kaggle,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,demo,notebooks,kaggle,api,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -1,6 +1,7 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
-config → data → inputs → models → scoring → stages (prepare, train, pseudo_label, infer, plots) → kaggle
+config → data → inputs → api → models → scoring → stages (prepare, train, pseudo_label, infer, plots,
+multiple_choice) → kaggle. ``api`` is the OpenAI-compatible client and what calls it (generation, translation, judges).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
-LAYERS = ["config", "data", "inputs", "models", "scoring", "stages", "kaggle"]
-STAGES = {"prepare", "train", "pseudo_label", "infer", "plots"}
+LAYERS = ["config", "data", "inputs", "api", "models", "scoring", "stages", "kaggle"]
+STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice"}
 
 
 def layer_of(module: str) -> str:
