@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.models.loading import model_device
+from kaggle_utils.models.precision import fp32_compute
 from kaggle_utils.scoring.budget import Deadline, RateMeter
 
 
@@ -46,13 +48,20 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _count(stats: dict | None, key: str, n: int = 1) -> None:
+    if stats is not None and n:
+        stats[key] = stats.get(key, 0) + n
+
+
 @torch.no_grad()
 def score_batch(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, device, stats: dict | None = None):
     """Probabilities for the rows ``idx``, shape (len(idx), 2); NaN for rows that cannot be scored.
 
     An out-of-memory batch is split in halves and each half retried (a long row next to others can fit alone);
-    a single row that still does not fit is left NaN, for the next model or the fallback. Non-finite logits
-    (fp16 overflow on long inputs, Gemma2) are NaN too. ``stats`` counts ``oom_splits`` and ``oom_rows``.
+    a single row that still does not fit is left NaN, for the next model or the fallback. Rows whose logits are
+    non-finite (fp16 overflow on long inputs; Gemma2 is known for it) are rescored one at a time in fp32 compute
+    (:func:`rescore_in_fp32`); only rows still non-finite, or out of memory there, stay NaN. ``stats`` counts
+    ``oom_splits``, ``oom_rows`` and the ``overflow_*`` counters of :func:`rescore_in_fp32`.
     """
     try:
         enc = pad([rows[i] for i in idx], pad_id)
@@ -62,17 +71,66 @@ def score_batch(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, devi
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if stats is not None:
-            key = "oom_rows" if len(idx) == 1 else "oom_splits"
-            stats[key] = stats.get(key, 0) + 1
+        _count(stats, "oom_rows" if len(idx) == 1 else "oom_splits")
         if len(idx) == 1:
             return np.full((1, 2), np.nan, dtype=np.float32)
         half = len(idx) // 2
         first = score_batch(model, rows, idx[:half], pad_id, device, stats)
         return np.concatenate([first, score_batch(model, rows, idx[half:], pad_id, device, stats)])
-    p = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    p[~np.isfinite(p).all(1)] = np.nan
+    p = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # (B, 2)
+    bad = np.flatnonzero(~np.isfinite(p).all(1))
+    if len(bad):
+        p[bad] = rescore_in_fp32(model, [rows[i] for i in idx[bad]], pad_id, device, stats)
     return p
+
+
+@torch.no_grad()
+def rescore_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None = None) -> np.ndarray:
+    """Probabilities (len(rows), 2) of rows whose fp16 logits were non-finite, each row alone in fp32 compute.
+
+    The model is switched to fp32 arithmetic in place (:func:`~kaggle_utils.models.precision.fp32_compute`: no
+    reload, no second copy of the weights) and put back afterwards. A row alone in fp32 needs about twice the
+    activation memory of the same row in fp16; when it does not fit it stays NaN. A model that already computes
+    in fp32 is not run again (same arithmetic, same result). The safe path must never cost more than the NaN it
+    replaces: any other error in it is warned about and leaves the rows NaN, the fp16 path carries on.
+
+    ``stats`` counts ``overflow_rows`` (rows sent here), ``overflow_rescored`` (finite now),
+    ``overflow_oom`` (out of memory in fp32) and ``overflow_errors`` (rows lost to another error); the rows
+    left NaN are ``overflow_rows - overflow_rescored``.
+    """
+    out = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    _count(stats, "overflow_rows", len(rows))
+    finished = 0  # rows whose fp32 forward ran or ran out of memory
+    try:
+        with fp32_compute(model) as switched:
+            # a model already in fp32 would repeat the same arithmetic and the same non-finite logits
+            todo = rows if switched.changed else []
+            for j, row in enumerate(todo):
+                try:
+                    enc = pad([row], pad_id)
+                    logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (1, 2), fp32
+                    out[j] = torch.softmax(logits.float(), dim=-1).cpu().numpy()[0]
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    _count(stats, "overflow_oom")
+                finished += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # fp32 activations are twice the fp16 ones: give them back at once
+    except Exception as err:  # the safe path never stops the fp16 path (see the docstring)
+        if _is_oom(err):  # switching to fp32 itself (the small fp32 copies) did not fit
+            _count(stats, "overflow_oom", len(rows) - finished)
+        else:
+            warnings.warn(
+                f"fp32 rescoring of {len(rows)} overflowing row(s) failed, {len(rows) - finished} left NaN: "
+                f"{type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _count(stats, "overflow_errors", len(rows) - finished)
+    out[~np.isfinite(out).all(1)] = np.nan
+    _count(stats, "overflow_rescored", int(np.isfinite(out).all(1).sum()))
+    return out
 
 
 def predict_proba(
