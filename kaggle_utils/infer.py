@@ -23,9 +23,10 @@ the Kaggle T4 x2 shape).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -47,9 +48,10 @@ from kaggle_utils.models.loading import (
     load_tokenizer,
 )
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.calibration import Blend, Calibration
+from kaggle_utils.scoring.calibration import Blend, Calibration, margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.metrics import evaluate
-from kaggle_utils.scoring.pool import PassResult, pass_key, run_pass
+from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
+from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
 
 # Probability given to the longer response on rows that no model scored.
@@ -104,6 +106,17 @@ class InferConfig(InputConfig):
     first_batch_seconds_per_token: float = 0.005
     # scored batches are saved in parts at least this often, so a rerun after a kill resumes with the same output
     checkpoint_seconds: float = 60.0
+    # most share of the rows (least certain first) the primary re-scores A/B-swapped while still loaded, averaged
+    # in logit space (position bias cancels); the planner decides how much of it fits; 0: no swap TTA
+    tta_fraction: float = 0.25
+    # most share of the rows (least certain first) the secondary re-scores; the planner decides how much fits
+    secondary_fraction: float = 1.0
+    # > 0: rehearse on this many synthetic rows of the competition's length profile, then project a full run
+    rehearse: int = 0
+    # the rehearsal's own time budget, minutes
+    rehearse_minutes: float = 5.0
+    # rows of the test set the rehearsal projects (the hidden test set: ~25K rows, FACTS §1)
+    project_rows: int = 25_000
 
     def __post_init__(self) -> None:
         InputConfig.__post_init__(self)
@@ -118,6 +131,11 @@ class InferConfig(InputConfig):
             raise ValueError(
                 f"time_budget_minutes={self.time_budget_minutes} must exceed reserve_minutes={self.reserve_minutes}"
             )
+        for name in ("tta_fraction", "secondary_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.rehearse < 0 or self.rehearse_minutes <= 0 or self.project_rows < 1:
+            raise ValueError("rehearse must be >= 0 rows, rehearse_minutes > 0 and project_rows >= 1")
         if not self.devices.strip(",; "):
             raise ValueError("devices is empty: use 'auto' (every GPU, else the CPU), 'cpu' or e.g. 'cuda:0,cuda:1'")
         check_started_at(self.started_at)
@@ -162,56 +180,23 @@ def preflight(model_path: Path, adapter: Path | None, what: str) -> str | None:
     return None
 
 
-def score_model(
-    cfg: InferConfig,
-    model_path: Path,
-    adapter: Path | None,
-    df: pd.DataFrame,
-    deadline: Deadline,
-    order: np.ndarray | None = None,
-    desc: str = "",
-    prior: float = 0.0,
-) -> PassResult:
-    """One pass of one model over ``df`` (in ``order``'s priority): a copy per device, resumable, guarded."""
+@dataclass
+class Encoded:
+    """One model's view of the rows it will score: its tokenizer, the token ids, their lengths (R,), and the test
+    rows (R,) they are (positions into the test file, in the pass's priority order)."""
+
+    tokenizer: object
+    rows: list[list[int]]
+    lengths: np.ndarray
+    index: np.ndarray
+
+
+def encode(cfg: InferConfig, model_path: Path, df: pd.DataFrame, index: np.ndarray | None = None) -> Encoded:
+    """Token ids of ``df``'s rows ``index`` (default: all) as ``model_path``'s tokenizer and the template make them."""
+    index = np.arange(len(df)) if index is None else np.asarray(index)
     tok = load_tokenizer(model_path)
-    rows = PromptFormatter(tok, cfg).encode(df)
-    lengths = PromptFormatter.lengths(rows)
-    batches = plan_batches(lengths, cfg.batch_tokens, cfg.max_rows, order)
-    key = pass_key(
-        model_path,
-        adapter,
-        cfg.load_in_4bit,
-        cfg.dtype,
-        config_to_dict(InputConfig(**_input_fields(cfg))),
-        df["id"].tolist(),
-        [b.tolist() for b in batches],
-    )
-
-    def load(device: str):
-        return load_classifier(
-            ModelConfig(model_path=model_path, load_in_4bit=cfg.load_in_4bit, device=device, dtype=cfg.dtype),
-            tok.pad_token_id,
-            adapter=adapter,
-        )
-
-    devices = resolve_devices(cfg.devices)
-    print(f"{desc}: {len(batches)} batches of up to {cfg.batch_tokens:,} padded tokens on {', '.join(devices)}")
-    result = run_pass(
-        load,
-        devices,
-        rows,
-        batches,
-        tok.pad_token_id,
-        deadline,
-        prior,
-        parts_dir=cfg.out_dir / "parts" / f"{desc}-{key}",
-        flush_seconds=cfg.checkpoint_seconds,
-        desc=desc,
-    )
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    rows = PromptFormatter(tok, cfg).encode(df.iloc[index].reset_index(drop=True))
+    return Encoded(tok, rows, PromptFormatter.lengths(rows), index)
 
 
 def _input_fields(cfg: InferConfig) -> dict:
@@ -219,8 +204,39 @@ def _input_fields(cfg: InferConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(InputConfig)}
 
 
-def _pass_report(result: PassResult, rows: np.ndarray) -> dict:
-    return {
+@dataclass
+class Role:
+    """A model of the cascade: its files, its cost model, and (while loaded) its device copies."""
+
+    name: str
+    model_path: Path
+    adapter: Path | None
+    cost: CostModel
+    copies: DeviceCopies | None = None
+
+    def start_loading(self, cfg: InferConfig, pad_id: int, devices: list[str], deadline: Deadline) -> None:
+        def load(device: str):
+            model_cfg = ModelConfig(
+                model_path=self.model_path, load_in_4bit=cfg.load_in_4bit, device=device, dtype=cfg.dtype
+            )
+            return load_classifier(model_cfg, pad_id, adapter=self.adapter)
+
+        self.copies = DeviceCopies(load, devices, deadline.clock)
+
+    def close(self) -> float | None:
+        """Free the copies; the wall seconds their load took (None when it never ended)."""
+        if self.copies is None:
+            return None
+        seconds = self.copies.total_load_seconds
+        if seconds is not None:
+            self.cost.record_load(seconds)
+        self.copies.close()
+        self.copies = None
+        return seconds
+
+
+def _pass_report(result: PassResult, rows: np.ndarray, planned: int | None = None) -> dict:
+    report = {
         "scored": int(rows.sum()),
         "seconds": round(result.seconds, 1),
         "load_seconds": result.load_seconds,
@@ -228,38 +244,196 @@ def _pass_report(result: PassResult, rows: np.ndarray) -> dict:
         "resumed_batches": result.resumed_batches,
         "oom": result.oom,
     }
+    return report | ({} if planned is None else {"planned_rows": planned})
 
 
 class Cascade:
-    """The run's state: probabilities and their source per row, the report, and the submission on disk."""
+    """The run's state: probabilities and their source per row, the report, and the submission on disk.
+
+    Probabilities are kept raw (the models' own) and calibrated when written: swap TTA and the blend average
+    margins, and a temperature divides margins, so averaging raw margins then calibrating is the same as averaging
+    calibrated ones.
+    """
 
     def __init__(self, cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: Deadline):
         self.cfg, self.test, self.deadline = cfg, test, deadline
-        self.probs = fallback_probs(test)  # (N, 2): the fallback until a model scores the row
-        self.source = np.full(len(test), "fallback", dtype=object)
-        self.report: dict = {"rows": len(test), "repairs": repairs, "errors": []}
+        self.devices = resolve_devices(cfg.devices)
+        self.raw = np.full((len(test), 2), np.nan, dtype=np.float32)  # the primary's, TTA-averaged where run
+        self.secondary_raw = np.full((len(test), 2), np.nan, dtype=np.float32)
+        self.tta = np.zeros(len(test), dtype=bool)
+        self.report: dict = {"rows": len(test), "repairs": repairs, "errors": [], "devices": self.devices, "plans": []}
+        self.measured: dict[str, list] = {"primary": [], "secondary": []}  # batch logs, for a rehearsal
 
     def error(self, text: str) -> None:
         print(f"ERROR: {text}", flush=True)
         self.report["errors"].append(text)
 
-    def run_primary(self) -> PassResult | None:
+    # ---- the passes
+
+    def run(self) -> None:
+        """The primary on every row, then the swapped view and the secondary on the least certain rows, as planned."""
         cfg = self.cfg
-        problem = preflight(cfg.primary_model, cfg.primary_adapter, "primary")
-        if problem:
-            self.error(problem)
-            return None
+        primary = Role("primary", cfg.primary_model, cfg.primary_adapter, CostModel(cfg.first_batch_seconds_per_token))
         if self.deadline.remaining() <= 0:
             self.report["primary"] = {"scored": 0, "skipped": "no time left", "stopped_by_deadline": True}
+            return
+        enc = self.guarded("primary", lambda: encode(cfg, cfg.primary_model, self.test), preflight_of=primary)
+        if enc is None:
+            return
+        primary.start_loading(cfg, enc.tokenizer.pad_token_id, self.devices, self.deadline)
+        try:
+            result = self.guarded("primary", lambda: self.score(primary, enc, "primary"))
+            if result is None:
+                return
+            self.raw[:] = result.probs
+            self.report["primary"] = _pass_report(result, result.scored)
+            self.write()  # the primary's submission as soon as it exists
+            optional = self.plan_optional(primary, enc)
+            if optional is not None and optional.tta_batches:
+                self.run_tta(primary, optional)
+        finally:
+            self.report.setdefault("load_seconds", {})["primary"] = primary.close()
+        if optional is not None and optional.secondary is not None:
+            self.run_secondary(optional)
+
+    def guarded(self, what: str, work: Callable, preflight_of: Role | None = None):
+        """``work()``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
+        if preflight_of is not None:
+            problem = preflight(preflight_of.model_path, preflight_of.adapter, what)
+            if problem:
+                self.error(problem)
+                return None
+        try:
+            result = work()
+        except Exception as err:
+            self.error(f"{what}: {type(err).__name__}: {err}")
             return None
-        prior = cfg.first_batch_seconds_per_token
-        result = self.guarded("primary", cfg.primary_model, cfg.primary_adapter, None, prior)
-        if result is not None:
-            scored = result.scored
-            cal = self.calibration("primary", cfg.primary_adapter)
-            self.probs[scored], self.source[scored] = cal.apply(result.probs[scored]), "primary"
-            self.report["primary"] = _pass_report(result, scored)
+        for line in getattr(result, "errors", []):
+            self.error(f"{what}: {line}")
         return result
+
+    def score(self, role: Role, enc: Encoded, desc: str, batches=None, limit: int | None = None) -> PassResult:
+        """One pass of ``role`` over ``enc``'s rows, resumable and guarded; probabilities (N, 2) in test order.
+        ``batches``: the pass planned whole (positions into ``enc``), of which the first ``limit`` run; default: all
+        rows by length."""
+        cfg = self.cfg
+        batches = plan_batches(enc.lengths, cfg.batch_tokens, cfg.max_rows) if batches is None else batches
+        inputs = config_to_dict(InputConfig(**_input_fields(cfg)))
+        ids = self.test["id"].iloc[enc.index].tolist()
+        plan = [b.tolist() for b in batches]
+        key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
+        run = batches if limit is None else batches[:limit]
+        print(
+            f"{desc}: {len(run)} of {len(batches)} batches of up to {cfg.batch_tokens:,} padded tokens on "
+            f"{', '.join(self.devices)}; cost {role.cost.describe(cfg.max_length)}",
+            flush=True,
+        )
+        result = run_pass(
+            role.copies,
+            enc.rows,
+            run,
+            enc.tokenizer.pad_token_id,
+            self.deadline,
+            role.cost,
+            parts_dir=cfg.out_dir / "parts" / f"{desc}-{key}",
+            flush_seconds=cfg.checkpoint_seconds,
+            desc=desc,
+        )
+        self.measured["secondary" if role.name == "secondary" else "primary"] += result.batch_log
+        probs = np.full((len(self.test), 2), np.nan, dtype=np.float32)
+        probs[enc.index] = result.probs
+        result.probs = probs
+        return result
+
+    # ---- optional work: the swapped view and the secondary, planned together
+
+    def plan_optional(self, primary: Role, enc: Encoded) -> OptionalWork | None:
+        """Candidates (the primary's rows, least certain first), batched once per pass, and the shares that fit."""
+        cfg = self.cfg
+        scored = np.flatnonzero(np.isfinite(self.raw).all(1))
+        if len(scored) < len(self.test) or (cfg.tta_fraction == 0 and cfg.secondary_model is None):
+            return None  # the primary did not finish: no optional work (its rows are the submission)
+        certainty = np.abs(self.raw[scored, 0] - 0.5)  # (S,) the same order as calibrated margins
+        pick = np.argsort(certainty, kind="stable")
+        work = OptionalWork(order=scored[pick], keys=certainty[pick])
+        build = dict(batch_tokens=cfg.batch_tokens, max_rows=cfg.max_rows)
+        n_tta = int(round(cfg.tta_fraction * len(work.order)))
+        if n_tta:
+            rows = work.order[:n_tta]
+            work.tta = self.guarded("tta", lambda: encode(cfg, cfg.primary_model, schema.swap_ab(self.test), rows))
+            if work.tta is not None:
+                work.tta_work = PassWork.build(work.tta.lengths, primary.cost, keys=work.keys[:n_tta], **build)
+        if cfg.secondary_model is not None:
+            self.add_secondary(work, primary, build)
+        plan = self.plan(None if work.tta is None else work.tta_work, work.secondary_work)
+        work.tta_batches = plan.batches.get("tta", 0)
+        return work
+
+    def add_secondary(self, work: OptionalWork, primary: Role, build: dict) -> None:
+        cfg = self.cfg
+        # the secondary's prior: the primary as measured, scaled by weight size (load and per-token time)
+        ratio = _weights_bytes(cfg.secondary_model) / max(1, _weights_bytes(cfg.primary_model))
+        a, b, c = primary.cost.coefficients()
+        load = ratio * (primary.copies.total_load_seconds or 0.0)
+        cost = CostModel(per_token=max(ratio * a, 1e-12), per_token2=ratio * b, per_batch=c, load_seconds=load)
+        role = Role("secondary", cfg.secondary_model, cfg.secondary_adapter, cost)
+        n = int(round(cfg.secondary_fraction * len(work.order)))
+        rows = work.order[:n]
+        if n == 0:
+            return
+        enc = self.guarded("secondary", lambda: encode(cfg, cfg.secondary_model, self.test, rows), preflight_of=role)
+        if enc is None:
+            return
+        work.secondary, work.secondary_enc = role, enc
+        work.secondary_work = PassWork.build(enc.lengths, cost, keys=work.keys[:n], needs_load=True, **build)
+
+    def plan(self, tta: PassWork | None, secondary: PassWork | None) -> Plan:
+        """The shares that fit in the time left (the deadline already holds the reserve back), printed."""
+        plan = plan_cascade(self.deadline.remaining(), 0.0, None, secondary, tta, devices=len(self.devices))
+        finish = time.strftime("%H:%M:%S", time.localtime(time.time() + plan.projected))
+        print(f"{plan.describe()}; projected finish {finish}", flush=True)
+        self.report["plans"].append(
+            {"elapsed_s": round(self.deadline.elapsed(), 1), "rows": plan.rows, "seconds": plan.seconds}
+        )
+        return plan
+
+    def run_tta(self, primary: Role, work: OptionalWork) -> None:
+        """The primary again, on the swapped view of the least certain rows, while its copies are loaded."""
+        result = self.guarded(
+            "tta", lambda: self.score(primary, work.tta, "tta", work.tta_work.batches, work.tta_batches)
+        )
+        if result is None:
+            return
+        done = result.scored
+        # the swapped view's A is the original B: average the margins (position bias cancels), in raw space
+        z = swap_tta_margin(margin(self.raw[done]), margin(result.probs[done]))
+        self.raw[done], self.tta[done] = probs_from_margin(z), True
+        self.report["tta"] = _pass_report(result, done, planned=int(work.tta_work.sizes[: work.tta_batches].sum()))
+
+    def run_secondary(self, work: OptionalWork) -> None:
+        """Re-planned with what the swapped view took; loaded only when its load and a first batch fit."""
+        role = work.secondary
+        plan = self.plan(None, work.secondary_work)
+        n = plan.batches["secondary"]
+        if n == 0:
+            estimate = role.cost.load_estimate()
+            self.report["secondary"] = {"scored": 0, "skipped": f"loading (~{estimate:.0f} s) and a batch do not fit"}
+            return
+        role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, self.devices, self.deadline)
+        try:
+            result = self.guarded(
+                "secondary",
+                lambda: self.score(role, work.secondary_enc, "secondary", work.secondary_work.batches, n),
+            )
+        finally:
+            self.report.setdefault("load_seconds", {})["secondary"] = role.close()
+        if result is None:
+            return
+        done = result.scored
+        self.secondary_raw[done] = result.probs[done]
+        self.report["secondary"] = _pass_report(result, done, planned=plan.rows["secondary"])
+
+    # ---- calibration, blend, outputs
 
     def calibration(self, what: str, adapter: Path | None) -> Calibration:
         """The adapter's fitted temperature (``calibration.json``, written by the train stage), else identity."""
@@ -270,44 +444,7 @@ class Cascade:
         self.report.setdefault("calibration", {})[what] = {"temperature": cal.temperature, "reason": cal.reason}
         return cal
 
-    def guarded(self, what, model_path, adapter, order, prior) -> PassResult | None:
-        """``score_model``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
-        try:
-            result = score_model(self.cfg, model_path, adapter, self.test, self.deadline, order, what, prior)
-        except Exception as err:
-            self.error(f"{what}: {type(err).__name__}: {err}")
-            return None
-        for line in result.errors:
-            self.error(f"{what}: {line}")
-        return result
-
-    def run_secondary(self, first: PassResult) -> None:
-        cfg = self.cfg
-        scored = self.source == "primary"
-        problem = preflight(cfg.secondary_model, cfg.secondary_adapter, "secondary")
-        if problem:
-            self.error(problem)
-            return
-        # the secondary's load and first batch are projected from the primary's, scaled by weight size
-        ratio = _weights_bytes(cfg.secondary_model) / max(1, _weights_bytes(cfg.primary_model))
-        load_estimate = 1.25 * ratio * max(first.load_seconds.values(), default=0.0)
-        if not self.deadline.allows(load_estimate):
-            self.report["secondary"] = {"scored": 0, "skipped": f"loading would take ~{load_estimate:.0f} s"}
-            return
-        # least certain primary rows first; rows the primary never reached are left to the fallback
-        margin = np.where(scored, np.abs(self.probs[:, 0] - 0.5), np.inf)
-        order = np.argsort(margin, kind="stable")[: int(scored.sum())]
-        prior = ratio * (first.seconds_per_token or cfg.first_batch_seconds_per_token)
-        second = self.guarded("secondary", cfg.secondary_model, cfg.secondary_adapter, order, prior)
-        if second is None:
-            return
-        both = second.scored & scored
-        blend = self.blend(first.probs, second.probs)
-        self.probs[both] = blend.combine(first.probs[both], second.probs[both])
-        self.source[both] = "blend"
-        self.report["secondary"] = _pass_report(second, both)
-
-    def blend(self, primary_probs: np.ndarray, secondary_probs: np.ndarray) -> Blend:
+    def blend(self) -> Blend:
         """The fitted blend (``blend.json`` beside the secondary adapter), else ``secondary_weight`` with each
         model's own temperature; both average calibrated logit margins, not probabilities."""
         cfg = self.cfg
@@ -315,31 +452,61 @@ class Cascade:
         if fitted is not None and fitted.is_file():
             blend = Blend.load(fitted)
         else:
-            t1 = self.calibration("primary", cfg.primary_adapter).temperature
-            t2 = self.calibration("secondary", cfg.secondary_adapter).temperature
             blend = Blend(
                 weight=cfg.secondary_weight,
-                primary_temperature=t1,
-                secondary_temperature=t2,
+                primary_temperature=self.calibration("primary", cfg.primary_adapter).temperature,
+                secondary_temperature=self.calibration("secondary", cfg.secondary_adapter).temperature,
                 reason=f"no blend.json beside the secondary adapter: secondary_weight={cfg.secondary_weight}",
             )
         self.report["blend"] = {"weight": blend.weight, "reason": blend.reason}
         return blend
 
     def predictions(self) -> pd.DataFrame:
-        pred = pd.DataFrame({"id": self.test["id"], "p_a": self.probs[:, 0], "p_b": self.probs[:, 1]})
-        pred["source"] = self.source
+        probs, source = fallback_probs(self.test), np.full(len(self.test), "fallback", dtype=object)
+        primary = np.isfinite(self.raw).all(1)
+        if primary.any():
+            probs[primary] = self.calibration("primary", self.cfg.primary_adapter).apply(self.raw[primary])
+            source[primary] = "primary"
+        both = primary & np.isfinite(self.secondary_raw).all(1)
+        if both.any():
+            probs[both] = self.blend().combine(self.raw[both], self.secondary_raw[both])
+            source[both] = "blend"
+        source[self.tta] = source[self.tta] + "+tta"
+        pred = pd.DataFrame({"id": self.test["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "source": source})
         pred["winner"] = np.where(pred["p_a"] >= pred["p_b"], "model_a", "model_b")
         return pred
 
     def write(self) -> pd.DataFrame:
         """The submission (and predictions) as they stand now, written atomically."""
-        pred = self.predictions()
+        pred = self.guarded("calibration", self.predictions)
+        if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
+            pred = self.uncalibrated()
         write_submission(pred, self.test, self.cfg.out_dir / "submission.csv")
         tmp = self.cfg.out_dir / "predictions.parquet.tmp"
         pred.to_parquet(tmp, index=False)
         tmp.replace(self.cfg.out_dir / "predictions.parquet")
         return pred
+
+    def uncalibrated(self) -> pd.DataFrame:
+        probs = np.where(np.isfinite(self.raw).all(1, keepdims=True), self.raw, fallback_probs(self.test))
+        pred = pd.DataFrame({"id": self.test["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "source": "uncalibrated"})
+        pred["winner"] = np.where(pred["p_a"] >= pred["p_b"], "model_a", "model_b")
+        return pred
+
+
+@dataclass
+class OptionalWork:
+    """The work after the primary pass: candidate rows (test positions, least certain first) and each pass's
+    encoding and batches, planned whole once (so a rerun resumes the same batches), run as far as planned."""
+
+    order: np.ndarray
+    keys: np.ndarray
+    tta: Encoded | None = None
+    tta_work: PassWork | None = None
+    tta_batches: int = 0
+    secondary: Role | None = None
+    secondary_enc: Encoded | None = None
+    secondary_work: PassWork | None = None
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -348,20 +515,24 @@ def _weights_bytes(folder: Path) -> int:
 
 def infer(cfg: InferConfig) -> pd.DataFrame:
     """Run the stage; returns the predictions (also written with the submission and a report)."""
-    deadline = Deadline((cfg.time_budget_minutes - cfg.reserve_minutes) * 60, start=cfg.started_at or None)
+    if cfg.rehearse:
+        return rehearse(cfg)
     test, repairs = schema.read_test(cfg.test_file)  # refuses only a file that cannot be a test file at all
     if repairs:
         print(f"test file repaired (rows kept, ids as given): {repairs}")
+    deadline = Deadline((cfg.time_budget_minutes - cfg.reserve_minutes) * 60, start=cfg.started_at or None)
+    return run_cascade(cfg, test, repairs, deadline).predictions()
+
+
+def run_cascade(cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: Deadline) -> Cascade:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out_dir / "infer_config.json")
     run = Cascade(cfg, test, repairs, deadline)
     run.write()  # the fallback submission first: whatever happens from here on, a complete one exists
-    first = run.run_primary()
-    run.write()
-    if cfg.secondary_model is not None and first is not None and (run.source == "primary").any():
-        run.run_secondary(first)
-        run.write()
-    pred = run.predictions()
+    try:
+        run.run()
+    finally:
+        pred = run.write()  # also on a KeyboardInterrupt: what was scored is in the submission
     report = run.report
     report["sources"] = pred["source"].value_counts().to_dict()
     report["fallback_rows"] = int((pred["source"] == "fallback").sum())
@@ -374,7 +545,43 @@ def infer(cfg: InferConfig) -> pd.DataFrame:
     (cfg.out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if report["errors"] and not cfg.fail_soft:
         raise InferenceError(f"{len(report['errors'])} error(s), the submission holds the rest: {report['errors']}")
-    return pred
+    return run
+
+
+def rehearse(cfg: InferConfig) -> pd.DataFrame:
+    """``--rehearse N``: the cascade on N synthetic rows of the competition's length profile for at most
+    ``rehearse_minutes``, then the measured batches projected onto a ``project_rows`` test set on this hardware.
+
+    Outputs go to ``out_dir/rehearsal`` (never a submission.csv a notebook could take for the real one); the
+    projection is printed and saved in its ``report.json`` under ``projection``.
+    """
+    test = synthetic_test(cfg.rehearse, seed=0)
+    out = cfg.out_dir / "rehearsal"
+    run_cfg = replace(cfg, rehearse=0, out_dir=out, labels_file=None, checkpoint_seconds=1e9)
+    shutil.rmtree(out / "parts", ignore_errors=True)  # a rehearsal measures: nothing is resumed
+    run = run_cascade(run_cfg, test, {}, Deadline(cfg.rehearse_minutes * 60))
+    loads = {role: seconds for role, seconds in run.report.get("load_seconds", {}).items() if seconds}
+    measured = {role: batches for role, batches in run.measured.items() if batches}
+    projection = rehearsal_report(
+        measured,
+        loads,
+        n_rows=cfg.project_rows,
+        max_length=cfg.max_length,
+        devices=len(run.devices),
+        batch_tokens=cfg.batch_tokens,
+        max_rows=cfg.max_rows,
+        tta_fraction=cfg.tta_fraction,
+        budget_seconds=cfg.time_budget_minutes * 60,
+        reserve_seconds=cfg.reserve_minutes * 60,
+    )
+    run.report["projection"] = {
+        "table": projection.table(),
+        "primary_hours": round(projection.primary_hours, 3),
+        "planned_rows": projection.plan.rows,
+        "primary_finishes": projection.plan.complete.get("primary", False),
+    }
+    (out / "report.json").write_text(json.dumps(run.report, indent=2, default=str) + "\n")
+    return run.predictions()
 
 
 class InferenceError(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from kaggle_utils import infer as infer_module
+from kaggle_utils.data import schema
 from kaggle_utils.infer import FALLBACK_LONGER_WINS, InferConfig, fallback_probs, infer, write_submission
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
@@ -26,6 +28,7 @@ def _cfg(demo_files, out_dir: Path, **kw) -> InferConfig:
         batch_tokens=4096,
         max_rows=32,
         labels_file=demo_files["test_labels"],
+        tta_fraction=0.0,  # swap TTA has its own tests; here the primary's probabilities stay comparable
     )
     params.update(kw)
     return InferConfig(**params)
@@ -145,7 +148,7 @@ def test_secondary_rescores_the_least_certain_rows_first(
 ) -> None:
     """With time for one secondary batch only, the blended rows come from the least certain primary rows."""
     primary_cfg, primary_pred = primary_run
-    original = infer_module.score_model
+    original = infer_module.run_pass
 
     class OneBatch:
         def __init__(self) -> None:
@@ -160,12 +163,12 @@ def test_secondary_rescores_the_least_certain_rows_first(
 
         clock = staticmethod(time.time)
 
-    def limited(cfg, model_path, adapter, df, deadline, order=None, desc="", prior=0.0):
-        if desc == "secondary":
+    def limited(copies, rows, batches, pad_id, deadline, cost, **kw):
+        if kw.get("desc") == "secondary":
             deadline = OneBatch()
-        return original(cfg, model_path, adapter, df, deadline, order=order, desc=desc, prior=prior)
+        return original(copies, rows, batches, pad_id, deadline, cost, **kw)
 
-    monkeypatch.setattr(infer_module, "score_model", limited)
+    monkeypatch.setattr(infer_module, "run_pass", limited)
     max_rows = 2  # priority windows of 8 x 2 rows
     cfg = _cfg(
         demo_files,
@@ -237,3 +240,58 @@ def test_config_validation(kwargs, match) -> None:
 def test_resolve_devices() -> None:
     assert infer_module.resolve_devices("cpu") == ["cpu"]
     assert infer_module.resolve_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
+
+
+def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
+    primary_run, demo_files, qwen_path, tokenizer, competition_test, tmp_path
+) -> None:
+    """With time to spare, the primary re-scores the least certain quarter A/B-swapped; those rows get the mean
+    of the two calibrated margins (the swapped view's negated), the others keep the primary's."""
+    primary_cfg, primary_pred = primary_run
+    cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=primary_cfg.primary_adapter)
+    pred = infer(replace(cfg, tta_fraction=0.25))
+    _, _, report = _outputs(tmp_path)
+    tta = np.flatnonzero(pred["source"] == "primary+tta")
+    assert len(tta) == 30 and report["tta"]["scored"] == 30 and report["tta"]["planned_rows"] == 30
+    certainty = np.abs(primary_pred["p_a"].to_numpy() - 0.5)
+    assert set(tta) == set(np.argsort(certainty, kind="stable")[:30])
+    # the reference: the same adapter on the swapped rows, outside the cascade, at the adapter's temperature
+    model = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=cfg.primary_adapter
+    )
+    swapped = schema.swap_ab(competition_test.iloc[tta].reset_index(drop=True))
+    rows = PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(swapped)
+    p_swapped = predict_proba(model, rows, tokenizer.pad_token_id, 4096).probs
+    cal = calibration.Calibration.load(cfg.primary_adapter / "calibration.json")
+    z = calibration.swap_tta_margin(
+        calibration.margin(primary_pred[["p_a", "p_b"]].to_numpy()[tta]), cal.scaled_margin(p_swapped)
+    )
+    np.testing.assert_allclose(calibration.margin(pred[["p_a", "p_b"]].to_numpy()[tta]), z, atol=1e-3)
+    rest = np.setdiff1d(np.arange(len(pred)), tta)
+    np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy()[rest], primary_pred[["p_a", "p_b"]].to_numpy()[rest])
+
+
+def test_rehearsal_projects_a_full_run_from_measured_batches(primary_run, demo_files, gemma_path, tmp_path) -> None:
+    """``--rehearse N`` scores N synthetic rows, then projects a 25K-row run from what it measured; it writes no
+    submission.csv where the real one would go."""
+    primary_cfg, _ = primary_run
+    cfg = _cfg(
+        demo_files,
+        tmp_path,
+        primary_model=primary_cfg.primary_model,
+        primary_adapter=primary_cfg.primary_adapter,
+        secondary_model=gemma_path,
+        tta_fraction=0.25,
+        rehearse=40,
+        rehearse_minutes=2.0,
+    )
+    infer(cfg)
+    assert not (tmp_path / "submission.csv").exists()
+    report = json.loads((tmp_path / "rehearsal" / "report.json").read_text())
+    assert report["rows"] == 40 and report["fallback_rows"] == 0
+    projection = report["projection"]
+    assert projection["primary_finishes"] and projection["planned_rows"]["primary"] == 25_000
+    assert "25,000 rows" in projection["table"] and "secondary" in projection["table"]
+    # the tiny model on a CPU does thousands of tokens a second: 25K rows of ~1K tokens take well under the budget,
+    # so the projection plans every secondary row too
+    assert 0 < projection["primary_hours"] < 11.5 and projection["planned_rows"]["secondary"] == 25_000

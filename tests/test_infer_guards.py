@@ -31,6 +31,7 @@ def _cfg(test_file: Path, out_dir: Path, qwen_path: Path, adapter: Path, **kw) -
         primary_model=qwen_path,
         primary_adapter=adapter,
         checkpoint_seconds=0.0,
+        tta_fraction=0.0,
     )
     return InferConfig(**{**params, **kw})
 
@@ -246,6 +247,7 @@ def test_a_slow_secondary_load_is_left_behind_at_the_deadline(
         started_at=started,
         time_budget_minutes=0.4,
         reserve_minutes=0.05,
+        first_batch_seconds_per_token=1e-4,  # the tiny model's speed: the prior gates the first batches
     )
     infer(cfg)
     report = _report(tmp_path)

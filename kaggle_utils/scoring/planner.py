@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pandas as pd
 
 from kaggle_utils.scoring.predict import plan_batches
 
@@ -413,6 +414,30 @@ def synthetic_lengths(n: int, max_length: int, seed: int = 0, template_tokens: i
     prompt = rng.lognormal(np.log(39), 1.93, n)  # (n,)
     responses = rng.lognormal(np.log(452), 0.60, (n, 2)).sum(axis=1)  # (n,)
     return np.minimum(np.ceil(prompt + responses) + template_tokens, max_length).astype(np.int64)
+
+
+# Common English words that BPE tokenizers (Qwen2.5, Gemma2) keep as one token after a space: a synthetic row of k
+# words is about k tokens, so the rehearsal's rows follow the length profile in tokens, not just in words.
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an had they"
+    " you were their one all we can her has there been if more when will would who so no"
+).split()
+
+
+def synthetic_test(n: int, seed: int = 0, max_words: int = 12_000) -> pd.DataFrame:
+    """A test file of ``n`` rows (id, prompt, response_a, response_b) whose word counts follow FACTS §1's token
+    profile (prompt ~ lognormal(ln 39, 1.93), responses ~ lognormal(ln 452, 0.60)), for rehearsing a run's speed:
+    the texts mean nothing, only their lengths matter."""
+    rng = np.random.default_rng(seed)
+    counts = np.stack(
+        [rng.lognormal(np.log(39), 1.93, n), rng.lognormal(np.log(452), 0.60, n), rng.lognormal(np.log(452), 0.60, n)],
+        axis=1,
+    )  # (n, 3) words of prompt, response_a, response_b
+    counts = np.clip(np.ceil(counts), 1, max_words).astype(np.int64)
+    vocab = np.array(_WORDS)
+    texts = [[" ".join(vocab[rng.integers(0, len(vocab), k)]) for k in row] for row in counts]
+    prompt, a, b = zip(*texts, strict=True)
+    return pd.DataFrame({"id": np.arange(n), "prompt": prompt, "response_a": a, "response_b": b})
 
 
 @dataclass

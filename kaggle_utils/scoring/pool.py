@@ -13,6 +13,7 @@ probabilities as an uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import queue
 import threading
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from kaggle_utils.models.loading import model_device
-from kaggle_utils.scoring.budget import Deadline, RateMeter
+from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.planner import CostModel
 from kaggle_utils.scoring.predict import score_batch
 
 
@@ -45,8 +48,8 @@ class PassResult:
     oom: dict[str, int] = field(default_factory=dict)
     # batches restored from an earlier run's parts
     resumed_batches: int = 0
-    # measured seconds per padded token (the last device to finish), for planning the next pass
-    seconds_per_token: float = 0.0
+    # (row lengths, device-seconds) of every batch measured, for the planner and a rehearsal's projection
+    batch_log: list[tuple[np.ndarray, float]] = field(default_factory=list)
 
     @property
     def scored(self) -> np.ndarray:
@@ -102,17 +105,74 @@ def pass_key(*parts: object) -> str:
     return digest.hexdigest()[:16]
 
 
+class DeviceCopies:
+    """One copy of a model per device, loaded one after the other on a background thread.
+
+    Loading in order (never two at once) is what transformers needs (it swaps a process-wide default dtype while
+    loading) and what host memory needs (each copy passes through it). A device's worker starts scoring as soon as
+    its own copy is ready, so the first GPU works while the second loads. The copies stay loaded across passes
+    (the primary's swap-TTA runs on the copies its first pass used) until :meth:`close`. A load still running at
+    the deadline is left behind: :meth:`wait` stops waiting, and a copy that arrives after :meth:`close` is dropped.
+    """
+
+    def __init__(self, load: Callable[[str], object], devices: Sequence[str], clock: Callable[[], float]):
+        # copies are numbered: "cpu,cpu" (two copies on one device) is a valid rehearsal of two GPUs
+        self.devices = list(devices)
+        self.models: dict[int, object] = {}
+        self.errors: dict[int, str] = {}
+        self.load_seconds: dict[str, float] = {}
+        self.ready = [threading.Event() for _ in self.devices]
+        self.closed = False
+        self.started = clock()
+        # wall seconds from the start until every copy was loaded (or failed); None while loading
+        self.total_load_seconds: float | None = None
+        self._thread = threading.Thread(target=self._load_all, args=(load, clock), name="loader", daemon=True)
+        self._thread.start()
+
+    def name(self, copy: int) -> str:
+        return self.devices[copy] if self.devices.count(self.devices[copy]) == 1 else f"{self.devices[copy]}#{copy}"
+
+    def _load_all(self, load: Callable[[str], object], clock: Callable[[], float]) -> None:
+        for copy, device in enumerate(self.devices):
+            t0 = clock()
+            try:
+                model = None if self.closed else load(device)
+            except Exception as err:  # a broken copy must not take the other devices down with it
+                self.errors[copy] = f"{self.name(copy)}: loading failed: {type(err).__name__}: {err}"
+                model = None
+            self.load_seconds[self.name(copy)] = round(clock() - t0, 1)
+            if model is not None and not self.closed:
+                self.models[copy] = model
+            self.ready[copy].set()
+        self.total_load_seconds = clock() - self.started
+
+    def wait(self, copy: int, deadline: Deadline) -> object | None:
+        """Copy number ``copy`` once loaded; None when its load failed or did not end before the deadline."""
+        remaining = deadline.remaining()
+        self.ready[copy].wait(timeout=None if remaining == float("inf") else max(0.0, remaining))
+        return self.models.get(copy)
+
+    def close(self) -> None:
+        """Free every copy (and any still loading, when it arrives)."""
+        self.closed = True
+        self.models.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 @dataclass
 class _Shared:
     """State the worker threads share; numpy writes go to disjoint rows, lists are appended under the GIL."""
 
     rows: list[list[int]]
+    lengths: np.ndarray
     batches: list[np.ndarray]
     todo: queue.Queue
     probs: np.ndarray
     parts: Parts
     deadline: Deadline
-    prior: float
+    cost: CostModel
     result: PassResult
     attempts: dict[int, int] = field(default_factory=dict)
     bar: tqdm | None = None
@@ -120,27 +180,27 @@ class _Shared:
     stop: bool = False
 
 
-def _worker(device: str, load: Callable[[str], object], pad_id: int, shared: _Shared) -> None:
-    result = shared.result
-    t0 = time.monotonic()
-    try:
-        model = load(device)
-    except Exception as err:  # a broken copy must not take the other devices down with it
-        result.errors.append(f"{device}: loading failed: {type(err).__name__}: {err}")
+def _worker(copy: int, copies: DeviceCopies, pad_id: int, shared: _Shared) -> None:
+    result, deadline, device = shared.result, shared.deadline, copies.name(copy)
+    model = copies.wait(copy, deadline)
+    if model is None:
+        if copy in copies.errors:
+            result.errors.append(copies.errors[copy])
+        else:
+            result.stopped_by_deadline = True
+            result.errors.append(f"{device}: still loading at the deadline; left behind")
         return
-    result.load_seconds[device] = round(time.monotonic() - t0, 1)
-    rate = RateMeter(prior_seconds_per_token=shared.prior)
     while not shared.stop:
         try:
             b = shared.todo.get_nowait()
         except queue.Empty:
             break
         idx = shared.batches[b]
-        padded = len(idx) * max(len(shared.rows[i]) for i in idx)
-        if not shared.deadline.allows(rate.estimate(padded)):
+        lengths = shared.lengths[idx]  # (B,)
+        if not deadline.allows(shared.cost.predict([lengths])[0]):
             result.stopped_by_deadline = True
             break
-        tb = shared.deadline.clock()  # the deadline's clock: measured times and the deadline must agree
+        tb = deadline.clock()  # the deadline's clock: measured times and the deadline must agree
         try:
             probs = score_batch(model, shared.rows, idx, pad_id, model_device(model), result.oom)
         except Exception as err:
@@ -149,34 +209,39 @@ def _worker(device: str, load: Callable[[str], object], pad_id: int, shared: _Sh
             if shared.attempts[b] < 2:  # once more on another device; twice is the batch's fault
                 shared.todo.put(b)
             break
+        seconds = deadline.clock() - tb
         shared.probs[idx] = probs
         shared.parts.add(b, idx, probs)
-        rate.add(padded, shared.deadline.clock() - tb)
-        result.seconds_per_token = rate.seconds_per_token
+        shared.cost.add(lengths, seconds)
+        result.batch_log.append((lengths, seconds))
         bar = shared.bar
         if bar is not None:
             bar.update(len(idx))
-    del model
 
 
 def run_pass(
-    load: Callable[[str], object],
-    devices: Sequence[str],
+    copies: DeviceCopies,
     rows: list[list[int]],
     batches: list[np.ndarray],
     pad_id: int,
     deadline: Deadline,
-    prior_seconds_per_token: float = 0.0,
+    cost: CostModel,
     parts_dir: Path | None = None,
     flush_seconds: float = 60.0,
     desc: str = "scoring",
 ) -> PassResult:
-    """Score ``batches`` (row indices into ``rows``, in priority order) with ``load(device)`` on every device."""
-    t0 = time.monotonic()
+    """Score ``batches`` (row indices into ``rows``, in priority order) on every device of ``copies``.
+
+    A batch starts only when ``cost`` (learnt from this pass's batches as they end) projects it to end before the
+    deadline. ``batches`` may be a prefix of a pass planned whole: parts are numbered by batch, so a rerun with a
+    longer or shorter prefix of the same pass reuses what was scored.
+    """
+    t0 = deadline.clock()
     probs = np.full((len(rows), 2), np.nan, dtype=np.float32)
     result = PassResult(probs, 0.0, False)
     parts = Parts(parts_dir, flush_seconds)
     done = parts.restore()
+    done = done[done["batch"] < len(batches)]
     if len(done):
         probs[done["row"].to_numpy()] = done[["p_a", "p_b"]].to_numpy(dtype=np.float32)
     finished = set(done["batch"].astype(int))
@@ -187,9 +252,13 @@ def run_pass(
             todo.put(b)
     if todo.empty():
         return result
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     bar = tqdm(total=sum(len(batches[b]) for b in list(todo.queue)), desc=desc, unit="row", leave=False)
-    shared = _Shared(rows, batches, todo, probs, parts, deadline, prior_seconds_per_token, result, bar=bar)
-    threads = [threading.Thread(target=_worker, args=(d, load, pad_id, shared), name=d, daemon=True) for d in devices]
+    shared = _Shared(rows, lengths, batches, todo, probs, parts, deadline, cost, result, bar=bar)
+    threads = [
+        threading.Thread(target=_worker, args=(c, copies, pad_id, shared), name=copies.name(c), daemon=True)
+        for c in range(len(copies.devices))
+    ]
     try:
         for t in threads:
             t.start()
@@ -198,10 +267,11 @@ def run_pass(
         shared.stop, shared.bar = True, None
         parts.flush()  # even on a KeyboardInterrupt: what was scored survives the kill
         bar.close()
-    result.seconds = time.monotonic() - t0
+    result.seconds = deadline.clock() - t0
+    result.load_seconds = dict(copies.load_seconds)
     if any(t.is_alive() for t in threads):
-        # a device still loading or in a forward at the deadline is left behind (daemon threads): what it
-        # writes from now on goes to the old array, never into the result handed back
+        # a device still in a forward at the deadline is left behind (daemon threads): what it writes from now on
+        # goes to the old array, never into the result handed back
         result.probs = probs.copy()
     return result
 
@@ -213,4 +283,4 @@ def _join_until(threads: list[threading.Thread], deadline: Deadline, result: Pas
         t.join(timeout=None if remaining == float("inf") else max(0.0, remaining))
         if t.is_alive():
             result.stopped_by_deadline = True
-            result.errors.append(f"{t.name}: still loading or scoring at the deadline; left behind")
+            result.errors.append(f"{t.name}: still scoring at the deadline; left behind")
