@@ -3,6 +3,7 @@ overrides only what it writes; the command line takes ``--recipe`` and flags ove
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -21,11 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE_FILES = sorted(p for p in recipes.RECIPES_DIR.glob("*.toml") if p != recipes.PROFILES_FILE)
 
 
-def config_class(stage: str) -> type:
-    if stage == "data":  # the download stage lives in the kaggle layer, outside the notebooks' stages
-        from kaggle_utils.kaggle.download import DownloadConfig
+# stages without a notebook of their own: "module:Class" of their configs
+OTHER_STAGES = {
+    "data": "kaggle_utils.kaggle.download:DownloadConfig",
+    "generate_pairs": "kaggle_utils.api.generate:GenerateConfig",
+    "translate": "kaggle_utils.api.translate:TranslateConfig",
+    "multiple-choice": "kaggle_utils.multiple_choice:MultipleChoiceConfig",
+}
 
-        return DownloadConfig
+
+def config_class(stage: str) -> type:
+    if stage in OTHER_STAGES:
+        module, name = OTHER_STAGES[stage].split(":")
+        return getattr(importlib.import_module(module), name)
     return STAGE_CONFIGS[stage]
 
 
