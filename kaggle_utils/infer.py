@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -46,9 +47,11 @@ from kaggle_utils.models.loading import (
     check_model_dir,
     load_classifier,
     load_tokenizer,
+    model_device,
 )
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import Blend, Calibration, margin, probs_from_margin, swap_tta_margin
+from kaggle_utils.scoring.memory import probe_token_budget
 from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
 from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
@@ -56,6 +59,8 @@ from kaggle_utils.scoring.predict import plan_batches
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
+# padded tokens per batch where no GPU memory can be measured (``batch_tokens = 0`` on a CPU)
+CPU_BATCH_TOKENS = 16_384
 
 
 @dataclass
@@ -90,8 +95,11 @@ class InferConfig(InputConfig):
     reserve_minutes: float = 5.0
     # wall-clock start of the run (time.time()); 0: when the stage starts
     started_at: float = 0.0
-    # padded tokens per batch (rows x longest row)
-    batch_tokens: int = 16384
+    # padded tokens per batch (rows x longest row); 0: measured per model from the GPU's free memory on the longest
+    # rows right after loading (scoring.memory), CPU_BATCH_TOKENS on a CPU
+    batch_tokens: int = 0
+    # the most padded tokens a measured budget may reach (larger batches stop paying: FACTS §7)
+    max_batch_tokens: int = 32_768
     # most rows in one batch
     max_rows: int = 64
     # folder that receives submission.csv, predictions.parquet and report.json
@@ -131,6 +139,8 @@ class InferConfig(InputConfig):
             raise ValueError(
                 f"time_budget_minutes={self.time_budget_minutes} must exceed reserve_minutes={self.reserve_minutes}"
             )
+        if self.batch_tokens < 0 or self.max_batch_tokens < 1:
+            raise ValueError(f"batch_tokens={self.batch_tokens} must be >= 0 (0: measured), max_batch_tokens >= 1")
         for name in ("tta_fraction", "secondary_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
@@ -213,6 +223,8 @@ class Role:
     adapter: Path | None
     cost: CostModel
     copies: DeviceCopies | None = None
+    # padded tokens per batch: the configured figure, or measured on the first copy once loaded
+    batch_tokens: int = 0
 
     def start_loading(self, cfg: InferConfig, pad_id: int, devices: list[str], deadline: Deadline) -> None:
         def load(device: str):
@@ -282,6 +294,7 @@ class Cascade:
             return
         primary.start_loading(cfg, enc.tokenizer.pad_token_id, self.devices, self.deadline)
         try:
+            self.measure_budget(primary, enc)
             result = self.guarded("primary", lambda: self.score(primary, enc, "primary"))
             if result is None:
                 return
@@ -295,6 +308,46 @@ class Cascade:
             self.report.setdefault("load_seconds", {})["primary"] = primary.close()
         if optional is not None and optional.secondary is not None:
             self.run_secondary(optional)
+
+    def measure_budget(self, role: Role, enc: Encoded) -> None:
+        """``role.batch_tokens``: the configured figure, else measured on the first copy's device on the longest
+        rows (once per model and settings: a rerun reads the figure back, so it forms the same batches and resumes
+        its parts). A copy that never loads leaves the CPU figure; the pass then reports the load's error."""
+        cfg = self.cfg
+        if cfg.batch_tokens:
+            role.batch_tokens = cfg.batch_tokens
+            self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "configured"}
+            return
+        key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, self.devices, enc.lengths.max())
+        saved = cfg.out_dir / "parts" / f"budget-{role.name}-{key}.json"
+        if saved.is_file():
+            role.batch_tokens = json.loads(saved.read_text())["tokens"]
+            self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "read back"}
+            return
+        model = role.copies.wait(0, self.deadline)
+        role.batch_tokens = CPU_BATCH_TOKENS
+        self.report.setdefault("token_budget", {})[role.name] = {"tokens": CPU_BATCH_TOKENS, "how": "no copy loaded"}
+        if model is None:
+            return
+        budget = self.guarded(
+            role.name,
+            lambda: probe_token_budget(
+                model,
+                enc.rows,
+                enc.lengths,
+                enc.tokenizer.pad_token_id,
+                model_device(model),
+                max_rows=cfg.max_rows,
+                ceiling=cfg.max_batch_tokens,
+                fallback=CPU_BATCH_TOKENS,
+            ),
+        )
+        if budget is None:
+            return
+        role.batch_tokens = budget.tokens
+        self.report.setdefault("token_budget", {})[role.name] = {"tokens": budget.tokens, "how": budget.describe()}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"tokens": budget.tokens, "describe": budget.describe()}) + "\n")
 
     def guarded(self, what: str, work: Callable, preflight_of: Role | None = None):
         """``work()``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
@@ -317,14 +370,14 @@ class Cascade:
         ``batches``: the pass planned whole (positions into ``enc``), of which the first ``limit`` run; default: all
         rows by length."""
         cfg = self.cfg
-        batches = plan_batches(enc.lengths, cfg.batch_tokens, cfg.max_rows) if batches is None else batches
+        batches = plan_batches(enc.lengths, role.batch_tokens, cfg.max_rows) if batches is None else batches
         inputs = config_to_dict(InputConfig(**_input_fields(cfg)))
         ids = self.test["id"].iloc[enc.index].tolist()
         plan = [b.tolist() for b in batches]
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
         run = batches if limit is None else batches[:limit]
         print(
-            f"{desc}: {len(run)} of {len(batches)} batches of up to {cfg.batch_tokens:,} padded tokens on "
+            f"{desc}: {len(run)} of {len(batches)} batches of up to {role.batch_tokens:,} padded tokens on "
             f"{', '.join(self.devices)}; cost {role.cost.describe(cfg.max_length)}",
             flush=True,
         )
@@ -356,7 +409,7 @@ class Cascade:
         certainty = np.abs(self.raw[scored, 0] - 0.5)  # (S,) the same order as calibrated margins
         pick = np.argsort(certainty, kind="stable")
         work = OptionalWork(order=scored[pick], keys=certainty[pick])
-        build = dict(batch_tokens=cfg.batch_tokens, max_rows=cfg.max_rows)
+        build = dict(batch_tokens=primary.batch_tokens, max_rows=cfg.max_rows)
         n_tta = int(round(cfg.tta_fraction * len(work.order)))
         if n_tta:
             rows = work.order[:n_tta]
@@ -376,7 +429,8 @@ class Cascade:
         a, b, c = primary.cost.coefficients()
         load = ratio * (primary.copies.total_load_seconds or 0.0)
         cost = CostModel(per_token=max(ratio * a, 1e-12), per_token2=ratio * b, per_batch=c, load_seconds=load)
-        role = Role("secondary", cfg.secondary_model, cfg.secondary_adapter, cost)
+        # batched with the primary's budget until its own is measured (run_secondary re-batches then)
+        role = Role("secondary", cfg.secondary_model, cfg.secondary_adapter, cost, batch_tokens=build["batch_tokens"])
         n = int(round(cfg.secondary_fraction * len(work.order)))
         rows = work.order[:n]
         if n == 0:
@@ -421,6 +475,16 @@ class Cascade:
             return
         role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, self.devices, self.deadline)
         try:
+            planned = role.batch_tokens
+            self.measure_budget(role, work.secondary_enc)
+            if role.batch_tokens != planned:  # its own budget, measured: the same rows in other batches, re-planned
+                old = work.secondary_work
+                work.secondary_work = PassWork.build(
+                    old.lengths, role.cost, keys=work.keys[: len(old.lengths)], batch_tokens=role.batch_tokens,
+                    max_rows=self.cfg.max_rows,
+                )  # fmt: skip
+                plan = self.plan(None, work.secondary_work)
+                n = plan.batches["secondary"]
             result = self.guarded(
                 "secondary",
                 lambda: self.score(role, work.secondary_enc, "secondary", work.secondary_work.batches, n),
@@ -515,6 +579,9 @@ def _weights_bytes(folder: Path) -> int:
 
 def infer(cfg: InferConfig) -> pd.DataFrame:
     """Run the stage; returns the predictions (also written with the submission and a report)."""
+    # before CUDA's allocator starts: without expandable segments, budgets past ~40K tokens fragmented the cache and
+    # split batches that had fit (H200 capped at 15 GiB, scoring.memory's probe)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if cfg.rehearse:
         return rehearse(cfg)
     test, repairs = schema.read_test(cfg.test_file)  # refuses only a file that cannot be a test file at all
@@ -568,7 +635,7 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
         n_rows=cfg.project_rows,
         max_length=cfg.max_length,
         devices=len(run.devices),
-        batch_tokens=cfg.batch_tokens,
+        batch_tokens=run.report["token_budget"].get("primary", {}).get("tokens", cfg.batch_tokens or CPU_BATCH_TOKENS),
         max_rows=cfg.max_rows,
         tta_fraction=cfg.tta_fraction,
         budget_seconds=cfg.time_budget_minutes * 60,

@@ -295,3 +295,15 @@ def test_rehearsal_projects_a_full_run_from_measured_batches(primary_run, demo_f
     # the tiny model on a CPU does thousands of tokens a second: 25K rows of ~1K tokens take well under the budget,
     # so the projection plans every secondary row too
     assert 0 < projection["primary_hours"] < 11.5 and projection["planned_rows"]["secondary"] == 25_000
+
+
+def test_a_measured_budget_falls_back_on_the_cpu_and_is_read_back_on_a_rerun(primary_run, demo_files, tmp_path) -> None:
+    primary_cfg, primary_pred = primary_run
+    cfg = replace(primary_cfg, out_dir=tmp_path, batch_tokens=0)
+    pred = infer(cfg)
+    budget = _outputs(tmp_path)[2]["token_budget"]["primary"]
+    assert budget["tokens"] == infer_module.CPU_BATCH_TOKENS and "cpu" in budget["how"].lower()
+    # the same rows, other batches: the same predictions (batching does not change a row's probabilities)
+    np.testing.assert_allclose(pred[["p_a", "p_b"]], primary_pred[["p_a", "p_b"]], atol=1e-5)
+    infer(cfg)
+    assert _outputs(tmp_path)[2]["token_budget"]["primary"]["how"] == "read back"

@@ -328,3 +328,30 @@ def test_the_adapters_fitted_temperature_and_blend_are_applied(
     assert report["blend"] == {"weight": 1.0, "reason": "fitted"} and (pred["source"] == "blend").all()
     # weight 1: the secondary alone, at the blend's temperature 1 (the same model and adapter as the reference)
     np.testing.assert_allclose(margin(pred[["p_a", "p_b"]].to_numpy()), margin(ref) * fitted, atol=1e-3)
+
+
+def test_the_planned_cascade_ends_before_the_deadline_with_optional_work(
+    demo_files, qwen_path, gemma_path, adapter, tmp_path, monkeypatch, clock
+) -> None:
+    """Simulated clock, 2 s a batch and 5 s a load: the primary on every row, then swapped view and secondary as
+    far as the plan allows; the run ends before the deadline and leaves no row to the fallback."""
+    wrap_loads(monkeypatch, before_forward=lambda ids: clock.advance(2.0), on_load=lambda n, d: clock.advance(5.0))
+    start = clock.now
+    cfg = _cfg(
+        demo_files["test"],
+        tmp_path,
+        qwen_path,
+        adapter,
+        secondary_model=gemma_path,
+        tta_fraction=0.5,
+        time_budget_minutes=1.5,
+        reserve_minutes=0.5,
+        first_batch_seconds_per_token=2.0 / 2048,  # the simulated speed: 2 s for a full batch
+    )
+    pred = infer(cfg)
+    report = _report(tmp_path)
+    assert clock.now - start <= 60.0, f"ended {clock.now - start - 60:.0f} s past the deadline"
+    assert report["fallback_rows"] == 0 and report["primary"]["scored"] == report["rows"]
+    optional = report.get("tta", {}).get("scored", 0) + report.get("secondary", {}).get("scored", 0)
+    assert 0 < optional < report["rows"] * 1.5, "the plan should fit some, not all, optional work"
+    assert report["plans"] and set(pred["source"]) <= {"primary", "primary+tta", "blend", "blend+tta"}

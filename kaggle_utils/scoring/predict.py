@@ -63,12 +63,15 @@ def score_batch(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, devi
     (:func:`rescore_in_fp32`); only rows still non-finite, or out of memory there, stay NaN. ``stats`` counts
     ``oom_splits``, ``oom_rows`` and the ``overflow_*`` counters of :func:`rescore_in_fp32`.
     """
+    logits = None
     try:
         enc = pad([rows[i] for i in idx], pad_id)
         logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (B, 2)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise
+    if logits is None:
+        # retried outside the except block: the exception's traceback holds the failed forward's activations
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _count(stats, "oom_rows" if len(idx) == 1 else "oom_splits")
