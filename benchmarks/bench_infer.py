@@ -1,19 +1,23 @@
 """The inference engine at real shapes on one GPU rehearsing a T4: fp16, memory capped, max length 2,500.
 
-    python benchmarks/bench_infer.py --work /tmp/bench-infer      # a CUDA GPU; builds random-weight models
+    python benchmarks/bench_infer.py --work /tmp/bench-infer                 # engine vs public vs ideal, capped
+    python benchmarks/bench_infer.py --work /tmp/bench-infer --formats       # nf4 vs int8 vs fp16 dense, uncapped
+    python benchmarks/bench_infer.py --work /tmp/bench-infer --rehearse 300  # the stage's --rehearse, capped
 
-For Qwen2.5-14B's and Gemma2-9B's shapes (random weights, saved with ``save_pretrained``, loaded nf4 through the
-same path as real weights), on rows drawn with the competition's length profile:
+For Qwen2.5-14B's and Gemma2-9B's shapes (random weights, saved with ``save_pretrained``, loaded through the same
+path as real weights), on rows drawn with the competition's length profile:
 
-* engine: the infer stage's scoring pass (:func:`kaggle_utils.infer.score_model`: queue of token-budget batches,
-  OOM split-and-retry, deadline checks, parts on disk);
+* engine: the infer stage's own pass (``Cascade.score``: device copies, a queue of token-budget batches, the cost
+  model's deadline gate, OOM split-and-retry, parts on disk) at a fixed budget (``--batch-tokens``) and at the budget
+  the stage measures from free memory (``batch_tokens = 0``, :mod:`kaggle_utils.scoring.memory`);
 * public: the public notebooks' recipe on the same loaded model: rows sorted by length, a fixed batch of 4;
-* ideal: equal-length rows (the mean length of the set, rounded to 128) in batches of the same token budget: no
-  padding and no length mix, the bound a batching scheme can approach.
+* ideal: equal-length rows (the set's mean length, rounded to 128) in batches of the same budget: no padding and no
+  length mix; ideal-mix: the same rows cut to a multiple of 64 tokens and batched by exact length: no padding, the
+  real length mix (attention's share grows with length, so this is the bound for these rows).
 
 Everything runs in fp16 (a T4 has no bf16) with ``torch.cuda.set_per_process_memory_fraction`` capping the process
-at ``--cap-gib`` (15 GiB: what a 16 GB T4 leaves usable). Prints one table: real tokens/s (padding not counted),
-ratios to ideal and to public, peak memory, out-of-memory splits.
+at ``--cap-gib`` (15 GiB: what a 16 GB T4 leaves usable), except ``--formats`` (a dense fp16 14B does not fit a T4;
+the layer split over two is the engine's answer there). Prints one table per mode.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +33,12 @@ import torch
 
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.data.schema import read_test
-from kaggle_utils.infer import InferConfig, score_model
+from kaggle_utils.infer import Cascade, InferConfig, Role, encode, infer
 from kaggle_utils.inputs.batching import token_budget_batches
-from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.demo import build_qwen_tokenizer
-from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
 from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.planner import CostModel
+from kaggle_utils.scoring.pool import DeviceCopies
 from kaggle_utils.scoring.predict import score_batch
 
 SHAPES = {
@@ -77,42 +82,126 @@ def timed(model, rows: list[list[int]], batches: list[np.ndarray], pad_id: int) 
     return time.perf_counter() - t0, int(sum(len(rows[i]) for b in batches for i in b))
 
 
-def bench(name: str, model_dir: Path, test_file: Path, out: Path, batch_tokens: int, max_rows: int) -> dict:
-    cfg = InferConfig(
-        test_file=test_file, primary_model=model_dir, out_dir=out, max_length=2500, batch_tokens=batch_tokens,
-        max_rows=max_rows, devices="cuda:0", dtype="fp16", checkpoint_seconds=1e9,
-    )  # fmt: skip
-    test, _ = read_test(test_file)
-    # a warm-up pass on a few rows first (CUDA and bitsandbytes kernels initialise), as public and ideal get one
-    score_model(cfg, model_dir, None, test.head(16), Deadline(None), desc=f"{name} warm-up")
+def int8_loader(model_dir: Path):
+    """bitsandbytes LLM.int8 straight from the bf16 folder (what ``merge --export-int8`` saves), head dense."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    def load(device: str):
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=2, dtype=torch.float16, quantization_config=quant, device_map={"": device}
+        )
+        model.config.pad_token_id, model.config.use_cache = 151_643, False
+        return model.eval()
+
+    return load
+
+
+def load_role(cfg: InferConfig, model_dir: Path, loader=None) -> Role:
+    """The model loaded as the stage loads it (one copy on cuda:0), or with ``loader``."""
+    role = Role("primary", model_dir, None, CostModel(cfg.first_batch_seconds_per_token))
+    deadline = Deadline(None)
+    if loader is None:
+        pad_id = encode(cfg, model_dir, read_test(cfg.test_file)[0].head(1)).tokenizer.pad_token_id
+        role.start_loading(cfg, pad_id, ["cuda:0"], deadline)
+    else:
+        role.copies = DeviceCopies(loader, ["cuda:0"], deadline.clock)
+    if role.copies.wait(0, deadline) is None:
+        raise RuntimeError(f"{model_dir}: {role.copies.errors}")
+    return role
+
+
+def engine(cfg: InferConfig, role: Role, test, desc: str) -> dict:
+    """The stage's primary pass on ``test`` with ``role``'s loaded copy, after its budget is set and a warm-up."""
+    run = Cascade(cfg, test, {}, Deadline(None))
+    enc = encode(cfg, role.model_path, test)
+    model = role.copies.models[0]
+    run.measure_budget(role, enc)  # batch_tokens = 0: the probe (which also warms the kernels up)
+    score_batch(model, enc.rows, np.argsort(enc.lengths)[-4:], enc.tokenizer.pad_token_id, "cuda:0")
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    result = score_model(cfg, model_dir, None, test, Deadline(None), desc=name)
-    tok = load_tokenizer(model_dir)
-    rows = PromptFormatter(tok, cfg).encode(test)
-    real = int(sum(len(r) for r in rows))
-    engine_s = result.seconds - sum(result.load_seconds.values())
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    model = load_classifier(ModelConfig(model_path=model_dir, device="cuda:0", dtype="fp16"), tok.pad_token_id)
-    order = np.argsort([-len(r) for r in rows], kind="stable")
-    public = [order[i : i + 4] for i in range(0, len(order), 4)]
-    public_s, _ = timed(model, rows, public, tok.pad_token_id)
-    length = max(128, int(round(np.mean([len(r) for r in rows]) / 128)) * 128)
-    flat = [r[:length] + [r[-1]] * (length - len(r)) for r in rows]  # every row exactly `length` tokens
-    ideal_s, ideal_tokens = timed(model, flat, token_budget_batches(np.full(len(flat), length), batch_tokens, 32), 0)
-    del model
-    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    result = run.score(role, enc, desc)
+    seconds = time.perf_counter() - t0
     return {
-        "model": f"{name} r{max_rows}",
-        "rows": len(rows),
-        "real_tokens": real,
-        "engine_tok_s": real / engine_s,
-        "public_tok_s": real / public_s,
-        "ideal_tok_s": ideal_tokens / ideal_s,
-        "peak_gib": peak,
+        "variant": desc,
+        "batch_tokens": role.batch_tokens,
+        "tok_s": int(enc.lengths.sum()) / seconds,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "scored": int(result.scored.sum()),
         "oom": result.oom,
         "errors": result.errors,
+        "enc": enc,
     }
+
+
+def baselines(model, enc, batch_tokens: int) -> dict[str, float]:
+    """Tokens/s of the public recipe, the equal-length ideal and the no-padding ideal on the same loaded model."""
+    rows, pad_id = enc.rows, enc.tokenizer.pad_token_id
+    order = np.argsort(-enc.lengths, kind="stable")
+    public_s, real = timed(model, rows, [order[i : i + 4] for i in range(0, len(order), 4)], pad_id)
+    length = max(128, int(round(enc.lengths.mean() / 128)) * 128)
+    flat = [r[:length] + [r[-1]] * (length - len(r)) for r in rows]  # every row exactly `length` tokens
+    ideal_s, ideal_tokens = timed(model, flat, token_budget_batches(np.full(len(flat), length), batch_tokens, 32), 0)
+    cut = [r[: max(64, len(r) // 64 * 64)] for r in rows]  # lengths in steps of 64: batches of one exact length
+    cut_lengths = np.array([len(r) for r in cut])
+    mix_s, mix_tokens = timed(model, cut, token_budget_batches(cut_lengths, batch_tokens, 32), 0)
+    return {"public": real / public_s, "ideal": ideal_tokens / ideal_s, "ideal_mix": mix_tokens / mix_s}
+
+
+def bench_engine(name: str, model_dir: Path, test_file: Path, out: Path, args) -> list[dict]:
+    cfg = InferConfig(
+        test_file=test_file, primary_model=model_dir, out_dir=out, max_length=2500, batch_tokens=args.batch_tokens,
+        max_rows=args.max_rows, devices="cuda:0", dtype="fp16", checkpoint_seconds=1e9, tta_fraction=0.0,
+        max_batch_tokens=args.max_batch_tokens,
+    )  # fmt: skip
+    test, _ = read_test(test_file)
+    role, rows = load_role(cfg, model_dir), []
+    for variant, tokens in (("fixed", args.batch_tokens), ("measured", 0)):
+        run_cfg = replace(cfg, batch_tokens=tokens, out_dir=out / f"{name}-{variant}")
+        r = engine(run_cfg, role, test, f"{name} {variant}")
+        if variant == "fixed":
+            base = baselines(role.copies.models[0], r["enc"], args.batch_tokens)
+        rows.append({k: v for k, v in r.items() if k != "enc"} | base | {"model": name})
+        print(json.dumps(rows[-1], default=str), flush=True)
+    role.close()
+    return rows
+
+
+def bench_formats(name: str, model_dir: Path, test_file: Path, out: Path, args) -> list[dict]:
+    """nf4 (as trained) vs int8 vs dense fp16 through the same engine pass, uncapped, at the fixed budget."""
+    cfg = InferConfig(
+        test_file=test_file, primary_model=model_dir, out_dir=out, max_length=2500, batch_tokens=args.batch_tokens,
+        max_rows=args.max_rows, devices="cuda:0", dtype="fp16", checkpoint_seconds=1e9, tta_fraction=0.0,
+    )  # fmt: skip
+    test, _ = read_test(test_file)
+    rows = []
+    for fmt in ("nf4", "int8", "fp16"):
+        t0 = time.perf_counter()
+        run_cfg = replace(cfg, load_in_4bit=fmt == "nf4", out_dir=out / f"{name}-{fmt}")
+        role = load_role(run_cfg, model_dir, int8_loader(model_dir) if fmt == "int8" else None)
+        weights = torch.cuda.memory_allocated() / 2**30
+        r = engine(run_cfg, role, test, f"{name} {fmt}")
+        role.close()
+        keep = {k: v for k, v in r.items() if k != "enc"}
+        rows.append(keep | {"model": name, "format": fmt, "weights_gib": weights, "wall_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1], default=str), flush=True)
+    return rows
+
+
+def rehearse(work: Path, test_file: Path, args) -> None:
+    """The stage's ``--rehearse`` with both models on one capped GPU: the projection of a 25K-row run."""
+    cfg = InferConfig(
+        test_file=test_file, primary_model=work / "qwen2.5-14b", secondary_model=work / "gemma2-9b",
+        out_dir=work / "reh",
+        max_length=2500, batch_tokens=0, max_batch_tokens=args.max_batch_tokens, max_rows=args.max_rows,
+        devices="cuda:0", dtype="fp16", rehearse=args.rehearse, rehearse_minutes=args.rehearse_minutes,
+        tta_fraction=0.25, fail_soft=True,
+    )  # fmt: skip
+    infer(cfg)
+    report = json.loads((work / "reh" / "rehearsal" / "report.json").read_text())
+    print(json.dumps({k: report.get(k) for k in ("sources", "token_budget", "plans", "errors")}, default=str))
+    print(report["projection"]["table"])
 
 
 def main() -> None:
@@ -120,32 +209,52 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-infer"))
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--cap-gib", type=float, default=15.0, help="per-process GPU memory cap (a T4 leaves ~15 GiB)")
-    ap.add_argument("--batch-tokens", type=int, default=8192)
-    ap.add_argument("--max-rows", default="32,128", help="the engine's most rows per batch; several: one run each")
+    ap.add_argument("--batch-tokens", type=int, default=8192, help="the fixed budget; the measured one is also run")
+    ap.add_argument("--max-batch-tokens", type=int, default=32_768, help="ceiling of the measured budget")
+    ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--models", default="qwen2.5-14b,gemma2-9b")
+    ap.add_argument("--formats", action="store_true", help="nf4 vs int8 vs fp16 dense instead, uncapped")
+    ap.add_argument("--rehearse", type=int, default=0, help="instead: the stage's rehearsal on this many rows")
+    ap.add_argument("--rehearse-minutes", type=float, default=3.0)
     args = ap.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     data = generate_demo_data(
         DemoDataConfig(out_dir=args.work / "data", n_train=8, n_test=args.rows, n_unlabeled=8, length_scale=1.0)
     )
-    out = []
     for name in args.models.split(","):
         t0 = time.time()
         build(name, args.work / name)
         print(f"{name}: built in {time.time() - t0:.0f} s", flush=True)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib / total))
-        for max_rows in map(int, args.max_rows.split(",")):
-            work = args.work / f"out-{name}-{max_rows}"
-            out.append(bench(name, args.work / name, data["test"], work, args.batch_tokens, max_rows))
-            print(json.dumps(out[-1]), flush=True)
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    print(f"\n{torch.cuda.get_device_name(0)} · fp16 · cap {args.cap_gib} GiB · max length 2500 · {args.rows} rows")
-    print(f"{'model':17} {'engine':>8} {'public':>8} {'ideal':>8} {'eng/ideal':>9} {'eng/pub':>8} {'peak GiB':>8} oom")
+    cap = 1.0 if args.formats else min(1.0, args.cap_gib / total)
+    torch.cuda.set_per_process_memory_fraction(cap)
+    head = f"{torch.cuda.get_device_name(0)} · fp16 · cap {cap * total:.0f} GiB · max length 2500 · {args.rows} rows"
+    if args.rehearse:
+        print(head)
+        return rehearse(args.work, data["test"], args)
+    bench = bench_formats if args.formats else bench_engine
+    out = [r for name in args.models.split(",") for r in bench(name, args.work / name, data["test"], args.work, args)]
+    print(f"\n{head}")
+    if args.formats:
+        print(
+            f"{'model':12} {'format':6} {'tok/s':>8} {'vs nf4':>7} {'weights GiB':>11} {'peak GiB':>8} "
+            f"{'load+run s':>10}"
+        )
+        nf4 = {r["model"]: r["tok_s"] for r in out if r["format"] == "nf4"}
+        for r in out:
+            print(
+                f"{r['model']:12} {r['format']:6} {r['tok_s']:8.0f} {r['tok_s'] / nf4[r['model']]:7.2f} "
+                f"{r['weights_gib']:11.1f} {r['peak_gib']:8.1f} {r['wall_s']:10.0f}"
+            )
+        return
+    print(
+        f"{'model':12} {'budget':>14} {'engine':>8} {'public':>8} {'ideal':>8} {'mix':>8} {'eng/ideal':>9} "
+        f"{'eng/mix':>7} {'eng/pub':>7} {'peak GiB':>8} oom"
+    )
     for r in out:
         print(
-            f"{r['model']:17} {r['engine_tok_s']:8.0f} {r['public_tok_s']:8.0f} {r['ideal_tok_s']:8.0f} "
-            f"{r['engine_tok_s'] / r['ideal_tok_s']:9.3f} {r['engine_tok_s'] / r['public_tok_s']:8.2f} "
-            f"{r['peak_gib']:8.1f} {r['oom']}"
+            f"{r['model']:12} {r['variant'].split()[-1] + ' ' + format(r['batch_tokens'], ','):>14} {r['tok_s']:8.0f} "
+            f"{r['public']:8.0f} {r['ideal']:8.0f} {r['ideal_mix']:8.0f} {r['tok_s'] / r['ideal']:9.3f} "
+            f"{r['tok_s'] / r['ideal_mix']:7.3f} {r['tok_s'] / r['public']:7.2f} {r['peak_gib']:8.1f} {r['oom']}"
         )
 
 
