@@ -247,10 +247,11 @@ class Role:
         return seconds
 
 
-def _pass_report(result: PassResult, rows: np.ndarray, planned: int | None = None) -> dict:
+def _pass_report(result: PassResult, rows: np.ndarray, planned: int | None = None, wall: float | None = None) -> dict:
+    """A pass in the report; ``wall``: seconds from the start of its load to its end (default: the pass's own)."""
     report = {
         "scored": int(rows.sum()),
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds if wall is None else wall, 1),
         "load_seconds": result.load_seconds,
         "stopped_by_deadline": result.stopped_by_deadline,
         "resumed_batches": result.resumed_batches,
@@ -292,6 +293,7 @@ class Cascade:
         enc = self.guarded("primary", lambda: encode(cfg, cfg.primary_model, self.test), preflight_of=primary)
         if enc is None:
             return
+        t0 = self.deadline.clock()
         primary.start_loading(cfg, enc.tokenizer.pad_token_id, self.devices, self.deadline)
         try:
             self.measure_budget(primary, enc)
@@ -299,7 +301,7 @@ class Cascade:
             if result is None:
                 return
             self.raw[:] = result.probs
-            self.report["primary"] = _pass_report(result, result.scored)
+            self.report["primary"] = _pass_report(result, result.scored, wall=self.deadline.clock() - t0)
             self.write()  # the primary's submission as soon as it exists
             optional = self.plan_optional(primary, enc)
             if optional is not None and optional.tta_batches:
@@ -463,6 +465,7 @@ class Cascade:
         z = swap_tta_margin(margin(self.raw[done]), margin(result.probs[done]))
         self.raw[done], self.tta[done] = probs_from_margin(z), True
         self.report["tta"] = _pass_report(result, done, planned=int(work.tta_work.sizes[: work.tta_batches].sum()))
+        self.report["tta"]["load_seconds"] = {}  # the primary's copies, loaded (and counted) by the primary pass
 
     def run_secondary(self, work: OptionalWork) -> None:
         """Re-planned with what the swapped view took; loaded only when its load and a first batch fit."""
@@ -473,6 +476,7 @@ class Cascade:
             estimate = role.cost.load_estimate()
             self.report["secondary"] = {"scored": 0, "skipped": f"loading (~{estimate:.0f} s) and a batch do not fit"}
             return
+        t0 = self.deadline.clock()
         role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, self.devices, self.deadline)
         try:
             planned = role.batch_tokens
@@ -495,7 +499,9 @@ class Cascade:
             return
         done = result.scored
         self.secondary_raw[done] = result.probs[done]
-        self.report["secondary"] = _pass_report(result, done, planned=plan.rows["secondary"])
+        self.report["secondary"] = _pass_report(
+            result, done, planned=plan.rows["secondary"], wall=self.deadline.clock() - t0
+        )
 
     # ---- calibration, blend, outputs
 
@@ -649,6 +655,34 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
     }
     (out / "report.json").write_text(json.dumps(run.report, indent=2, default=str) + "\n")
     return run.predictions()
+
+
+PASSES = ("primary", "tta", "secondary")
+
+
+def pass_table(report: dict) -> pd.DataFrame:
+    """One row per pass of a run's ``report.json``: rows scored and planned, load and scoring seconds, the seconds
+    the first plan after the primary projected (load included), and whether the deadline stopped it."""
+    projected = next((plan["seconds"] for plan in report.get("plans", [])), {})
+    rows = []
+    for role in PASSES:
+        done = report.get(role)
+        if done is None:
+            continue
+        load = sum((done.get("load_seconds") or {}).values())
+        rows.append(
+            {
+                "pass": role,
+                "rows": done.get("scored", 0),
+                "planned_rows": done.get("planned_rows", report["rows"] if role == "primary" else 0),
+                "load_s": round(load, 1),
+                "seconds": done.get("seconds", 0.0),
+                "projected_s": round(projected[role], 1) if role in projected else None,
+                "stopped_by_deadline": done.get("stopped_by_deadline", False),
+                "note": done.get("skipped", ""),
+            }
+        )
+    return pd.DataFrame(rows).set_index("pass") if rows else pd.DataFrame()
 
 
 class InferenceError(RuntimeError):

@@ -34,6 +34,33 @@ def confidence(probs: np.ndarray, title: str = "Confidence"):
     return fig
 
 
+def inference_run(sources: pd.Series, passes: pd.DataFrame):
+    """Rows per source of the final predictions, and each pass's wall time (load + scoring) against what the plan
+    projected for it: where the 12 hours went, and whether the planner's projections held.
+
+    ``sources``: rows per source (primary / primary+tta / blend / blend+tta / fallback); ``passes``:
+    :func:`kaggle_utils.infer.pass_table`.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+    sources.sort_values().plot.barh(ax=axes[0], title="Rows per source")
+    axes[0].set_xlabel("rows")
+    if passes.empty:
+        axes[1].set_axis_off()
+    else:
+        unit, scale = ("minutes", 60) if passes["seconds"].max() > 120 else ("seconds", 1)
+        wall = passes[["load_s", "seconds"]] / scale
+        wall = wall.assign(scoring=(wall["seconds"] - wall["load_s"]).clip(lower=0))
+        wall[["load_s", "scoring"]].rename(columns={"load_s": "load"}).plot.barh(
+            ax=axes[1], stacked=True, title=f"{unit.capitalize()} per pass: actual (bars) vs projected (x)"
+        )
+        projected = passes["projected_s"].astype(float) / scale
+        axes[1].scatter(projected, range(len(passes)), marker="x", color="k", zorder=3, label="projected")
+        axes[1].set_xlabel(unit)
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def source_flow(report):
     """Rows per source through the data layer: what each step kept, and what it dropped per reason.
 

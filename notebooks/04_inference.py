@@ -13,9 +13,15 @@
 # %% [markdown]
 # # 04 · Inference under the 12-hour budget
 #
-# The primary model scores every test row; the secondary re-scores the rows the primary is least sure of,
-# for as long as the budget allows; rows nothing reached get the stated fallback. Each batch starts only if
-# its projected time fits, so the notebook never runs over. Shell: `python -m kaggle_utils.infer --help`.
+# The primary model scores every test row; then, on the rows it is least sure of, it re-scores their A/B-swapped
+# view while still loaded (swap TTA) and the secondary re-scores them, as far as the planner says the budget allows;
+# rows nothing reached get the stated fallback. The planner projects every batch from a cost model fitted on the
+# batches measured so far (load times included), so the notebook never runs over; a submission exists from the
+# first seconds on and is rewritten as it improves. Shell: `python -m kaggle_utils.infer --help`.
+#
+# Before spending a 12-hour submission, rehearse: `infer_overrides = {"rehearse": 2000}` scores 2,000 synthetic rows
+# of the competition's length profile on this hardware for at most `rehearse_minutes`, then projects the hidden run
+# (`project_rows`, 25,000 by default) and prints how many secondary and TTA rows would fit.
 
 # %%
 import time
@@ -52,7 +58,7 @@ import pandas as pd
 
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
-from kaggle_utils.infer import InferConfig, infer
+from kaggle_utils.infer import InferConfig, infer, pass_table
 from kaggle_utils.kaggle import env
 
 # on Kaggle the test file, the base models and the uploaded adapters are found wherever they are mounted
@@ -70,14 +76,25 @@ cfg = replace(
 )
 print(where.kind, cfg)
 pred = infer(cfg)
-report = json.loads((cfg.out_dir / "report.json").read_text())
-print(json.dumps(report, indent=2))
+report_dir = cfg.out_dir / "rehearsal" if cfg.rehearse else cfg.out_dir  # a rehearsal writes no submission
+report = json.loads((report_dir / "report.json").read_text())
+print(json.dumps({k: v for k, v in report.items() if k != "projection"}, indent=2))
+if "projection" in report:
+    print(report["projection"]["table"])
 
 # %% [markdown]
-# ## Who scored which rows, and how sure
+# ## Where the time went, and who scored which rows
+#
+# One row per pass: rows scored and planned, load and wall seconds, and what the first plan after the primary
+# projected (load included). Sources: `primary`, `blend` (primary and secondary, calibrated logits averaged with the
+# fitted weight), `+tta` (the primary's margin averaged with its swapped view's), `fallback`.
 
 # %%
-pred["source"].value_counts().to_frame("rows")
+passes = pass_table(report)
+passes
+
+# %%
+plots.inference_run(pred["source"].value_counts(), passes);
 
 # %%
 plots.confidence(pred[["p_a", "p_b"]].to_numpy(), "Final p(A)");

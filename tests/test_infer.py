@@ -307,3 +307,23 @@ def test_a_measured_budget_falls_back_on_the_cpu_and_is_read_back_on_a_rerun(pri
     np.testing.assert_allclose(pred[["p_a", "p_b"]], primary_pred[["p_a", "p_b"]], atol=1e-5)
     infer(cfg)
     assert _outputs(tmp_path)[2]["token_budget"]["primary"]["how"] == "read back"
+
+
+def test_pass_table_and_its_plot_from_a_report(tmp_path) -> None:
+    from kaggle_utils import plots
+
+    report = {
+        "rows": 100,
+        "plans": [{"rows": {"tta": 25, "secondary": 60}, "seconds": {"tta": 10.0, "secondary": 50.0}}],
+        "primary": {"scored": 100, "seconds": 40.0, "load_seconds": {"cuda:0": 8.0, "cuda:1": 7.0}},
+        "tta": {"scored": 25, "planned_rows": 25, "seconds": 9.0, "load_seconds": {}},
+        "secondary": {"scored": 55, "planned_rows": 60, "seconds": 52.0, "load_seconds": {"cuda:0": 6.0},
+                      "stopped_by_deadline": True},
+    }  # fmt: skip
+    table = infer_module.pass_table(report)
+    assert list(table.index) == ["primary", "tta", "secondary"]
+    assert table.loc["primary", "load_s"] == 15.0 and table.loc["primary", "planned_rows"] == 100
+    assert table.loc["secondary", "projected_s"] == 50.0 and table.loc["secondary", "stopped_by_deadline"]
+    assert pd.isna(table.loc["primary", "projected_s"])  # the primary always runs: nothing planned for it
+    fig = plots.inference_run(pd.Series({"blend": 55, "primary+tta": 25, "primary": 20}), table)
+    assert fig.axes[1].get_xlabel() == "seconds" and len(fig.axes[1].patches) == 6  # load + scoring per pass
