@@ -53,6 +53,7 @@ from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import Blend, Calibration, margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.memory import probe_token_budget
 from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.scoring.placement import choose_placement, device_limits, weights_bytes
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
 from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
@@ -114,6 +115,9 @@ class InferConfig(InputConfig):
     first_batch_seconds_per_token: float = 0.005
     # scored batches are saved in parts at least this often, so a rerun after a kill resumes with the same output
     checkpoint_seconds: float = 60.0
+    # GiB of each GPU kept for activations when deciding whether a model fits one card (else its layers are split
+    # across the GPUs, scoring.placement); 2 GiB holds a 8K-token batch of Qwen2.5-14B at 2,500 tokens (0.12 MiB/token)
+    activation_reserve_gib: float = 2.0
     # most share of the rows (least certain first) the primary re-scores A/B-swapped while still loaded, averaged
     # in logit space (position bias cancels); the planner decides how much of it fits; 0: no swap TTA
     tta_fraction: float = 0.25
@@ -229,7 +233,11 @@ class Role:
     def start_loading(self, cfg: InferConfig, pad_id: int, devices: list[str], deadline: Deadline) -> None:
         def load(device: str):
             model_cfg = ModelConfig(
-                model_path=self.model_path, load_in_4bit=cfg.load_in_4bit, device=device, dtype=cfg.dtype
+                model_path=self.model_path,
+                load_in_4bit=cfg.load_in_4bit,
+                device=device,
+                dtype=cfg.dtype,
+                split_reserve_gib=cfg.activation_reserve_gib,
             )
             return load_classifier(model_cfg, pad_id, adapter=self.adapter)
 
@@ -293,8 +301,11 @@ class Cascade:
         enc = self.guarded("primary", lambda: encode(cfg, cfg.primary_model, self.test), preflight_of=primary)
         if enc is None:
             return
+        workers = self.place(primary)
+        if not workers:
+            return
         t0 = self.deadline.clock()
-        primary.start_loading(cfg, enc.tokenizer.pad_token_id, self.devices, self.deadline)
+        primary.start_loading(cfg, enc.tokenizer.pad_token_id, workers, self.deadline)
         try:
             self.measure_budget(primary, enc)
             result = self.guarded("primary", lambda: self.score(primary, enc, "primary"))
@@ -310,6 +321,19 @@ class Cascade:
             self.report.setdefault("load_seconds", {})["primary"] = primary.close()
         if optional is not None and optional.secondary is not None:
             self.run_secondary(optional)
+
+    def place(self, role: Role) -> list[str]:
+        """The devices of ``role``'s copies: one per GPU when it fits a card, else one split across the GPUs
+        (scoring.placement); empty, with the reason as an error, when it fits neither way."""
+        cfg = self.cfg
+        weights = weights_bytes(role.model_path, cfg.load_in_4bit, 4 if cfg.dtype == "fp32" else 2)
+        reserve = int(cfg.activation_reserve_gib * 2**30)
+        placement = choose_placement(weights, self.devices, device_limits(self.devices), reserve)
+        self.report.setdefault("placement", {})[role.name] = dataclasses.asdict(placement)
+        print(f"{role.name}: {placement.reason}", flush=True)
+        if placement.kind == "none":
+            self.error(f"{role.name}: {placement.reason}")
+        return placement.workers
 
     def measure_budget(self, role: Role, enc: Encoded) -> None:
         """``role.batch_tokens``: the configured figure, else measured on the first copy's device on the longest
@@ -380,7 +404,7 @@ class Cascade:
         run = batches if limit is None else batches[:limit]
         print(
             f"{desc}: {len(run)} of {len(batches)} batches of up to {role.batch_tokens:,} padded tokens on "
-            f"{', '.join(self.devices)}; cost {role.cost.describe(cfg.max_length)}",
+            f"{', '.join(role.copies.devices)}; cost {role.cost.describe(cfg.max_length)}",
             flush=True,
         )
         result = run_pass(
@@ -476,8 +500,11 @@ class Cascade:
             estimate = role.cost.load_estimate()
             self.report["secondary"] = {"scored": 0, "skipped": f"loading (~{estimate:.0f} s) and a batch do not fit"}
             return
+        workers = self.place(role)
+        if not workers:
+            return
         t0 = self.deadline.clock()
-        role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, self.devices, self.deadline)
+        role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, workers, self.deadline)
         try:
             planned = role.batch_tokens
             self.measure_budget(role, work.secondary_enc)

@@ -355,3 +355,17 @@ def test_the_planned_cascade_ends_before_the_deadline_with_optional_work(
     optional = report.get("tta", {}).get("scored", 0) + report.get("secondary", {}).get("scored", 0)
     assert 0 < optional < report["rows"] * 1.5, "the plan should fit some, not all, optional work"
     assert report["plans"] and set(pred["source"]) <= {"primary", "primary+tta", "blend", "blend+tta"}
+
+
+def test_a_model_that_fits_no_device_is_refused_before_loading(
+    demo_files, qwen_path, adapter, tmp_path, monkeypatch
+) -> None:
+    """Memory limits as if the CPU were a card too small for the weights: an error with the fix, no load, and the
+    fallback submission."""
+    loads = wrap_loads(monkeypatch)
+    monkeypatch.setattr(infer_module, "device_limits", lambda devices: dict.fromkeys(devices, 1_000_000))
+    pred = infer(_cfg(demo_files["test"], tmp_path, qwen_path, adapter))
+    report = _report(tmp_path)
+    assert loads == [] and (pred["source"] == "fallback").all()
+    assert report["placement"]["primary"]["kind"] == "none"
+    assert any("load_in_4bit" in e for e in report["errors"])

@@ -14,9 +14,10 @@ import torch
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``cuda`` when a GPU is visible (first GPU), else ``cpu``; or exactly what was requested."""
+    """``cuda`` when a GPU is visible (first GPU), else ``cpu``; or exactly what was requested (of a layer split
+    ``"cuda:0+cuda:1"``, the first device: where the inputs go)."""
     if requested != "auto":
-        return torch.device(requested)
+        return torch.device(requested.split("+")[0])
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
@@ -102,6 +103,8 @@ class ModelConfig:
     # compute dtype: "auto" (bf16 on sm_80+, fp16 on older GPUs, fp32 on the CPU), or "fp16" / "bf16" / "fp32"
     # (fp16 on an H100 rehearses a T4)
     dtype: str = "auto"
+    # with the layers split across GPUs (device "cuda:0+cuda:1"): GiB kept free on each for activations
+    split_reserve_gib: float = 2.0
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -138,6 +141,21 @@ def _attn_impl(cfg: ModelConfig) -> str:
     return "eager" if model_type.startswith("gemma2") else "sdpa"
 
 
+def split_max_memory(spec: str, reserve_gib: float) -> dict:
+    """accelerate's ``max_memory`` for a layer split ``"cuda:0+cuda:1"``: each GPU's limit (its memory times the
+    per-process fraction) less ``reserve_gib`` for activations; nothing on the CPU (no offloading: too slow)."""
+    memory: dict = {"cpu": 0}
+    for name in spec.split("+"):
+        device = torch.device(name)
+        if device.type != "cuda":
+            raise ValueError(f"a layer split needs CUDA devices, got {name!r} in {spec!r}")
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = 1.0 if get_fraction is None else get_fraction(device)
+        limit = torch.cuda.get_device_properties(device).total_memory * fraction
+        memory[device.index] = int(limit - reserve_gib * 2**30)
+    return memory
+
+
 def load_classifier(
     cfg: ModelConfig,
     pad_token_id: int,
@@ -166,9 +184,12 @@ def load_classifier(
             llm_int8_skip_modules=["score"],
         )
         kwargs["device_map"] = {"": str(device)}
+    split = "+" in cfg.device
+    if split:
+        kwargs["device_map"], kwargs["max_memory"] = "auto", split_max_memory(cfg.device, cfg.split_reserve_gib)
     with LOAD_LOCK:
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
-        if not cfg.load_in_4bit:
+        if not (cfg.load_in_4bit or split):
             model.to(device)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
