@@ -1,4 +1,5 @@
-"""``make upload-model``: publish a trained LoRA adapter as a Kaggle dataset (created, private, when new; else a new
+"""``make upload-model``: publish a trained LoRA adapter (or a merged model folder) as a Kaggle dataset (created,
+private, when new; else a new
 version) with the real ``kaggle`` CLI, so that the Kaggle notebooks can attach it.
 
 DIR is what the train stage wrote: its ``out_dir`` (``adapter/`` + ``train_config.json`` [+ ``metrics.json``]), or
@@ -92,9 +93,30 @@ def _json_object(path: Path) -> dict:
     return value
 
 
+def merged_files(folder: Path) -> dict[str, Path]:
+    """A merged model folder (``python -m kaggle_utils.models.merge``: config.json, the dense weights, the tokenizer,
+    train_config.json, merge_info.json): every file of it, flat, so that ``from_pretrained`` loads the dataset folder
+    itself. Its ``int8/`` copy is a model of its own: upload it with DIR=<merged>/int8."""
+    if not any(folder.glob("*.safetensors")):
+        raise UploadError(f"{folder} has config.json but no *.safetensors weights: the merge did not finish")
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    for sub in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        print(f"skipped {folder / sub}/: the dataset is flat; upload {folder / sub} as a dataset of its own")
+    if TRAIN_CONFIG not in files:
+        raise UploadError(
+            f"no {TRAIN_CONFIG} in {folder}: the merge copies the adapter's; without it nobody can tell how the "
+            f"weights were trained. Copy the {TRAIN_CONFIG} of the adapter that was merged into {folder}"
+        )
+    _json_object(files[TRAIN_CONFIG])
+    return files
+
+
 def adapter_files(folder: Path) -> dict[str, Path]:
-    """The files to upload, by the name they take in the dataset; UploadError naming the path and the fix."""
+    """The files to upload, by the name they take in the dataset; UploadError naming the path and the fix. A merged
+    model folder (config.json and dense weights, no adapter) uploads as it is (:func:`merged_files`)."""
     folder = Path(folder)
+    if (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        return merged_files(folder)
     if (folder / "adapter" / ADAPTER_CONFIG).is_file():
         adapter = folder / "adapter"  # a training output folder
     elif (folder / ADAPTER_CONFIG).is_file():
@@ -123,13 +145,14 @@ def adapter_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def dataset_metadata(owner: str, name: str, train_config: dict) -> dict:
+def dataset_metadata(owner: str, name: str, train_config: dict, merged: bool = False) -> dict:
     base = train_config.get("model_path") or "see train_config.json"
+    what = "LoRA merged into its dequantised nf4 base" if merged else "LoRA adapter"
     return {
         "id": f"{owner}/{name}",
         "title": name,
-        "subtitle": "LoRA adapter and its training config (kaggle_utils)",
-        "description": f"LoRA adapter trained with kaggle_utils.train; base model: {base}. "
+        "subtitle": f"{what} and its training config (kaggle_utils)",
+        "description": f"{what}, trained with kaggle_utils.train; base model: {base}. "
         f"{TRAIN_CONFIG} holds the full training config.",
         "licenses": [{"name": LICENSE}],
     }
@@ -150,7 +173,8 @@ def upload(cfg: UploadConfig, kaggle: str | None = None) -> Path:
     files = adapter_files(cfg.dir)
     credential_source()  # before anything is staged or requested
     owner = resolve_owner(cfg.owner or None)
-    meta = dataset_metadata(owner, cfg.name, json.loads(files[TRAIN_CONFIG].read_text()))
+    merged = ADAPTER_CONFIG not in files
+    meta = dataset_metadata(owner, cfg.name, json.loads(files[TRAIN_CONFIG].read_text()), merged)
     final = cfg.stage_dir / cfg.name
     _raise_if(dataset_problems(meta), final / DATASET_METADATA)
     # staged beside the final folder and moved there only after the upload went through, so the final folder always

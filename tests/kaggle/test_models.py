@@ -177,3 +177,23 @@ def test_a_failed_upload_leaves_the_last_uploaded_stage_untouched(kaggle, run_di
     # build/kaggle/models/<NAME>/ still describes what Kaggle has
     assert {p.name: p.read_bytes() for p in (stage / NAME).iterdir()} == before
     assert [p.name for p in stage.iterdir()] == [NAME]
+
+
+def test_a_merged_model_folder_uploads_as_it_is(kaggle, tmp_path, capsys):
+    """What ``python -m kaggle_utils.models.merge`` writes: config, dense weights, tokenizer, train_config.json,
+    merge_info.json, and an int8/ copy (a model of its own: skipped, and said so)."""
+    merged = tmp_path / "merged"
+    (merged / "int8").mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "merge_info.json"):
+        (merged / name).write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"weights")
+    (merged / "train_config.json").write_text(json.dumps({"model_path": "models/qwen2-tiny"}))
+    assert models.main(["upload", "--dir", str(merged), "--name", NAME, "--stage-dir", str(tmp_path / "m")]) == 0
+    expected = ["config.json", "merge_info.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+    assert sorted(kaggle.uploads()) == expected
+    assert f"skipped {merged / 'int8'}/" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "m" / NAME / "dataset-metadata.json").read_text())
+    assert meta["subtitle"].startswith("LoRA merged into its dequantised nf4 base")
+    (merged / "train_config.json").unlink()
+    err = _refused(["--dir", str(merged), "--name", NAME, "--stage-dir", str(tmp_path / "m2")], capsys)
+    assert "no train_config.json" in err
