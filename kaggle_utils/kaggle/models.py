@@ -1,6 +1,5 @@
 """``make upload-model``: publish a trained LoRA adapter (or a merged model folder) as a Kaggle dataset (created,
-private, when new; else a new
-version) with the real ``kaggle`` CLI, so that the Kaggle notebooks can attach it.
+private, when new; else a new version) with the real ``kaggle`` CLI, so that the Kaggle notebooks can attach it.
 
 DIR is what the train stage wrote: its ``out_dir`` (``adapter/`` + ``train_config.json`` [+ ``metrics.json``]), or
 the ``adapter/`` folder itself (``adapter_config.json``, ``adapter_model.safetensors``, the tokenizer files and
