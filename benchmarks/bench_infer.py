@@ -195,7 +195,7 @@ def rehearse(work: Path, test_file: Path, args) -> None:
         test_file=test_file, primary_model=work / "qwen2.5-14b", secondary_model=work / "gemma2-9b",
         out_dir=work / "reh",
         max_length=2500, batch_tokens=0, max_batch_tokens=args.max_batch_tokens, max_rows=args.max_rows,
-        devices="cuda:0", dtype="fp16", rehearse=args.rehearse, rehearse_minutes=args.rehearse_minutes,
+        devices=args.devices, dtype="fp16", rehearse=args.rehearse, rehearse_minutes=args.rehearse_minutes,
         tta_fraction=0.25, fail_soft=True,
     )  # fmt: skip
     infer(cfg)
@@ -216,6 +216,9 @@ def main() -> None:
     ap.add_argument("--formats", action="store_true", help="nf4 vs int8 vs fp16 dense instead, uncapped")
     ap.add_argument("--rehearse", type=int, default=0, help="instead: the stage's rehearsal on this many rows")
     ap.add_argument("--rehearse-minutes", type=float, default=3.0)
+    ap.add_argument(
+        "--devices", default="cuda:0", help="the rehearsal's devices; cuda:0,cuda:0 = two copies (two T4s' threads)"
+    )
     args = ap.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     data = generate_demo_data(
