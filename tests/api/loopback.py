@@ -1,7 +1,9 @@
 """A stand-in for an OpenAI-compatible server on 127.0.0.1, so the API layer is tested with the real ``openai`` client.
 
-It speaks ``POST /v1/chat/completions``; more endpoints (``/v1/files``, ``/v1/fine_tuning/jobs``) are added with
-:meth:`LoopbackServer.add_route` without touching the transport. Every request is recorded (:class:`Received`:
+It speaks ``POST /v1/chat/completions``; more endpoints are added with :meth:`LoopbackServer.add_route` (and
+:meth:`LoopbackServer.add_pattern_route` for paths holding an id) without touching the transport.
+:class:`FineTuneService` adds the files, fine-tuning jobs and models endpoints (a job that succeeds, or fails with
+an error, after a scripted number of polls). Every request is recorded (:class:`Received`:
 path, headers, JSON body, arrival time), and the server tracks how many were in flight at once.
 
 Answers are deterministic functions of the request, so tests can check outputs:
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -187,6 +189,8 @@ class LoopbackServer:
     def __init__(self, responder: Callable[[Received], str] = answering) -> None:
         self.responder = responder
         self.routes: dict[tuple[str, str], Route] = {("POST", CHAT_PATH): chat_completions}
+        # routes whose path holds an id (``/v1/files/{id}``): (method, compiled full-match pattern, route)
+        self.pattern_routes: list[tuple[str, re.Pattern[str], Route]] = []
         self.received: list[Received] = []
         self.faults: list[Fault] = []
         self.in_flight = 0
@@ -198,6 +202,10 @@ class LoopbackServer:
     def add_route(self, method: str, path: str, route: Route) -> None:
         """Serve another endpoint, e.g. ``add_route("POST", "/v1/files", upload)``."""
         self.routes[(method, path)] = route
+
+    def add_pattern_route(self, method: str, pattern: str, route: Route) -> None:
+        """Serve paths matching a regex, e.g. ``add_pattern_route("GET", r"/v1/fine_tuning/jobs/[^/]+", job)``."""
+        self.pattern_routes.append((method, re.compile(pattern), route))
 
     def add_faults(self, *faults: Fault) -> None:
         with self._lock:
@@ -220,6 +228,8 @@ class LoopbackServer:
             self.received.append(req)
             fault = self._take_fault(req)
         route = self.routes.get((method, path))
+        if route is None:
+            route = next((r for m, p, r in self.pattern_routes if m == method and p.fullmatch(path)), None)
         if route is None:
             return Reply.json(404, {"error": {"message": f"no route {method} {path}", "type": "invalid_request_error"}})
         if fault is None:
@@ -326,3 +336,224 @@ def client_settings(server: LoopbackServer, **overrides: Any) -> dict[str, Any]:
         "malformed_retries": 2,
         **overrides,
     }
+
+
+# --- files, fine-tuning jobs, models ---------------------------------------------------------------------------------
+
+
+def judging(req: Received) -> str:
+    """A judge's "answer": a fine-tuned model (``ft:...``) picks the longer response, any other the shorter."""
+    user = req.message("user")
+    found = re.search(
+        r"Assistant A's Answer\]\n(.*)\n\[The End of Assistant A's Answer.*"
+        r"Assistant B's Answer\]\n(.*)\n\[The End of Assistant B's Answer",
+        user,
+        re.DOTALL,
+    )
+    if not found:
+        return "no idea"
+    longer_a = len(found.group(1)) >= len(found.group(2))
+    return "A" if longer_a == req.model.startswith("ft:") else "B"
+
+
+def multipart_fields(req: Received) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields of a multipart body: name -> (filename, content)."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {req.headers.get('content-type', '')}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + req.raw)
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+def _not_found(what: str) -> Reply:
+    return Reply.json(404, {"error": {"message": f"No such {what}", "type": "invalid_request_error", "code": None}})
+
+
+@dataclass
+class FineTuneService:
+    """The files, fine-tuning and models endpoints, in memory: ``FineTuneService().install(server)``.
+
+    A job moves one step per ``GET`` of it: validating_files, queued, running (``polls_to_finish - 2`` polls), then
+    succeeded with ``ft:<model>:loopback:<suffix>:<n>`` — or failed with ``fail_error`` when that is set. Each change
+    adds an event. Uploaded files must be JSONL in chat format (``{"messages": [...]}`` per line), else the job
+    fails as OpenAI's validation would.
+    """
+
+    polls_to_finish: int = 4
+    # {"code": ..., "message": ...}: every job fails with it
+    fail_error: dict[str, Any] | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # fine-tuned models that exist (deleted ones are removed)
+    models: set[str] = field(default_factory=set)
+    deleted: list[str] = field(default_factory=list)
+    _polls: dict[str, int] = field(default_factory=dict)
+
+    def install(self, server: LoopbackServer) -> FineTuneService:
+        server.add_route("POST", "/v1/files", self.upload)
+        server.add_pattern_route("DELETE", r"/v1/files/[^/]+", self.delete_file)
+        server.add_route("POST", "/v1/fine_tuning/jobs", self.create_job)
+        server.add_route("GET", "/v1/fine_tuning/jobs", self.list_jobs)
+        server.add_pattern_route("GET", r"/v1/fine_tuning/jobs/[^/]+", self.retrieve_job)
+        server.add_pattern_route("GET", r"/v1/fine_tuning/jobs/[^/]+/events", self.list_events)
+        server.add_pattern_route("POST", r"/v1/fine_tuning/jobs/[^/]+/cancel", self.cancel_job)
+        server.add_pattern_route("DELETE", r"/v1/models/.+", self.delete_model)
+        return self
+
+    # --- files ------------------------------------------------------------------------------------------------
+    def upload(self, server: LoopbackServer, req: Received) -> Reply:
+        fields = multipart_fields(req)
+        if "file" not in fields or "purpose" not in fields:
+            return Reply.json(
+                400, {"error": {"message": "file and purpose are required", "type": "invalid_request_error"}}
+            )
+        filename, content = fields["file"]
+        file_id = f"file-loop{len(self.files) + 1}"
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": fields["purpose"][1].decode(),
+            "status": "processed",
+            "content": content,
+        }
+        return Reply.json(200, {k: v for k, v in self.files[file_id].items() if k != "content"})
+
+    def delete_file(self, server: LoopbackServer, req: Received) -> Reply:
+        file_id = unquote(req.path.rsplit("/", 1)[1])
+        if self.files.pop(file_id, None) is None:
+            return _not_found(f"file: {file_id}")
+        self.deleted.append(file_id)
+        return Reply.json(200, {"id": file_id, "object": "file", "deleted": True})
+
+    def file_lines(self, file_id: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.files[file_id]["content"].decode().splitlines() if line.strip()]
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+    def create_job(self, server: LoopbackServer, req: Received) -> Reply:
+        body = req.body or {}
+        for name in ("training_file", "validation_file"):
+            if body.get(name) and body[name] not in self.files:
+                return _not_found(f"file: {body[name]}")
+        job_id = f"ftjob-loop{len(self.jobs) + 1}"
+        self.jobs[job_id] = {
+            "id": job_id,
+            "object": "fine_tuning.job",
+            "created_at": int(time.time()),
+            "error": None,
+            "fine_tuned_model": None,
+            "finished_at": None,
+            "hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
+            "method": body.get("method"),
+            "model": body.get("model"),
+            "organization_id": "org-loopback",
+            "result_files": [],
+            "seed": body.get("seed") or 0,
+            "status": "validating_files",
+            "trained_tokens": None,
+            "training_file": body.get("training_file"),
+            "validation_file": body.get("validation_file"),
+            "suffix": body.get("suffix"),
+        }
+        self._polls[job_id] = 0
+        self.events[job_id] = []
+        self._event(job_id, f"Validating training file: {body.get('training_file')}")
+        return Reply.json(200, self._public(job_id))
+
+    def _public(self, job_id: str) -> dict[str, Any]:
+        return {k: v for k, v in self.jobs[job_id].items() if k != "suffix"}
+
+    def _event(self, job_id: str, message: str, level: str = "info") -> None:
+        events = self.events[job_id]
+        events.append(
+            {
+                "id": f"ftevent-{job_id}-{len(events) + 1}",
+                "object": "fine_tuning.job.event",
+                "created_at": int(time.time()),
+                "level": level,
+                "message": message,
+                "type": "message",
+                "data": {},
+            }
+        )
+
+    def _advance(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return
+        self._polls[job_id] += 1
+        n = self._polls[job_id]
+        bad = any("messages" not in line for line in self.file_lines(job["training_file"]))
+        if bad or (self.fail_error is not None and n >= 2):
+            error = {
+                "code": "invalid_training_file",
+                "message": "Every line needs 'messages'",
+                "param": "training_file",
+            }
+            job.update(
+                status="failed", error={"param": None, **(self.fail_error or error)}, finished_at=int(time.time())
+            )
+            self._event(job_id, f"Job failed: {job['error']['message']}", "error")
+        elif n >= self.polls_to_finish:
+            model = f"ft:{job['model']}:loopback:{job['suffix']}:{job_id[-6:]}"
+            self.models.add(model)
+            tokens = sum(len(json.dumps(line).split()) for line in self.file_lines(job["training_file"]))
+            job.update(status="succeeded", fine_tuned_model=model, trained_tokens=tokens, finished_at=int(time.time()))
+            self._event(job_id, f"New fine-tuned model created: {model}")
+            self._event(job_id, "The job has successfully completed")
+        elif n == 1:
+            job["status"] = "queued"
+            self._event(job_id, "Files validated, moving job to queued state")
+        elif job["status"] != "running":
+            job["status"] = "running"
+            self._event(job_id, "Fine-tuning job started")
+        else:
+            self._event(job_id, f"Step {n}: training loss={1.0 / n:.3f}", "info")
+
+    def list_jobs(self, server: LoopbackServer, req: Received) -> Reply:
+        limit = int(req.query.get("limit", ["20"])[0])
+        newest_first = [self._public(j) for j in reversed(self.jobs)][:limit]
+        return Reply.json(200, {"object": "list", "data": newest_first, "has_more": len(self.jobs) > limit})
+
+    def _job_id(self, req: Received) -> str:
+        return unquote(req.path.split("/")[4])
+
+    def retrieve_job(self, server: LoopbackServer, req: Received) -> Reply:
+        job_id = self._job_id(req)
+        if job_id not in self.jobs:
+            return _not_found(f"job: {job_id}")
+        self._advance(job_id)
+        return Reply.json(200, self._public(job_id))
+
+    def list_events(self, server: LoopbackServer, req: Received) -> Reply:
+        job_id = self._job_id(req)
+        if job_id not in self.jobs:
+            return _not_found(f"job: {job_id}")
+        limit = int(req.query.get("limit", ["20"])[0])
+        newest_first = list(reversed(self.events[job_id]))[:limit]
+        return Reply.json(200, {"object": "list", "data": newest_first, "has_more": len(self.events[job_id]) > limit})
+
+    def cancel_job(self, server: LoopbackServer, req: Received) -> Reply:
+        job_id = self._job_id(req)
+        if job_id not in self.jobs:
+            return _not_found(f"job: {job_id}")
+        self.jobs[job_id].update(status="cancelled", finished_at=int(time.time()))
+        self._event(job_id, "Job cancelled")
+        return Reply.json(200, self._public(job_id))
+
+    # --- models -----------------------------------------------------------------------------------------------
+    def delete_model(self, server: LoopbackServer, req: Received) -> Reply:
+        model = unquote(req.path[len("/v1/models/") :])
+        if model not in self.models:
+            return _not_found(f"model: {model}")
+        self.models.discard(model)
+        self.deleted.append(model)
+        return Reply.json(200, {"id": model, "object": "model", "deleted": True})

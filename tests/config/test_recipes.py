@@ -27,7 +27,10 @@ OTHER_STAGES = {
     "data": "kaggle_utils.kaggle.download:DownloadConfig",
     "generate_pairs": "kaggle_utils.api.generate:GenerateConfig",
     "translate": "kaggle_utils.api.translate:TranslateConfig",
+    "judge": "kaggle_utils.api.judge:JudgeConfig",
+    "fewshot": "kaggle_utils.api.fewshot:FewShotConfig",
     "multiple-choice": "kaggle_utils.multiple_choice:MultipleChoiceConfig",
+    "pool": "kaggle_utils.data.pool:PoolConfig",
 }
 
 
