@@ -13,10 +13,12 @@
 # %% [markdown]
 # # 02 · Pseudo-labelling
 #
-# A teacher fine-tuned on the labelled data scores the unlabelled pool; its probabilities (averaged over
-# both A/B orders) become soft labels for distillation in notebook 03. The seed solution's teachers were
-# Qwen2.5-72B and Llama3.3-70B; the demo's is a tiny Qwen2 trained here in a minute.
-# Shell equivalents: `python -m kaggle_utils.train`, `python -m kaggle_utils.pseudo_label`.
+# A teacher fine-tuned on the labelled data scores the unlabelled pool; its logits (averaged over both A/B
+# orders) become soft labels for distillation in notebook 03, at whatever temperature the student uses. Each row
+# also says which teacher labelled it (`teacher`) and under which settings (`label_key`). The seed solution's
+# teachers were Qwen2.5-72B and Llama3.3-70B; the demo's is a tiny Qwen2 trained here in a minute.
+# Shell equivalents: `python -m kaggle_utils.train`, `python -m kaggle_utils.pseudo_label`; on every GPU of a
+# machine: `accelerate launch --num_processes 8 -m kaggle_utils.pseudo_label --recipe pseudo-label`.
 
 # %% tags=["parameters"]
 # Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.pseudo_label --help` lists them).
@@ -80,6 +82,9 @@ else:
 
 # %%
 soft = pseudo_label(cfg)
+soft.groupby(["teacher", "label_key"]).size().rename("rows").to_frame()
+
+# %%
 label_summary(soft)
 
 # %%

@@ -1,6 +1,6 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
-config → data → inputs → api → models → scoring → stages (prepare, train, pseudo_label, infer, plots,
+config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
 multiple_choice) → kaggle. ``api`` is the OpenAI-compatible client and what calls it (generation, translation, judges).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
-LAYERS = ["config", "data", "inputs", "api", "models", "scoring", "stages", "kaggle"]
+LAYERS = ["config", "data", "inputs", "models", "api", "scoring", "stages", "kaggle"]
 STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice"}
 
 

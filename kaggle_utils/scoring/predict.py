@@ -176,3 +176,72 @@ def predict_proba(
         bar.update(len(idx))
     bar.close()
     return Scores(probs, np.isfinite(probs).all(1), time.monotonic() - t0, stopped)
+
+
+@torch.no_grad()
+def score_logits(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, device, stats: dict | None = None):
+    """Raw classifier logits (float32) for the rows ``idx``, shape (len(idx), 2); NaN for rows that cannot be scored.
+
+    The guards of :func:`score_batch`, for callers that keep logits (distillation at a temperature needs them):
+    an out-of-memory batch is split in halves; rows with non-finite logits are rescored alone in fp32 compute.
+    """
+    logits = None
+    try:
+        enc = pad([rows[i] for i in idx], pad_id)
+        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu().numpy()  # (B, 2)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+    if logits is None:  # retried outside the except block: its traceback holds the failed forward's activations
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _count(stats, "oom_rows" if len(idx) == 1 else "oom_splits")
+        if len(idx) == 1:
+            return np.full((1, 2), np.nan, dtype=np.float32)
+        half = len(idx) // 2
+        first = score_logits(model, rows, idx[:half], pad_id, device, stats)
+        return np.concatenate([first, score_logits(model, rows, idx[half:], pad_id, device, stats)])
+    bad = np.flatnonzero(~np.isfinite(logits).all(1))
+    if len(bad):
+        logits[bad] = _logits_in_fp32(model, [rows[i] for i in idx[bad]], pad_id, device, stats)
+    return logits
+
+
+def _logits_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None) -> np.ndarray:
+    """Logits (len(rows), 2) of overflowing rows, each alone in fp32 compute; NaN where that fails too."""
+    out = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    _count(stats, "overflow_rows", len(rows))
+    try:
+        with fp32_compute(model) as switched:
+            for j, row in enumerate(rows if switched.changed else []):  # fp32 already: the same NaN again
+                try:
+                    enc = pad([row], pad_id)
+                    out[j] = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu().numpy()[0]
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    _count(stats, "overflow_oom")
+    except Exception as err:  # as in rescore_in_fp32: the safe path never stops the fp16 path
+        warnings.warn(f"fp32 rescoring of {len(rows)} row(s) failed: {type(err).__name__}: {err}", stacklevel=2)
+    out[~np.isfinite(out).all(1)] = np.nan
+    _count(stats, "overflow_rescored", int(np.isfinite(out).all(1).sum()))
+    return out
+
+
+def predict_logits(
+    model, rows: list[list[int]], pad_id: int, batch_tokens: int, max_rows: int = 64, desc: str = "scoring"
+) -> np.ndarray:
+    """Raw logits (N, 2) float32 of ``model`` for each token-id row, in the input order; NaN where unscored.
+
+    Batches by length under ``batch_tokens`` (:func:`plan_batches`); no deadline (a labelling job resumes by parts).
+    """
+    logits = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    if not rows:
+        return logits
+    device = model_device(model)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
+        for idx in plan_batches(lengths, batch_tokens, max_rows):
+            logits[idx] = score_logits(model, rows, idx, pad_id, device)
+            bar.update(len(idx))
+    return logits
