@@ -114,3 +114,36 @@ def languages_and_lengths(df: pd.DataFrame, top: int = 12):
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def training_and_validation(history: pd.DataFrame, evals: pd.DataFrame, best_step: int | None = None, title: str = ""):
+    """Training loss per step (with a moving average) beside the validation curves of every evaluation.
+
+    ``history``: ``TrainResult.history`` (history.csv); ``evals``: ``TrainResult.evals`` (evals.csv: step, accuracy,
+    log_loss, swap_consistency, ...); ``best_step``: the evaluation whose adapter was kept, marked on both panels.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+    ax = axes[0]
+    if len(history):
+        ax.plot(history["step"], history["loss"], alpha=0.3, label="train loss")
+        window = max(1, len(history) // 20)
+        ax.plot(history["step"], history["loss"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
+    if len(evals):
+        ax.plot(evals["step"], evals["log_loss"], "o-", color="k", label="val log loss")
+    ax.set(xlabel="step", ylabel="loss", title=f"{title}: loss" if title else "Loss")
+    ax.legend(loc="upper right", fontsize=8)
+    ax = axes[1]
+    if len(evals):
+        for column in ("accuracy", "swap_consistency", "position_bias"):
+            if column in evals:
+                ax.plot(evals["step"], evals[column], "o-", label=column.replace("_", " "))
+        ax.axhline(0.5, color="grey", lw=0.6)
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluation (no held-out fold)", ha="center", va="center")
+    ax.set(xlabel="step", title="Validation")
+    if best_step is not None:
+        for ax in axes:
+            ax.axvline(best_step, color="tab:red", ls="--", lw=0.8)
+    fig.tight_layout()
+    return fig

@@ -1,19 +1,27 @@
 """Stage 3 (and the teacher of stage 2): LoRA training of a sequence classifier on hard and soft labels.
 
 The base is loaded 4-bit nf4 (QLoRA) or in full precision; LoRA goes on every linear layer and the 2-way
-head is trained in full. Batches are length-sorted under a token budget and shuffled; half the rows are
-A/B-swapped each epoch. The loss mixes cross-entropy on human labels with KL to a teacher's soft labels.
+head is trained in full, both kept in fp32. Batches are length-sorted under a token budget and shuffled; half
+the rows are A/B-swapped each epoch. The loss mixes cross-entropy on human labels with distillation from a
+teacher's logits, softened by a temperature on both sides (:mod:`kaggle_utils.models.losses`), per-row weighted.
+Half precision: bf16 on compute capability >= 8.0, else fp16 under autocast with loss scaling; a non-finite
+loss stops the run (naming the step and the rows) before anything is saved from it.
 A wall-clock budget is checked before every step; a checkpoint every ``save_every`` steps makes the run
-resumable: run the same command again and it continues where it stopped.
+resumable: run the same command again and it continues where it stopped. Every ``eval_every_steps`` steps and
+at the end the model is evaluated on the held-out fold (both A/B orientations); the best evaluation by
+``best_metric`` is the adapter that is saved.
 
-``train`` is the driver: ``setup`` (rows, model, optimiser, resume), ``train_step`` per optimiser step, then
-``save_checkpoint``, ``save_adapter`` (weights, tokenizer and this config), ``validate`` and ``save_outputs``.
+``train`` is the driver: ``setup`` (rows, model, optimiser, resume), ``train_step`` per optimiser step,
+``evaluate_run`` every ``eval_every_steps``, ``save_checkpoint``, then ``save_adapter`` (weights, tokenizer and
+this config), ``keep_best`` (the last evaluation, the best adapter, its predictions and calibration) and
+``save_outputs``.
 
 ``python -m kaggle_utils.train --train-file demo/work/prepared/train.parquet --out-dir demo/work/student``
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -32,11 +40,18 @@ from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
-from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier, load_tokenizer, model_device
+from kaggle_utils.models.loading import (
+    LoraSettings,
+    ModelConfig,
+    compute_dtype,
+    load_classifier,
+    load_tokenizer,
+    model_device,
+)
 from kaggle_utils.models.losses import LOSSES, preference_loss
 from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.scoring.predict import predict_proba
 
 
@@ -49,18 +64,23 @@ class TrainConfig(ModelConfig, InputConfig):
 
     # prepared training file with a ``fold`` column (stage 1 output); may carry teacher ``p_a``/``p_b``
     train_file: Path = Path("demo/work/prepared/train.parquet")
-    # extra pseudo-labelled files (stage 2 output, with ``p_a``/``p_b``), added to the training rows
+    # extra pseudo-labelled files (stage 2 output: ``logit_a``/``logit_b`` and/or ``p_a``/``p_b``), added to the
+    # training rows; files labelling the same ids (one per teacher) are merged, their logits averaged
     extra_files: list[str] = field(default_factory=list)
-    # folder that receives adapter/, metrics.json, history.csv, val_predictions.parquet and the config
+    # folder that receives adapter/, metrics.json, history.csv, evals.csv, val_predictions.parquet and the config
     out_dir: Path = Path("demo/work/model")
     # rows of this fold are held out for validation; -1 trains on every row
     val_fold: int = 0
-    # "ce" (hard labels), "kl" (teacher soft labels) or "mixed"
+    # "ce" (human labels only), "kl" (distillation only) or "mixed" (both, weighted by kl_weight)
     loss: str = "ce"
-    # weight of the KL term in the "mixed" loss
+    # weight of the distillation term in the "mixed" loss; cross-entropy gets 1 - kl_weight
     kl_weight: float = 0.5
-    # softmax temperature of the student in the KL term
+    # temperature T of the distillation term: teacher and student logits are both divided by it (x T^2)
     temperature: float = 1.0
+    # weight of an extra 1 - cosine(student, teacher) term on the softened distributions (0: off)
+    cos_weight: float = 0.0
+    # row weight per value of the rows' ``source`` column (unlisted sources weigh 1); a ``weight`` column wins
+    source_weights: dict[str, float] = field(default_factory=dict)
     # LoRA rank
     lora_r: int = 16
     # LoRA scale numerator: updates are scaled by lora_alpha / lora_r
@@ -87,6 +107,12 @@ class TrainConfig(ModelConfig, InputConfig):
     time_budget_minutes: float = 0.0
     # save a resumable checkpoint every this many steps (0: only at the end)
     save_every: int = 200
+    # evaluate on the held-out fold every this many steps (0: only at the end); the end is always evaluated
+    eval_every_steps: int = 0
+    # the evaluation metric that picks the adapter kept: "log_loss", "accuracy" or "swap_consistency"
+    best_metric: str = "log_loss"
+    # languages listed on their own in the per-language table; the others are pooled as "other"
+    eval_languages: int = 8
     # use at most this many training rows (0: all), for quick runs
     max_train_rows: int = 0
     # seed for shuffling, A/B swaps and LoRA initialisation
@@ -99,12 +125,26 @@ class TrainConfig(ModelConfig, InputConfig):
         self.out_dir = Path(self.out_dir)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; expected one of {LOSSES}")
+        if not 0 <= self.kl_weight <= 1 or self.cos_weight < 0 or self.temperature <= 0:
+            raise ValueError(
+                f"need 0 <= kl_weight <= 1, cos_weight >= 0 and temperature > 0; got kl_weight={self.kl_weight}, "
+                f"cos_weight={self.cos_weight}, temperature={self.temperature}"
+            )
+        bad = {k: v for k, v in self.source_weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
+        if bad:
+            raise ValueError(f"source_weights {bad}: weights must be numbers >= 0")
         if not 0 <= self.swap_fraction <= 1:
             raise ValueError(f"swap_fraction={self.swap_fraction} must be in [0, 1]")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < self.max_length:
             raise ValueError(
                 f"need epochs > 0, lr > 0 and batch_tokens >= max_length; got epochs={self.epochs}, "
                 f"lr={self.lr}, batch_tokens={self.batch_tokens}, max_length={self.max_length}"
+            )
+        if self.best_metric not in SELECTABLE:
+            raise ValueError(f"best_metric={self.best_metric!r}; expected one of {sorted(SELECTABLE)}")
+        if self.eval_every_steps < 0 or self.eval_languages < 0:
+            raise ValueError(
+                f"eval_every_steps={self.eval_every_steps} and eval_languages={self.eval_languages} must be >= 0"
             )
 
 
@@ -113,6 +153,14 @@ class TrainResult:
     adapter_dir: Path
     history: pd.DataFrame
     metrics: dict
+    # one row per evaluation (step, accuracy, log_loss, ...): what evals.csv holds
+    evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # per-language accuracy of the kept adapter (metrics.by_language)
+    languages: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became inf/NaN; the message names the step, the rows and what to try."""
 
 
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -125,6 +173,9 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     else:
         train_df, val_df = df, df.iloc[:0]
     extras = [schema.load(f, "soft") for f in cfg.extra_files]
+    if extras:
+        # one file per teacher over the same pool: one row per id, the teachers' logits averaged
+        extras = [schema.average_teachers(extras, sources=[str(f) for f in cfg.extra_files])]
     train_df = pd.concat([train_df, *extras], ignore_index=True)
     if cfg.max_train_rows:
         train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
@@ -132,17 +183,29 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Hard labels (N,) and soft targets (N, 2); pseudo-labelled rows take the teacher's argmax as hard label."""
-    soft = schema.soft_targets(df)
-    hard = soft.argmax(1).astype(np.int64)
+    """Human labels (N,) int64, -1 where a row has none, and teacher logits (N, 2), NaN where it has none."""
+    hard = np.full(len(df), -1, dtype=np.int64)
     if "winner" in df.columns:
         known = df["winner"].isin(schema.WINNERS).to_numpy()
         hard[known] = schema.labels(df[known])
-    return hard, soft
+    return hard, schema.teacher_logits(df)
+
+
+def _row_weights(cfg: TrainConfig, df: pd.DataFrame) -> np.ndarray:
+    """(N,) float32: the ``weight`` column where given, else ``source_weights[source]``, else 1."""
+    w = np.ones(len(df), dtype=np.float32)
+    if cfg.source_weights and "source" in df.columns:
+        w = df["source"].map(cfg.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
+    if "weight" in df.columns:
+        given = df["weight"].to_numpy(dtype=np.float32)
+        w = np.where(np.isfinite(given), given, w)
+    if (w < 0).any() or w.sum() <= 0:
+        raise schema.DataError(f"row weights must be >= 0 and not all 0; got min {w.min()}, sum {w.sum()}")
+    return w
 
 
 # fields that may change between a run and its resumption without changing what is trained
-RESUMABLE_CHANGES = frozenset({"time_budget_minutes", "save_every", "device", "out_dir"})
+RESUMABLE_CHANGES = frozenset({"time_budget_minutes", "save_every", "device", "out_dir", "eval_every_steps"})
 
 
 def _resume_blockers(saved: dict, current: dict) -> list[str]:
@@ -199,18 +262,59 @@ class TrainRows:
 
     ids: list[list[int]]  # token ids per row, response A first as in the file
     ids_swapped: list[list[int]]  # token ids per row with responses A and B swapped
-    hard: np.ndarray  # (N,) int64: 0 if A wins, 1 if B wins
-    soft: np.ndarray  # (N, 2): target probabilities of A and B winning
+    hard: np.ndarray  # (N,) int64: 0 if A wins, 1 if B wins, -1 without a human label
+    teacher: np.ndarray  # (N, 2) float32: the teacher's logits of A and B winning, NaN without a teacher
+    weight: np.ndarray  # (N,) float32: the row's weight in the loss
+    row_ids: np.ndarray  # (N,) the rows' ``id`` values, named when a batch's loss is not finite
     lengths: np.ndarray  # (N,) tokens per row of ``ids``; batches are formed on these
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _encode(fmt: PromptFormatter, df: pd.DataFrame) -> TrainRows:
-    hard, soft = _targets(df)
+def _encode(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> TrainRows:
+    hard, teacher = _targets(df)
     ids = fmt.encode(df)
-    return TrainRows(ids, fmt.encode(schema.swap_ab(df)), hard, soft, fmt.lengths(ids))
+    swapped = fmt.encode(schema.swap_ab(df))
+    return TrainRows(ids, swapped, hard, teacher, _row_weights(cfg, df), df["id"].to_numpy(), fmt.lengths(ids))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a step computes: the autocast dtype (None: as the weights are) and whether the loss is scaled."""
+
+    autocast: torch.dtype | None
+    scale_loss: bool
+
+    @classmethod
+    def choose(cls, device: torch.device, requested: str = "auto") -> Precision:
+        """bf16 on sm_80+ (no scaling: bf16 has fp32's range), fp16 with loss scaling below, fp32 on the CPU.
+
+        fp16 gradients underflow to 0 below 6e-8 and overflow above 65,504: the scaler multiplies the loss so
+        small gradients survive, and skips the steps whose gradients overflowed, lowering the scale.
+        """
+        dtype = compute_dtype(device, requested)  # the same rule the weights were loaded by
+        if device.type != "cuda" or dtype == torch.float32:
+            return cls(None, False)
+        return cls(dtype, dtype == torch.float16)
+
+    def context(self, device: torch.device):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def _trainable_in_fp32(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters (LoRA and the head), cast to fp32 where loaded in half precision.
+
+    An fp16 head updated by Adam loses updates smaller than its rounding and overflows in the moments; fp32
+    master weights under autocast are the standard mixed-precision recipe (the frozen base stays half).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return params
 
 
 @dataclass
@@ -224,12 +328,17 @@ class Run:
     val_df: pd.DataFrame
     model: torch.nn.Module
     device: torch.device
-    params: list[torch.nn.Parameter]  # the trainable ones (LoRA and the head): optimised and clipped
+    precision: Precision
+    params: list[torch.nn.Parameter]  # the trainable ones (LoRA and the head), fp32: optimised and clipped
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # loss scaling for fp16; a pass-through when disabled
     total_steps: int
     step: int = 0  # optimiser steps taken; a resumed run starts at its checkpoint's
     history: list[dict] = field(default_factory=list)  # one row per step taken: what history.csv holds
+    evals: list[dict] = field(default_factory=list)  # one row per evaluation: what evals.csv holds
+    # the best evaluation so far: step, its metrics, per-language table, predictions and adapter weights (CPU)
+    best: dict | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -243,7 +352,7 @@ def setup(cfg: TrainConfig) -> Run:
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
     train_df, val_df = split(cfg)
-    data = _encode(fmt, train_df)
+    data = _encode(cfg, fmt, train_df)
     steps_per_epoch = _steps_per_epoch(cfg, data.lengths)  # checked before the model loads, so a bad config fails fast
 
     model = load_classifier(
@@ -253,16 +362,20 @@ def setup(cfg: TrainConfig) -> Run:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     device = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    precision = Precision.choose(device, cfg.dtype)
+    params = _trainable_in_fp32(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
     n_trainable = sum(p.numel() for p in params)
+    n_taught = int(np.isfinite(data.teacher).all(1).sum())
     print(
-        f"train rows {len(data):,} · val rows {len(val_df):,} · tokens/epoch {int(data.lengths.sum()):,} · "
-        f"steps {total_steps} ({steps_per_epoch}/epoch) · ≤{cfg.batch_tokens * cfg.grad_accum:,} padded tokens/step · "
-        f"trainable params {n_trainable:,} · device {device}"
+        f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(val_df):,} · "
+        f"tokens/epoch {int(data.lengths.sum()):,} · steps {total_steps} ({steps_per_epoch}/epoch) · "
+        f"≤{cfg.batch_tokens * cfg.grad_accum:,} padded tokens/step · trainable params {n_trainable:,} · "
+        f"device {device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
     )
     run = Run(
         cfg=cfg,
@@ -272,9 +385,11 @@ def setup(cfg: TrainConfig) -> Run:
         val_df=val_df,
         model=model,
         device=device,
+        precision=precision,
         params=params,
         optimizer=optimizer,
         scheduler=scheduler,
+        scaler=scaler,
         total_steps=total_steps,
     )
     load_checkpoint(run)
@@ -284,7 +399,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def load_checkpoint(run: Run) -> None:
-    """Restore adapter, optimiser, schedule, step and history from ``checkpoint.pt``, if ``out_dir`` holds one."""
+    """Restore adapter, optimiser, schedule, step, history and evaluations from ``checkpoint.pt``, if any."""
     path = run.checkpoint_path
     if not path.is_file():
         return
@@ -300,7 +415,10 @@ def load_checkpoint(run: Run) -> None:
     set_peft_model_state_dict(run.model, state["adapter"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     run.step, run.history = state["step"], state["history"]
+    run.evals, run.best = state.get("evals", []), state.get("best")
     print(f"resuming from {path} at step {run.step}/{run.total_steps}")
 
 
@@ -312,8 +430,11 @@ def save_checkpoint(run: Run) -> None:
         "adapter": get_peft_model_state_dict(run.model),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "step": run.step,
         "history": run.history,
+        "evals": run.evals,
+        "best": run.best,
         "config": config_to_dict(run.cfg),
     }
     tmp = run.checkpoint_path.with_suffix(".tmp")
@@ -323,64 +444,157 @@ def save_checkpoint(run: Run) -> None:
 
 def _micro_batch(
     run: Run, idx: np.ndarray, swapped: np.ndarray
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Inputs and targets of rows ``idx``, each row in this epoch's orientation (its labels swap with it)."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, human labels, teacher logits and row weights of rows ``idx``, in this epoch's orientation.
+
+    A swapped row shows B first: its label flips and its teacher logits swap with it.
+    """
     d, dev = run.data, run.device
     rows = [d.ids_swapped[j] if swapped[j] else d.ids[j] for j in idx]
     enc = pad(rows, run.tok.pad_token_id)  # input_ids, attention_mask: (B, T), T = the longest row
-    y_hard = torch.tensor([1 - d.hard[j] if swapped[j] else d.hard[j] for j in idx], device=dev)  # (B,)
-    y_soft = torch.tensor(np.stack([d.soft[j][::-1] if swapped[j] else d.soft[j] for j in idx]), device=dev)  # (B, 2)
-    return {k: v.to(dev) for k, v in enc.items()}, y_hard, y_soft
+    hard = np.where((d.hard[idx] >= 0) & swapped[idx], 1 - d.hard[idx], d.hard[idx])  # (B,), -1 stays -1
+    teacher = np.where(swapped[idx, None], d.teacher[idx, ::-1], d.teacher[idx])  # (B, 2)
+    return (
+        {k: v.to(dev) for k, v in enc.items()},
+        torch.from_numpy(hard).to(dev),
+        torch.from_numpy(np.ascontiguousarray(teacher)).to(dev),
+        torch.from_numpy(d.weight[idx]).to(dev),
+    )
+
+
+def _check_finite(run: Run, loss: torch.Tensor, idx: np.ndarray) -> None:
+    """Stop the run on an inf/NaN loss, before its gradients reach the weights and before any adapter is saved."""
+    if torch.isfinite(loss):
+        return
+    ids = [str(i) for i in run.data.row_ids[idx]]
+    raise NonFiniteLossError(
+        f"step {run.step + 1}: the loss is {loss.item()} on the rows with id {ids}; stopped without saving an "
+        f"adapter (the checkpoint of step {run.step} or earlier is kept). Check these rows' labels and teacher "
+        f"logits; else lower lr, or train in bf16/fp32 (--dtype) if this is fp16 on a {run.device} device"
+    )
 
 
 def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: np.ndarray) -> dict:
     """One optimiser step over ``grad_accum`` micro-batches; its history row is appended to ``run.history``."""
     cfg, t0 = run.cfg, time.monotonic()
     step_rows = sum(len(idx) for idx in micro_batches)
+    step_weight = float(sum(run.data.weight[idx].sum() for idx in micro_batches))
     step_tokens = int(sum(run.data.lengths[idx].sum() for idx in micro_batches))
     loss_sum = 0.0
     for idx in micro_batches:
-        enc, y_hard, y_soft = _micro_batch(run, idx, swapped)
-        logits = run.model(**enc).logits  # (B, 2)
-        loss = preference_loss(logits, y_hard, y_soft, cfg.loss, cfg.kl_weight, cfg.temperature)
-        # weight micro-batches by rows so a step's loss is the mean over its rows
-        (loss * len(idx) / step_rows).backward()
-        loss_sum += loss.item() * len(idx)
-    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-    run.optimizer.step()
+        enc, hard, teacher, weight = _micro_batch(run, idx, swapped)
+        with run.precision.context(run.device):
+            logits = run.model(**enc).logits  # (B, 2)
+        # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
+        loss = preference_loss(
+            logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+        )
+        _check_finite(run, loss, idx)
+        # weight micro-batches by their rows' weight, so a step's loss is the weighted mean over its rows
+        share = float(weight.sum()) / step_weight
+        run.scaler.scale(loss * share).backward()
+        loss_sum += loss.item() * share
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
+    run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     row = {
         "step": run.step,
         "epoch": epoch,
-        "loss": loss_sum / step_rows,
+        "loss": loss_sum,
         "lr": run.scheduler.get_last_lr()[0],
         "rows": step_rows,
         "tokens": step_tokens,
+        "grad_norm": float(grad_norm),
         "seconds": time.monotonic() - t0,
     }
     run.history.append(row)
     return row
 
 
-def validate(run: Run, val_df: pd.DataFrame) -> dict:
-    """Metrics of the model on ``val_df``; its probabilities go to ``val_predictions.parquet``, in row order."""
+def _scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
+    """Probabilities (N, 2) of the model on ``df``'s rows, in row order (NaN where a row could not be scored)."""
     cfg = run.cfg
+    with run.precision.context(run.device):
+        scores = predict_proba(
+            run.model, run.fmt.encode(df), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc=desc
+        )
+    return scores.probs
+
+
+def validate(run: Run, val_df: pd.DataFrame) -> dict:
+    """One evaluation of the model as it is now on ``val_df``, scored in both A/B orientations.
+
+    Returns the record: ``metrics`` (accuracy, log loss, NaN rows, swap consistency, position bias),
+    ``languages`` (metrics.by_language, as records) and the predictions ``probs`` / ``probs_swapped`` (N, 2).
+    """
+    t0 = time.monotonic()
+    was_training = run.model.training
     run.model.eval()
-    scores = predict_proba(
-        run.model, run.fmt.encode(val_df), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc="validate"
+    probs = _scores(run, val_df, "validate")  # (N, 2): P(A wins), P(B wins)
+    probs_swapped = _scores(run, schema.swap_ab(val_df), "validate (swapped)")  # (N, 2) in the swapped order
+    run.model.train(was_training)
+    labels = schema.labels(val_df)
+    metrics = evaluate_pairs(probs, probs_swapped, labels)
+    languages = val_df["language"] if "language" in val_df.columns else pd.Series(["missing"] * len(val_df))
+    table = by_language(probs, labels, languages, run.cfg.eval_languages)
+    return {
+        "metrics": metrics | {"seconds": round(time.monotonic() - t0, 2)},
+        "languages": table.to_dict("records"),
+        "probs": probs,
+        "probs_swapped": probs_swapped,
+    }
+
+
+def _better(cfg: TrainConfig, new: dict, old: dict | None) -> bool:
+    """Whether evaluation ``new`` beats the best so far on ``cfg.best_metric`` (a NaN value never does)."""
+    value = new["metrics"][cfg.best_metric]
+    if old is None:
+        return True
+    best = old["metrics"][cfg.best_metric]
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(best):
+        return True
+    return value < best if SELECTABLE[cfg.best_metric] else value > best
+
+
+def evaluate_run(run: Run, epoch: int) -> dict:
+    """Evaluate now, record it in ``run.evals``, and keep it (with a CPU copy of the adapter) if it is the best."""
+    from peft import get_peft_model_state_dict
+
+    record = validate(run, run.val_df)
+    run.evals.append({"step": run.step, "epoch": epoch, **record["metrics"]})
+    if _better(run.cfg, record, run.best):
+        adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(run.model).items()}
+        run.best = {"step": run.step, **record, "adapter": adapter}
+    m = record["metrics"]
+    print(
+        f"eval at step {run.step}: accuracy {m['accuracy']:.4f} · log loss {m['log_loss']:.4f} · "
+        f"swap gap {m['swap_consistency']:.4f} · predicts A {m['position_bias']:.3f} · NaN rows {m['nan_rows']} · "
+        f"best {run.cfg.best_metric} at step {run.best['step']}"
     )
-    probs = scores.probs  # (N, 2): P(A wins), P(B wins)
-    metrics = evaluate(probs, schema.labels(val_df))
-    pd.DataFrame({"id": val_df["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "winner": val_df["winner"]}).to_parquet(
-        cfg.out_dir / "val_predictions.parquet", index=False
-    )
-    return metrics
+    return record
+
+
+def restore_best(run: Run) -> None:
+    """Put the best evaluation's adapter weights back into the model, if the best is not the current state."""
+    if run.best is None or run.best["step"] == run.step:
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(run.model, run.best["adapter"])
+    print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
 
 
 def save_adapter(run: Run) -> Path:
     """``out_dir/adapter``: LoRA weights, tokenizer and training config, a folder that can be used on its own."""
+    broken = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:  # never publish a dead adapter: every score it gives would be NaN
+        raise NonFiniteLossError(f"trainable weights {broken[:3]} hold inf/NaN at step {run.step}; no adapter saved")
     adapter_dir = run.cfg.out_dir / "adapter"
     run.model.save_pretrained(adapter_dir)
     run.tok.save_pretrained(adapter_dir)
@@ -389,27 +603,77 @@ def save_adapter(run: Run) -> Path:
     return adapter_dir
 
 
-def save_outputs(run: Run, metrics: dict) -> pd.DataFrame:
-    """``metrics.json`` and ``history.csv`` in ``out_dir``; returns the history."""
+def save_val_predictions(run: Run, probs: np.ndarray) -> Path:
+    """``val_predictions.parquet`` (id, p_a, p_b, winner) of the kept adapter, in the held-out rows' order."""
+    path = run.cfg.out_dir / "val_predictions.parquet"
+    val_df = run.val_df
+    pd.DataFrame({"id": val_df["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "winner": val_df["winner"]}).to_parquet(
+        path, index=False
+    )
+    return path
+
+
+def save_outputs(run: Run, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``metrics.json``, ``history.csv``, ``evals.csv`` and ``evals.json`` in ``out_dir``; returns history, evals."""
     (run.cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     history = pd.DataFrame(run.history)
     history.to_csv(run.cfg.out_dir / "history.csv", index=False)
-    return history
+    evals = pd.DataFrame(run.evals)
+    evals.to_csv(run.cfg.out_dir / "evals.csv", index=False)
+    (run.cfg.out_dir / "evals.json").write_text(json.dumps(run.evals, indent=2) + "\n")
+    return history, evals
+
+
+def _eval_due(run: Run, deadline: Deadline) -> bool:
+    """An evaluation every ``eval_every_steps`` steps, when the last one's duration still fits the time budget."""
+    every = run.cfg.eval_every_steps
+    if not (every and len(run.val_df) and run.step % every == 0) or run.step == run.total_steps:
+        return False  # the last step is evaluated after the loop, whatever stopped it
+    last = run.evals[-1]["seconds"] if run.evals else 0.0
+    return deadline.allows(last * 1.5)
+
+
+def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
+    """Evaluate the last step (unless done), keep the best evaluation's adapter, its predictions and calibration.
+
+    Returns the adapter folder and the metrics of the kept evaluation (``val``, ``best``, ``val_languages``,
+    ``calibration``) for ``metrics.json``.
+    """
+    cfg = run.cfg
+    if not run.evals or run.evals[-1]["step"] != run.step:
+        evaluate_run(run, epoch)
+        save_checkpoint(run)  # with the final evaluation: a rerun does not evaluate again
+    if run.best["step"] != run.step:
+        restore_best(run)
+        adapter_dir = save_adapter(run)
+    save_val_predictions(run, run.best["probs"])
+    # the temperature inference applies to this adapter's probabilities, saved with the adapter it belongs to
+    fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet")
+    fitted.save(adapter_dir / "calibration.json")
+    return adapter_dir, {
+        "val": dict(run.best["metrics"]),
+        "best": {"metric": cfg.best_metric, "step": run.best["step"], "evals": len(run.evals)},
+        "val_languages": run.best["languages"],
+        "calibration": {"temperature": fitted.temperature, "reason": fitted.reason},
+    }
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) until the last step or the time budget, then save the adapter and validate it."""
+    """Train (or resume) until the last step or the time budget, evaluating on the way; save the best adapter."""
     run = setup(cfg)
     deadline = Deadline(cfg.time_budget_minutes * 60)  # counts from here: encoding and model loading are not in it
     t_start, step_seconds, stopped_by_budget = time.monotonic(), 0.0, False
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step")
     run.model.train()
     schedule = itertools.islice(_schedule(cfg, run.data.lengths), run.total_steps)
+    epoch = 0
     for step, (epoch, swapped, micro_batches) in enumerate(schedule):
         if step < run.step:  # taken before the checkpoint: replay the schedule up to it
             continue
-        # start a step only if it should end in time: the last step's duration plus 50% estimates it
-        if not deadline.allows(step_seconds * 1.5):
+        # start a step only if it and the final evaluation end in time: the last step's duration plus 50%
+        # estimates it, the last evaluation's the final one
+        final_eval = run.evals[-1]["seconds"] if run.evals else 0.0
+        if not deadline.allows(step_seconds * 1.5 + final_eval):
             print(
                 f"time budget of {cfg.time_budget_minutes} min reached at step {run.step}/{run.total_steps}; stopping"
             )
@@ -419,12 +683,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         step_seconds = row["seconds"]
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if _eval_due(run, deadline):
+            evaluate_run(run, epoch)
         if cfg.save_every and run.step % cfg.save_every == 0:
             save_checkpoint(run)
     bar.close()
     save_checkpoint(run)
 
-    # the adapter is saved before validation, so a run killed while validating still leaves it
+    # the adapter is saved before the final evaluation, so a run killed while evaluating still leaves one
     adapter_dir = save_adapter(run)
     metrics = {
         "steps": run.step,
@@ -433,13 +699,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         "train_rows": len(run.data),
         "seconds": round(time.monotonic() - t_start, 1),
     }
+    languages = pd.DataFrame()
     if len(run.val_df):
-        metrics["val"] = validate(run, run.val_df)
-        # the temperature inference applies to this adapter's probabilities, saved with the adapter it belongs to
-        fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet")
-        fitted.save(adapter_dir / "calibration.json")
-        metrics["calibration"] = {"temperature": fitted.temperature, "reason": fitted.reason}
-    return TrainResult(adapter_dir, save_outputs(run, metrics), metrics)
+        adapter_dir, val_metrics = keep_best(run, epoch, adapter_dir)
+        metrics |= val_metrics
+        languages = pd.DataFrame(run.best["languages"])
+    history, evals = save_outputs(run, metrics)
+    return TrainResult(adapter_dir, history, metrics, evals, languages)
 
 
 def main(argv: list[str] | None = None) -> None:

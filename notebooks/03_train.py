@@ -13,9 +13,11 @@
 # %% [markdown]
 # # 03 · Training the students
 #
-# LoRA on 4-bit nf4 bases, distilling the teacher's soft labels (KL) mixed with the human labels (CE),
-# as the seed solution did for Qwen2.5-14B and Gemma2-9B at max length 2,500. The demo trains the tiny
-# stand-ins of both architectures. Shell equivalent: `python -m kaggle_utils.train --help`.
+# LoRA on 4-bit nf4 bases, distilling the teacher's logits (KL at a temperature T on both teacher and student,
+# x T^2) mixed with the human labels (CE), as the seed solution did for Qwen2.5-14B and Gemma2-9B at max length
+# 2,500. The held-out fold is evaluated every `eval_every_steps` steps and at the end; the adapter kept is the best
+# evaluation by `best_metric`. The demo trains the tiny stand-ins of both architectures.
+# Shell equivalent: `python -m kaggle_utils.train --help`.
 
 # %% tags=["parameters"]
 # Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.train --help` lists them).
@@ -69,15 +71,33 @@ for role, (recipe, overrides) in students.items():
         train_file=env.locate_file(cfg.train_file, where),
         extra_files=[str(env.locate_file(f, where)) for f in cfg.extra_files],
     )
-    print(f"{role}: {recipe} · {cfg.model_path} · max_length {cfg.max_length} · loss {cfg.loss}")
+    print(
+        f"{role}: {recipe} · {cfg.model_path} · max_length {cfg.max_length} · loss {cfg.loss} "
+        f"(kl_weight {cfg.kl_weight}, T {cfg.temperature}) · eval every {cfg.eval_every_steps or 'end only'}"
+    )
     results[role] = train(cfg)
-    plots.training_curve(results[role].history, f"{role} ({recipe}): loss ({cfg.loss})")
+    r = results[role]
+    plots.training_and_validation(r.history, r.evals, r.metrics.get("best", {}).get("step"), f"{role} ({recipe})")
 
 # %% [markdown]
 # ## Held-out fold
+# The kept adapter's metrics: accuracy and log loss (NaN predictions count as wrong, `nan_rows` says how many),
+# swap consistency (mean |p(A | a,b) - p(B | b,a)|, 0 is order-blind) and position bias (share predicted A).
 
 # %%
-pd.DataFrame({role: r.metrics["val"] | {"steps": r.metrics["steps"]} for role, r in results.items()}).T
+pd.DataFrame(
+    {
+        role: r.metrics["val"] | {"steps": r.metrics["steps"], "best step": r.metrics["best"]["step"]}
+        for role, r in results.items()
+        if "val" in r.metrics
+    }
+).T
+
+# %% [markdown]
+# Accuracy per language (the most frequent languages of the held-out fold; the rest pooled as "other").
+
+# %%
+pd.concat({role: r.languages.set_index("language") for role, r in results.items() if len(r.languages)}, axis=1)
 
 # %% [markdown]
 # ## Calibration and the blend

@@ -263,51 +263,82 @@ def test_exhausted_time_budget_trains_no_step(prepared, qwen_path, tmp_path) -> 
 
 
 # --- the loss inside the training loop ------------------------------------------------------------------
+P_A = np.array([0.9, 0.8, 0.3, 0.15, 0.7, 0.6, 0.25, 0.95])
+
+
 @pytest.fixture(scope="module")
 def loss_setup(prepared, qwen_path, tokenizer, tmp_path_factory):
-    """8 labelled rows and a soft-labelled extra file of 8 pool rows; 16 rows make exactly one batch."""
+    """8 labelled rows and a soft-labelled extra file of 8 pool rows; 16 rows make exactly one batch.
+
+    ``pseudo.parquet`` carries probabilities only (an older file); ``pseudo_logits.parquet`` the teacher's logits
+    too, on 6 of its 8 rows, and those logits are deliberately not log(p): the loss must take the logits.
+    """
     root = tmp_path_factory.mktemp("losses")
     labelled = pd.read_parquet(prepared["train"]).iloc[:8]
     labelled.to_parquet(root / "train.parquet", index=False)
-    p_a = np.array([0.9, 0.8, 0.3, 0.15, 0.7, 0.6, 0.25, 0.95])
-    extra = pd.read_parquet(prepared["unlabeled"]).iloc[:8].assign(p_a=p_a, p_b=1 - p_a)
+    extra = pd.read_parquet(prepared["unlabeled"]).iloc[:8].assign(p_a=P_A, p_b=1 - P_A)
     extra.to_parquet(root / "pseudo.parquet", index=False)
+    logit_a = np.array([1.5, np.nan, -0.4, -2.0, 0.9, np.nan, -1.1, 2.5])
+    extra.assign(logit_a=logit_a, logit_b=-0.5 * logit_a).to_parquet(root / "pseudo_logits.parquet", index=False)
     base = load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=False), tokenizer.pad_token_id)
-    return root, pd.concat([labelled, extra], ignore_index=True), base
+    return root, labelled, base
 
 
-def _expected_first_step_loss(kind: str, frame: pd.DataFrame, swap: bool, base, tokenizer, cfg) -> dict:
-    """The loss of the untrained model (LoRA starts as the identity) on the only batch, computed by hand."""
+def _expected_first_step_loss(frame: pd.DataFrame, swap: bool, base, tokenizer, cfg: TrainConfig) -> dict:
+    """The loss of the untrained model (LoRA starts as the identity) on the only batch, computed by hand.
+
+    Per row: CE on the human label (labelled rows only); KD = KL(softmax(t / T) || softmax(s / T)) * T^2 with t the
+    teacher's logits (log p where the file has only probabilities), CE in its place on labelled rows without a
+    teacher; the batch loss is the mean over all rows.
+    """
     view = schema.swap_ab(frame) if swap else frame
     rows = PromptFormatter(tokenizer, cfg).encode(view)
     with torch.no_grad():
-        logits = base(**pad(rows, tokenizer.pad_token_id)).logits.double().numpy()
-    logp = logits - np.logaddexp(logits[:, :1], logits[:, 1:])
+        s = base(**pad(rows, tokenizer.pad_token_id)).logits.double().numpy()  # (N, 2)
+
+    def log_softmax(z):
+        return z - np.logaddexp(z[:, :1], z[:, 1:])
+
     labelled = view["winner"].isin(schema.WINNERS).to_numpy()
-    target = np.where(
-        labelled[:, None],
-        np.eye(2)[(view["winner"] == "model_b").to_numpy().astype(int)],
-        view[["p_a", "p_b"]].to_numpy(dtype=float),
-    )
-    hard = target.argmax(1)
-    ce = -logp[np.arange(len(rows)), hard].mean()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = np.where(target > 0, target * (np.log(target) - logp), 0.0).sum(1).mean()
-    return {"ce": ce, "kl": kl, "mixed": 0.5 * ce + 0.5 * kl}
+    hard = (view["winner"] == "model_b").to_numpy().astype(int)
+    ce = np.where(labelled, -log_softmax(s)[np.arange(len(rows)), hard], 0.0)
+    t = np.log(view[["p_a", "p_b"]].to_numpy(dtype=float))
+    if "logit_a" in view.columns:
+        given = view[["logit_a", "logit_b"]].to_numpy(dtype=float)
+        t = np.where(np.isfinite(given).all(1)[:, None], given, t)
+    temp = cfg.temperature
+    log_q, log_p = log_softmax(t / temp), log_softmax(s / temp)
+    kd = np.where(labelled, ce, (np.exp(log_q) * (log_q - log_p)).sum(1) * temp**2)
+    w = cfg.kl_weight
+    return {"ce": ce.mean(), "kl": kd.mean(), "mixed": ((1 - w) * ce + w * kd).mean()}
 
 
-@pytest.mark.parametrize("kind,swap", [("ce", False), ("kl", True), ("mixed", True)])
-def test_first_step_loss_matches_hand_computation(loss_setup, qwen_path, tokenizer, kind: str, swap: bool) -> None:
-    root, frame, base = loss_setup
+@pytest.mark.parametrize(
+    "kind,swap,extra,temperature",
+    [
+        ("ce", False, "pseudo", 1.0),
+        ("kl", True, "pseudo", 1.0),
+        ("mixed", True, "pseudo", 1.0),
+        ("kl", False, "pseudo_logits", 2.0),
+        ("mixed", True, "pseudo_logits", 0.25),
+    ],
+)
+def test_first_step_loss_matches_hand_computation(
+    loss_setup, qwen_path, tokenizer, kind: str, swap: bool, extra: str, temperature: float
+) -> None:
+    """Changed with issue 10: CE counts only human labels (pseudo rows once took the teacher's argmax), and the
+    temperature divides the teacher's logits as well as the student's."""
+    root, labelled, base = loss_setup
     cfg = TrainConfig(
         model_path=qwen_path,
         load_in_4bit=False,
         train_file=root / "train.parquet",
-        extra_files=[str(root / "pseudo.parquet")],
-        out_dir=root / kind,
+        extra_files=[str(root / f"{extra}.parquet")],
+        out_dir=root / f"{kind}-{extra}-{temperature}",
         val_fold=-1,
         loss=kind,
         kl_weight=0.5,
+        temperature=temperature,
         max_length=MAX_LENGTH,
         batch_tokens=16 * MAX_LENGTH,
         max_rows=16,
@@ -318,11 +349,132 @@ def test_first_step_loss_matches_hand_computation(loss_setup, qwen_path, tokeniz
     result, _ = _run(cfg)
     assert result.metrics["train_rows"] == 16 and result.metrics["total_steps"] == 1
     assert result.history["rows"].tolist() == [16]
-    expected = _expected_first_step_loss(kind, frame, swap, base, tokenizer, cfg)
+    frame = pd.concat([labelled, pd.read_parquet(root / f"{extra}.parquet")], ignore_index=True)
+    expected = _expected_first_step_loss(frame, swap, base, tokenizer, cfg)
     # the three losses are far enough apart for the check to tell them apart
-    assert abs(expected["kl"] - expected["ce"]) > 0.05
+    assert abs(expected["kl"] - expected["ce"]) > 0.01
     assert result.history["loss"].iloc[0] == pytest.approx(expected[kind], rel=1e-4)
-    assert (root / kind / "adapter" / "adapter_model.safetensors").is_file()
+    assert (cfg.out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- numerics: precision choice, non-finite losses (issue 10) ------------------------------------------------
+@pytest.mark.parametrize(
+    "capability,requested,autocast,scaled",
+    [
+        ((7, 5), "auto", torch.float16, True),  # T4: no bf16 in hardware; fp16 needs loss scaling
+        ((8, 0), "auto", torch.bfloat16, False),  # A100: bf16 has fp32's range, no scaling
+        ((9, 0), "auto", torch.bfloat16, False),  # H100/H200
+        ((9, 0), "fp16", torch.float16, True),  # rehearsing a T4 on an H100
+        ((7, 5), "fp32", None, False),
+    ],
+)
+def test_precision_follows_the_compute_capability(monkeypatch, capability, requested, autocast, scaled) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # not torch.cuda.is_bf16_supported(): it reports emulated bf16 on a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    got = train_module.Precision.choose(torch.device("cuda:0"), requested)
+    assert (got.autocast, got.scale_loss) == (autocast, scaled)
+    assert train_module.Precision.choose(torch.device("cpu"), "auto") == train_module.Precision(None, False)
+
+
+def test_trainable_parameters_are_kept_in_fp32() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).half())
+    model[0].requires_grad_(False)
+    params = train_module._trainable_in_fp32(model)
+    assert [p.dtype for p in params] == [torch.float32, torch.float32]
+    assert model[0].weight.dtype == torch.float16  # the frozen base stays in half precision
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path, tmp_path, monkeypatch) -> None:
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
+    runs, steps = [], []
+    setup, step = train_module.setup, train_module.train_step
+    monkeypatch.setattr(train_module, "setup", lambda c: runs.append(setup(c)) or runs[-1])
+    monkeypatch.setattr(train_module, "train_step", lambda run, e, mb, sw: steps.append(mb) or step(run, e, mb, sw))
+    original = train_module.preference_loss
+    calls: list[int] = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss  # one micro-batch per step: step 2 is poisoned
+
+    monkeypatch.setattr(train_module, "preference_loss", poisoned)
+    with pytest.raises(train_module.NonFiniteLossError) as err:
+        _run(cfg)
+    msg = str(err.value)
+    expected_ids = [str(i) for i in runs[0].data.row_ids[steps[1][0]]]
+    assert "step 2: the loss is nan" in msg and str(expected_ids) in msg, msg
+    assert not (cfg.out_dir / "adapter").exists() and not (cfg.out_dir / "metrics.json").exists()
+    # and the weights never took the poisoned gradients: the step raised before backward
+    run = runs[0]
+    assert run.step == 1 and all(torch.isfinite(p).all() for p in run.params)
+    # a model whose weights did go non-finite is never saved as an adapter
+    with torch.no_grad():
+        run.params[0][0, 0] = float("inf")
+    with pytest.raises(train_module.NonFiniteLossError, match="no adapter saved"):
+        train_module.save_adapter(run)
+    assert not (cfg.out_dir / "adapter").exists()
+
+
+# --- evaluation during training (issue 10) ---------------------------------------------------------------
+def test_shared_run_reports_the_pair_metrics(trained) -> None:
+    out = trained.cfg.out_dir
+    val = trained.result.metrics["val"]
+    assert val["nan_rows"] == 0 and 0 <= val["swap_consistency"] < 0.5 and 0 < val["position_bias"] < 1
+    assert trained.result.metrics["best"] == {"metric": "log_loss", "step": 90, "evals": 1}
+    evals = pd.read_csv(out / "evals.csv")
+    assert evals["step"].tolist() == [90]
+    assert json.loads((out / "evals.json").read_text())[0]["accuracy"] == pytest.approx(val["accuracy"])
+    langs = trained.result.languages
+    assert langs["rows"].sum() == val["rows"] and list(langs.columns) == ["language", "rows", "accuracy", "log_loss"]
+    assert trained.result.metrics["val_languages"] == langs.to_dict("records")
+
+
+def test_evaluation_every_n_steps_keeps_the_best_adapter(prepared, qwen_path, tmp_path, monkeypatch) -> None:
+    """Evaluations at steps 5, 10, 15 and the last (16); the log loss is forged so that step 5 is the best."""
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, eval_every_steps=5, save_every=0)
+    forged = {5: 0.1, 10: 0.5, 15: 0.6, 16: 0.7}
+    original = train_module.validate
+
+    def validate(run, val_df):
+        record = original(run, val_df)
+        record["metrics"]["log_loss"] = forged[run.step]
+        return record
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    result, stdout = _run(cfg)
+    out = cfg.out_dir
+    assert result.metrics["total_steps"] == 16
+    assert result.evals["step"].tolist() == [5, 10, 15, 16]
+    assert pd.read_csv(out / "evals.csv")["log_loss"].tolist() == [0.1, 0.5, 0.6, 0.7]
+    assert result.metrics["best"] == {"metric": "log_loss", "step": 5, "evals": 4}
+    assert result.metrics["val"]["log_loss"] == 0.1
+    assert "keeping the adapter of step 5" in stdout
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 16 and state["best"]["step"] == 5
+    saved = _adapter_weights(out)
+    _assert_same_weights(saved, {_saved_key(k, saved): v for k, v in state["best"]["adapter"].items()})
+    assert any(not torch.equal(state["adapter"][k], v) for k, v in state["best"]["adapter"].items())
+    # the predictions and the calibration belong to the kept adapter
+    val = pd.read_parquet(out / "val_predictions.parquet")
+    np.testing.assert_allclose(val["p_a"], state["best"]["probs"][:, 0])
+    assert (out / "adapter" / "calibration.json").is_file()
+
+
+def _saved_key(key: str, saved: dict) -> str:
+    """peft's in-memory state-dict key as written in adapter_model.safetensors (it drops the adapter name)."""
+    return key if key in saved else key.replace(".default", "")
+
+
+def test_row_weights_from_sources_and_a_weight_column() -> None:
+    cfg = TrainConfig(source_weights={"lmsys": 0.5, "pseudo": 2.0})
+    df = pd.DataFrame({"source": ["lmsys", "pseudo", "wsdm", None]})
+    np.testing.assert_allclose(train_module._row_weights(cfg, df), [0.5, 2.0, 1.0, 1.0])
+    # a weight column wins where it is given
+    df["weight"] = [np.nan, 0.25, 3.0, np.nan]
+    np.testing.assert_allclose(train_module._row_weights(cfg, df), [0.5, 0.25, 3.0, 1.0])
+    np.testing.assert_allclose(train_module._row_weights(TrainConfig(), df.drop(columns="weight")), [1.0] * 4)
 
 
 # --- configuration errors --------------------------------------------------------------------------------
@@ -362,6 +514,11 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
         ({"swap_fraction": 1.5}, "swap_fraction"),
         ({"batch_tokens": 100, "max_length": 256}, "batch_tokens >= max_length"),
         ({"epochs": 0}, "epochs > 0"),
+        ({"temperature": 0}, "temperature > 0"),
+        ({"kl_weight": 1.5}, "kl_weight"),
+        ({"best_metric": "f1"}, "best_metric='f1'"),
+        ({"eval_every_steps": -1}, "eval_every_steps"),
+        ({"source_weights": {"lmsys": -1}}, "source_weights"),
     ],
 )
 def test_config_validation(kwargs, match) -> None:

@@ -141,14 +141,74 @@ def soft_targets(df: pd.DataFrame) -> np.ndarray:
     return np.eye(2, dtype=np.float32)[labels(df)]
 
 
+# a teacher's raw classifier logits per row, in the row's A/B orientation (pseudo-label files may carry them)
+LOGIT_COLUMNS = ("logit_a", "logit_b")
+# probabilities are clipped here before their log is taken: p = 0 would be an infinite logit
+PROB_FLOOR = 1e-6
+
+
+def teacher_logits(df: pd.DataFrame) -> np.ndarray:
+    """The teacher's logits per row, shape (N, 2) float32; NaN rows where the row has no teacher.
+
+    ``logit_a``/``logit_b`` where the file has them and they are finite; else ``log(p_a), log(p_b)`` (clipped at
+    :data:`PROB_FLOOR`). For two classes ``log softmax(z) = z - logsumexp(z)`` differs from the raw logits ``z``
+    only by a per-row constant, which every softmax ignores: ``softmax(log p / T) = softmax(z / T)`` at every T
+    when ``p = softmax(z)``. So probability-only rows (older files) are distilled at the run's temperature like
+    logit rows, and at T=1 exactly as before (the target is ``p``).
+    """
+    out = np.full((len(df), 2), np.nan, dtype=np.float32)
+    if "p_a" in df.columns and "p_b" in df.columns:
+        probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            out[:] = np.log(np.clip(probs, PROB_FLOOR, 1.0))  # NaN stays NaN
+    if all(c in df.columns for c in LOGIT_COLUMNS):
+        logits = df[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float32)
+        given = np.isfinite(logits).all(1)
+        out[given] = logits[given]
+    out[~np.isfinite(out).all(1)] = np.nan
+    return out
+
+
+def average_teachers(frames: list[pd.DataFrame], sources: list[str] | None = None) -> pd.DataFrame:
+    """Rows labelled by several teachers (one frame each) merged into one row per id, logits averaged.
+
+    Averaging in logit space (a geometric mean of the probabilities, renormalised) keeps a confident teacher's
+    margin where a probability average would flatten it. Every frame must show a shared id in the same A/B
+    orientation (the same response A); ``logit_a/logit_b`` and ``p_a/p_b`` of the result are the average and its
+    softmax. Rows found in one frame only are kept as they are.
+    """
+    if len(frames) <= 1:
+        return frames[0].copy() if frames else pd.DataFrame()
+    sources = sources or [f"frame {i}" for i in range(len(frames))]
+    tagged = [f.assign(_logit_a=(lg := teacher_logits(f))[:, 0], _logit_b=lg[:, 1]) for f in frames]
+    first = tagged[0].drop_duplicates("id")
+    for frame, source in zip(tagged[1:], sources[1:], strict=True):
+        joined = frame.merge(first[["id", "response_a"]], on="id", suffixes=("", "_first"))
+        flipped = joined["response_a"] != joined["response_a_first"]
+        if flipped.any():
+            row = joined[flipped].iloc[0]
+            raise DataError(
+                f"{source}: id {row['id']!r} has another response A than in {sources[0]}; the teachers must label "
+                "the same rows in the same A/B orientation (pseudo-label one pool file with each teacher)"
+            )
+    stacked = pd.concat(tagged, ignore_index=True)
+    mean = stacked.groupby("id", sort=False)[["_logit_a", "_logit_b"]].mean()
+    out = stacked.drop_duplicates("id").drop(columns=["_logit_a", "_logit_b"]).set_index("id")
+    out["logit_a"], out["logit_b"] = mean["_logit_a"], mean["_logit_b"]
+    margin = (out["logit_a"] - out["logit_b"]).to_numpy(dtype=np.float64)
+    out["p_a"] = 1.0 / (1.0 + np.exp(-margin))
+    out["p_b"] = 1.0 - out["p_a"]
+    return out.reset_index()
+
+
 def swap_ab(df: pd.DataFrame) -> pd.DataFrame:
-    """Exchange responses A and B: texts, model names, the winner and soft labels move together.
+    """Exchange responses A and B: texts, model names, the winner and soft labels (probabilities and logits).
 
     The one place where the A/B permutation is defined; training augmentation, pseudo-labelling and
     test-time augmentation all call it.
     """
     out = df.copy()
-    for a, b in (("response_a", "response_b"), ("model_a", "model_b"), ("p_a", "p_b")):
+    for a, b in (("response_a", "response_b"), ("model_a", "model_b"), ("p_a", "p_b"), LOGIT_COLUMNS):
         if a in out.columns and b in out.columns:
             out[a], out[b] = df[b].to_numpy(), df[a].to_numpy()
     if "winner" in out.columns:

@@ -1,4 +1,11 @@
-"""Losses for learning from human labels and from a teacher's probabilities (distillation)."""
+"""Losses for learning from human labels and from a teacher's logits (distillation), per row and weighted.
+
+Distillation follows Hinton et al. and the competition's winners: the teacher's *logits* and the student's are
+both divided by the temperature T, ``KL(softmax(t / T) || softmax(s / T)) * T^2``. Softening both sides keeps the
+minimum where the student's distribution equals the teacher's at every T (the student stays calibrated); the
+T^2 keeps the gradient's size comparable across T. Softening only the student (what this module did before)
+moves the minimum: fitted to a teacher at p = 0.70 the student ended at 0.845 with T=2 and 0.553 with T=0.25.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +15,63 @@ import torch.nn.functional as F
 LOSSES = ("ce", "kl", "mixed")
 
 
+def term_weights(kind: str, kl_weight: float) -> tuple[float, float]:
+    """``(ce_weight, kd_weight)`` of a loss kind: ``ce`` (1, 0), ``kl`` (0, 1), ``mixed`` (1 - w, w)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    return {"ce": (1.0, 0.0), "kl": (0.0, 1.0), "mixed": (1.0 - kl_weight, kl_weight)}[kind]
+
+
+def distill_terms(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(kd, cos)``, each (B,): ``KL(softmax(t/T) || softmax(s/T)) * T^2`` and ``1 - cos(p_s, p_t)``.
+
+    ``logits`` and ``teacher_logits`` are (B, C) and finite. The cosine term compares the two softened
+    distributions; it is 0 where they agree and bounded by 1, so it cannot blow up on confident rows.
+    """
+    log_s = F.log_softmax(logits / temperature, dim=-1)  # (B, C)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    kd = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2  # (B,)
+    cos = 1.0 - F.cosine_similarity(log_s.exp(), log_t.exp(), dim=-1)  # (B,)
+    return kd, cos
+
+
 def preference_loss(
     logits: torch.Tensor,
     hard: torch.Tensor,
-    soft: torch.Tensor,
+    teacher_logits: torch.Tensor,
     kind: str = "ce",
     kl_weight: float = 0.5,
     temperature: float = 1.0,
+    cos_weight: float = 0.0,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Loss of ``logits`` (B, 2) against hard labels ``hard`` (B,) and soft targets ``soft`` (B, 2).
+    """Weighted mean loss of student ``logits`` (B, 2).
 
-    - ``ce``: cross-entropy on the hard labels;
-    - ``kl``: KL(soft || softmax(logits / T)) * T^2 (the T^2 keeps gradients comparable across T);
-    - ``mixed``: ``(1 - kl_weight) * ce + kl_weight * kl`` (the seed's equal mix is ``kl_weight=0.5``).
+    - ``hard`` (B,) int: the human label (0 = A, 1 = B), or -1 where the row has none (a pseudo-labelled row);
+    - ``teacher_logits`` (B, 2): the teacher's raw logits, NaN where the row has no teacher;
+    - per row: ``ce_w * CE(s, hard) + kd_w * KD(s, t; T) + cos_weight * (1 - cos)``, with ``(ce_w, kd_w)``
+      from ``kind`` and ``kl_weight`` (:func:`term_weights`). CE counts only on rows with a human label and
+      KD / cosine only on rows with a teacher; a labelled row without a teacher takes CE in place of KD (the
+      KL to its one-hot label at T=1), so ``kl`` on human labels alone is plain cross-entropy;
+    - ``row_weight`` (B,): the mean over rows is weighted by it (1 for every row when None).
     """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    ce_w, kd_w = term_weights(kind, kl_weight)
     logits = logits.float()
-    ce = F.cross_entropy(logits, hard)
-    if kind == "ce":
-        return ce
-    log_p = F.log_softmax(logits / temperature, dim=-1)
-    kl = F.kl_div(log_p, soft.float(), reduction="batchmean") * temperature**2
-    if kind == "kl":
-        return kl
-    return (1 - kl_weight) * ce + kl_weight * kl
+    labelled = hard >= 0  # (B,)
+    taught = torch.isfinite(teacher_logits).all(-1)  # (B,)
+    if not (labelled | taught).all():
+        raise ValueError("every row needs a human label (hard >= 0) or finite teacher logits")
+    ce = F.cross_entropy(logits, hard.clamp(min=0), reduction="none")  # (B,)
+    # NaN teacher rows replaced before any arithmetic: a NaN would reach the gradient even when masked afterwards
+    teacher = torch.where(taught[:, None], teacher_logits.float(), torch.zeros_like(logits))
+    kd, cos = distill_terms(logits, teacher, temperature)
+    zero = torch.zeros_like(ce)
+    per_row = (
+        ce_w * torch.where(labelled, ce, zero)
+        + kd_w * torch.where(taught, kd, ce)
+        + cos_weight * torch.where(taught, cos, zero)
+    )  # (B,)
+    w = torch.ones_like(per_row) if row_weight is None else row_weight.to(per_row)
+    return (w * per_row).sum() / w.sum()

@@ -210,3 +210,59 @@ def test_soft_targets_uses_probabilities_and_falls_back_per_row() -> None:
 def test_soft_targets_of_soft_file() -> None:
     df = _soft_frame(3)
     np.testing.assert_allclose(schema.soft_targets(df), df[["p_a", "p_b"]].to_numpy())
+
+
+# --- teacher logits (issue 10): the distillation targets ------------------------------------------------------
+def test_swap_ab_swaps_teacher_logits() -> None:
+    df = _soft_frame(3).assign(logit_a=[1.0, -2.0, 0.5], logit_b=[0.0, 0.25, np.nan])
+    out = schema.swap_ab(df)
+    np.testing.assert_array_equal(out["logit_a"], df["logit_b"])
+    np.testing.assert_array_equal(out["logit_b"], df["logit_a"])
+    np.testing.assert_array_equal(schema.teacher_logits(out), schema.teacher_logits(df)[:, ::-1])
+    pd.testing.assert_frame_equal(schema.swap_ab(out), df)
+
+
+def test_teacher_logits_prefer_logits_and_fall_back_to_log_probabilities() -> None:
+    df = _train_frame(4).assign(
+        p_a=[0.8, 0.25, np.nan, 0.0],
+        p_b=[0.2, 0.75, np.nan, 1.0],
+        logit_a=[3.0, np.nan, np.nan, np.nan],
+        logit_b=[-1.0, np.nan, np.nan, np.nan],
+    )
+    got = schema.teacher_logits(df)
+    assert got.dtype == np.float32 and got.shape == (4, 2)
+    np.testing.assert_allclose(got[0], [3.0, -1.0])  # the logits where given
+    np.testing.assert_allclose(got[1], np.log([0.25, 0.75]), rtol=1e-6)  # else log p: softmax gives p back
+    assert np.isnan(got[2]).all()  # no teacher: the row is trained on its human label
+    np.testing.assert_allclose(got[3], np.log([schema.PROB_FLOOR, 1.0]), rtol=1e-6)  # p = 0 clipped, not -inf
+    assert np.isnan(schema.teacher_logits(_train_frame(2))).all()  # a file without a teacher
+
+
+def test_log_probabilities_give_the_same_softened_target_as_the_logits() -> None:
+    """softmax(log p / T) = softmax(z / T) when p = softmax(z): probability-only rows follow the temperature exactly."""
+    z = np.array([[1.3, -0.4], [-2.0, 0.5]])
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    from_probs = schema.teacher_logits(pd.DataFrame({"p_a": p[:, 0], "p_b": p[:, 1]}))
+    for t in (0.25, 2.0, 5.0):
+        a, b = from_probs / t, z / t
+        np.testing.assert_allclose(
+            np.exp(a) / np.exp(a).sum(1, keepdims=True), np.exp(b) / np.exp(b).sum(1, keepdims=True), rtol=1e-5
+        )
+
+
+def test_average_teachers_averages_logits_per_id() -> None:
+    pool = _soft_frame(3)
+    t1 = pool.assign(logit_a=[2.0, 0.0, -1.0], logit_b=[0.0, 1.0, 0.0])
+    t2 = pool.iloc[[0, 1]].assign(p_a=[0.5, 0.5], p_b=[0.5, 0.5])  # probabilities only: logits log(0.5), log(0.5)
+    out = schema.average_teachers([t1, t2], sources=["llama.parquet", "qwen.parquet"])
+    assert out["id"].tolist() == pool["id"].tolist()
+    margin = (out["logit_a"] - out["logit_b"]).to_numpy()
+    np.testing.assert_allclose(margin, [1.0, -0.5, -1.0])  # (2 + 0) / 2, (-1 + 0) / 2, the first teacher alone
+    np.testing.assert_allclose(out["p_a"], 1 / (1 + np.exp(-margin)))
+    np.testing.assert_allclose(out["p_a"] + out["p_b"], 1.0)
+
+
+def test_average_teachers_refuses_rows_in_another_orientation() -> None:
+    pool = _soft_frame(2)
+    with pytest.raises(DataError, match=r"qwen.parquet: id .* another response A than in llama.parquet"):
+        schema.average_teachers([pool, schema.swap_ab(pool)], sources=["llama.parquet", "qwen.parquet"])
