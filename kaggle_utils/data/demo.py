@@ -641,9 +641,156 @@ def generate_demo_data(cfg: DemoDataConfig) -> dict[str, Path]:
     return paths
 
 
+# ---- small files in the public formats: the pool stage's demo input (kaggle_utils.data.pool) ---------------------
+
+# format (a key of kaggle_utils.data.sources.FORMATS) -> file or folder name under the public folder
+PUBLIC_FILES: dict[str, str] = {
+    "lmsys_55k": "lmsys_55k.csv",
+    "arena_conversations": "arena_conversations.jsonl",
+    "dpo": "dpo",
+    "messages": "messages.jsonl",
+    "unlabelled": "unlabelled.parquet",
+}
+
+
+def _conv(prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, str]]:
+    """A ``{role, content}`` conversation alternating user and assistant turns."""
+    out = []
+    for p, a in zip(prompts, answers, strict=True):
+        out += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+    return out
+
+
+def _write_jsonl(records: list[dict], path: Path) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_public_formats(
+    out_dir: Path | str, n_rows: int = 80, seed: int = 0, length_scale: float = 0.12, test_file: Path | None = None
+) -> dict[str, Path]:
+    """Small SYNTHETIC files in the public formats ``kaggle_utils.data.sources`` reads (FACTS §2), ``n_rows`` each.
+
+    Rows are drawn like train.parquet's (same signal, same languages) and written in each format:
+    ``lmsys_55k.csv`` (JSON turn lists, one-hot winner), ``arena_conversations.jsonl`` ({role, content} lists,
+    language given), ``dpo/part-0.parquet`` + ``dpo/part-1.parquet`` (prompt, chosen, rejected: a folder),
+    ``messages.jsonl`` (messages_a/_b, label A/B) and ``unlabelled.parquet``. Planted so that every pool step
+    has something to count: ties (lmsys rows 0-5 by tenths, arena 9 and 10, messages 3), one truncated JSON
+    prompt (lmsys row 9), two multi-turn rows (lmsys 1, arena 6), copies across sources (arena rows 0-4 are
+    lmsys rows 10-14, A/B swapped on the even ones; dpo/part-0 rows 0-2 are lmsys rows 15-17) and, given
+    ``test_file``, leaked test prompts (lmsys row 18 in another case and spacing, unlabelled rows 0-1 exactly);
+    a too-short response (unlabelled row 2) and identical responses (messages row 6) for the quality filter.
+    The same arguments give identical files.
+    """
+    if n_rows < 20:
+        raise ValueError(f"n_rows={n_rows}: at least 20 rows per file hold the planted cases")
+    out = Path(out_dir)
+    (out / "dpo").mkdir(parents=True, exist_ok=True)
+    cfg = DemoDataConfig(out_dir=out, seed=seed, length_scale=length_scale)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, 1]).spawn(len(PUBLIC_FILES))]
+    lm, ar, dp, ms, un = (_make_rows(rng, n_rows, cfg) for rng in rngs)
+    un.loc[2, "response_b"] = "ok"  # too short
+    ms.loc[6, "response_b"] = ms.loc[6, "response_a"]  # identical responses
+    test_prompts = pd.read_parquet(test_file, columns=["prompt"])["prompt"].tolist() if test_file else []
+    if len(test_prompts) >= 3:
+        variant = "  " + "   ".join(test_prompts[0].split()) + " "  # other spacing; other case where it round-trips
+        lm.loc[18, "prompt"] = variant.upper() if variant.upper().lower() == variant.lower() else variant
+        un.loc[[0, 1], "prompt"] = test_prompts[1:3]
+    # copies across sources: the arena repeats lmsys pairs (A/B swapped on even rows), the DPO file others
+    for k in range(5):
+        src = lm.loc[10 + k]
+        swap = k % 2 == 0
+        ar.loc[k, ["prompt", "response_a", "response_b"]] = (
+            [src["prompt"], src["response_b"], src["response_a"]]
+            if swap
+            else src[["prompt", "response_a", "response_b"]]
+        )
+        flipped = {"model_a": "model_b", "model_b": "model_a"}[src["winner"]]
+        ar.loc[k, "winner"] = flipped if swap else src["winner"]
+    for k in range(3):
+        dp.loc[k, ["prompt", "response_a", "response_b", "winner"]] = lm.loc[
+            15 + k, ["prompt", "response_a", "response_b", "winner"]
+        ]
+
+    import json
+
+    turns = [[p] for p in lm["prompt"]]
+    resp_a, resp_b = [[r] for r in lm["response_a"]], [[r] for r in lm["response_b"]]
+    turns[1], resp_a[1], resp_b[1] = turns[1] + ["Tell me more."], resp_a[1] + ["More."], resp_b[1] + [None]
+    winner = lm["winner"].to_numpy()
+    tie = np.arange(n_rows) % 10 == 5
+    lmsys = pd.DataFrame(
+        {
+            "id": np.arange(n_rows) + 1000,
+            "model_a": lm["model_a"],
+            "model_b": lm["model_b"],
+            "prompt": [json.dumps(t, ensure_ascii=False) for t in turns],
+            "response_a": [json.dumps(t, ensure_ascii=False) for t in resp_a],
+            "response_b": [json.dumps(t, ensure_ascii=False) for t in resp_b],
+            "winner_model_a": ((winner == "model_a") & ~tie).astype(int),
+            "winner_model_b": ((winner == "model_b") & ~tie).astype(int),
+            "winner_tie": tie.astype(int),
+        }
+    )
+    lmsys.loc[9, "prompt"] = lmsys.loc[9, "prompt"][:-3]  # a truncated JSON list
+    paths = {"lmsys_55k": out / PUBLIC_FILES["lmsys_55k"]}
+    lmsys.to_csv(paths["lmsys_55k"], index=False)
+
+    arena = []
+    for i, r in ar.iterrows():
+        prompts, answers_a, answers_b = [r["prompt"]], [r["response_a"]], [r["response_b"]]
+        if i == 6:
+            prompts, answers_a, answers_b = prompts + ["And then?"], answers_a + ["Then this."], answers_b + ["That."]
+        arena.append(
+            {
+                "question_id": f"q{i:05d}", "model_a": r["model_a"], "model_b": r["model_b"],
+                "winner": {9: "tie", 10: "tie (bothbad)"}.get(i, r["winner"]), "judge": f"arena_user_{i % 7}",
+                "conversation_a": _conv(prompts, answers_a), "conversation_b": _conv(prompts, answers_b),
+                "turn": len(prompts), "anony": True, "language": r["language"], "tstamp": 1.7e9 + i,
+            }
+        )  # fmt: skip
+    paths["arena_conversations"] = _write_jsonl(arena, out / PUBLIC_FILES["arena_conversations"])
+
+    chosen_a = (dp["winner"] == "model_a").to_numpy()
+    dpo = pd.DataFrame(
+        {
+            "prompt": dp["prompt"],
+            "chosen": np.where(chosen_a, dp["response_a"], dp["response_b"]),
+            "rejected": np.where(chosen_a, dp["response_b"], dp["response_a"]),
+        }
+    )
+    half = n_rows // 2
+    schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
+    for k, part in enumerate((dpo.iloc[:half], dpo.iloc[half:])):
+        _write_parquet(part.reset_index(drop=True), schema, out / "dpo" / f"part-{k}.parquet")
+    paths["dpo"] = out / PUBLIC_FILES["dpo"]
+
+    labels = np.where(ms["winner"] == "model_a", "A", "B").astype(object)
+    labels[3] = "tie"
+    messages = [
+        {
+            "id": f"m{i:05d}",
+            "messages_a": _conv([r["prompt"]], [r["response_a"]]),
+            "messages_b": _conv([r["prompt"]], [r["response_b"]]),
+            "label": labels[i],
+        }
+        for i, r in ms.iterrows()
+    ]
+    paths["messages"] = _write_jsonl(messages, out / PUBLIC_FILES["messages"])
+
+    un.insert(0, "id", [f"syn-u{i:05d}" for i in range(n_rows)])
+    schema = pa.schema([(c, pa.string()) for c in ("id", "prompt", "response_a", "response_b", "model_a", "model_b")])
+    paths["unlabelled"] = _write_parquet(un, schema, out / PUBLIC_FILES["unlabelled"])
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(DemoDataConfig, argv)
     paths = generate_demo_data(cfg)
+    # the pool stage's demo input (recipe demo-pool): small files in the public formats, beside the competition's
+    paths |= write_public_formats(cfg.out_dir / "public", seed=cfg.seed, test_file=paths["test"])
     for name, p in paths.items():
         print(f"{name}: {p}")
 
