@@ -24,6 +24,9 @@
 # resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
 prepare_recipe = "demo-prepare"
 prepare_overrides = {}
+# the extra labelled set and the unlabelled pool from the public sources (kaggle_utils.data.pool); "" skips it
+pool_recipe = "demo-pool"
+pool_overrides = {}
 
 # %%
 # On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
@@ -118,3 +121,20 @@ plots.languages_and_lengths(cleaned);
 
 # %%
 frames["train"].pivot_table(index="language", columns="fold", values="id", aggfunc="count", fill_value=0)
+
+# %% [markdown]
+# ## The pool: public pairs for extra training rows and for the teacher
+# `kaggle_utils.data.pool` reads a manifest of public sources (the recipe's `[[sources]]`: path, format, labelled or
+# not, cap, weight), normalises and cleans each, drops copies across sources (A/B-swapped ones too; the first source
+# in the manifest keeps its copy) and rows whose prompt is in the competition's validation or test files, applies
+# caps and language budgets, and writes `extra_labelled.parquet` (human labels) and `unlabelled.parquet` (for the
+# teacher), each row with its source. Shell: `python -m kaggle_utils.data.pool --recipe pool-public`.
+
+# %%
+if pool_recipe:
+    from kaggle_utils.data import pool
+
+    assembled = pool.assemble(recipes.load(pool_recipe, pool.PoolConfig, pool_overrides), progress=True)
+    plots.source_flow(assembled.report)
+    pool.plot_languages(assembled)
+    display(assembled.summary())

@@ -13,7 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.py"))
-STAGES = ["prepare", "train", "pseudo_label", "infer", "data.demo", "models.demo"]
+STAGES = [
+    "prepare",
+    "train",
+    "pseudo_label",
+    "infer",
+    "multiple_choice",
+    "data.demo",
+    "data.pool",
+    "models.demo",
+    "api.generate",
+    "api.translate",
+    "api.fewshot",
+]
 
 
 def test_one_notebook_per_stage():

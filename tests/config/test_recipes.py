@@ -138,7 +138,13 @@ def test_the_command_line_takes_a_recipe_and_flags_over_it():
 
 
 def test_profiles_name_existing_recipes_of_the_right_stage():
-    roles = {"prepare": "prepare", "teacher": "train", "pseudo_label": "pseudo_label", "primary": "train"}
+    roles = {
+        "prepare": "prepare",
+        "pool": "pool",
+        "teacher": "train",
+        "pseudo_label": "pseudo_label",
+        "primary": "train",
+    }
     roles |= {"secondary": "train", "infer": "infer"}
     for profile in ("demo", "kaggle"):
         for notebook, table in recipes.profile(profile).items():
