@@ -63,33 +63,22 @@ def score_batch(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, devi
     (:func:`rescore_in_fp32`); only rows still non-finite, or out of memory there, stay NaN. ``stats`` counts
     ``oom_splits``, ``oom_rows`` and the ``overflow_*`` counters of :func:`rescore_in_fp32`.
     """
-    logits = None
-    try:
-        enc = pad([rows[i] for i in idx], pad_id)
-        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (B, 2)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err):
-            raise
-    if logits is None:
-        # retried outside the except block: the exception's traceback holds the failed forward's activations
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _count(stats, "oom_rows" if len(idx) == 1 else "oom_splits")
-        if len(idx) == 1:
-            return np.full((1, 2), np.nan, dtype=np.float32)
-        half = len(idx) // 2
-        first = score_batch(model, rows, idx[:half], pad_id, device, stats)
-        return np.concatenate([first, score_batch(model, rows, idx[half:], pad_id, device, stats)])
-    p = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # (B, 2)
-    bad = np.flatnonzero(~np.isfinite(p).all(1))
-    if len(bad):
-        p[bad] = rescore_in_fp32(model, [rows[i] for i in idx[bad]], pad_id, device, stats)
+    logits = torch.from_numpy(score_logits(model, rows, idx, pad_id, device, stats))  # (B, 2) float32
+    p = torch.softmax(logits, dim=-1).numpy()
+    p[~np.isfinite(p).all(1)] = np.nan
+    return p
+
+
+def rescore_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None = None) -> np.ndarray:
+    """Probabilities (len(rows), 2) of rows whose fp16 logits were non-finite: :func:`logits_in_fp32`, softmaxed."""
+    p = torch.softmax(torch.from_numpy(logits_in_fp32(model, rows, pad_id, device, stats)), dim=-1).numpy()
+    p[~np.isfinite(p).all(1)] = np.nan
     return p
 
 
 @torch.no_grad()
-def rescore_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None = None) -> np.ndarray:
-    """Probabilities (len(rows), 2) of rows whose fp16 logits were non-finite, each row alone in fp32 compute.
+def logits_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None = None) -> np.ndarray:
+    """Logits (len(rows), 2) of rows whose fp16 logits were non-finite, each row alone in fp32 compute.
 
     The model is switched to fp32 arithmetic in place (:func:`~kaggle_utils.models.precision.fp32_compute`: no
     reload, no second copy of the weights) and put back afterwards. A row alone in fp32 needs about twice the
@@ -111,8 +100,7 @@ def rescore_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: di
             for j, row in enumerate(todo):
                 try:
                     enc = pad([row], pad_id)
-                    logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (1, 2), fp32
-                    out[j] = torch.softmax(logits.float(), dim=-1).cpu().numpy()[0]
+                    out[j] = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu().numpy()[0]
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if not _is_oom(err):
                         raise
@@ -182,8 +170,9 @@ def predict_proba(
 def score_logits(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, device, stats: dict | None = None):
     """Raw classifier logits (float32) for the rows ``idx``, shape (len(idx), 2); NaN for rows that cannot be scored.
 
-    The guards of :func:`score_batch`, for callers that keep logits (distillation at a temperature needs them):
-    an out-of-memory batch is split in halves; rows with non-finite logits are rescored alone in fp32 compute.
+    The guards :func:`score_batch` documents (it is this, softmaxed): an out-of-memory batch is split in halves;
+    rows with non-finite logits are rescored alone in fp32 compute (:func:`logits_in_fp32`). Callers that keep
+    logits (distillation at a temperature needs them) call this directly.
     """
     logits = None
     try:
@@ -203,29 +192,8 @@ def score_logits(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, dev
         return np.concatenate([first, score_logits(model, rows, idx[half:], pad_id, device, stats)])
     bad = np.flatnonzero(~np.isfinite(logits).all(1))
     if len(bad):
-        logits[bad] = _logits_in_fp32(model, [rows[i] for i in idx[bad]], pad_id, device, stats)
+        logits[bad] = logits_in_fp32(model, [rows[i] for i in idx[bad]], pad_id, device, stats)
     return logits
-
-
-def _logits_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None) -> np.ndarray:
-    """Logits (len(rows), 2) of overflowing rows, each alone in fp32 compute; NaN where that fails too."""
-    out = np.full((len(rows), 2), np.nan, dtype=np.float32)
-    _count(stats, "overflow_rows", len(rows))
-    try:
-        with fp32_compute(model) as switched:
-            for j, row in enumerate(rows if switched.changed else []):  # fp32 already: the same NaN again
-                try:
-                    enc = pad([row], pad_id)
-                    out[j] = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu().numpy()[0]
-                except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if not _is_oom(err):
-                        raise
-                    _count(stats, "overflow_oom")
-    except Exception as err:  # as in rescore_in_fp32: the safe path never stops the fp16 path
-        warnings.warn(f"fp32 rescoring of {len(rows)} row(s) failed: {type(err).__name__}: {err}", stacklevel=2)
-    out[~np.isfinite(out).all(1)] = np.nan
-    _count(stats, "overflow_rescored", int(np.isfinite(out).all(1).sum()))
-    return out
 
 
 def predict_logits(
