@@ -60,18 +60,11 @@ def score_batch(model, rows: list[list[int]], idx: np.ndarray, pad_id: int, devi
     An out-of-memory batch is split in halves and each half retried (a long row next to others can fit alone);
     a single row that still does not fit is left NaN, for the next model or the fallback. Rows whose logits are
     non-finite (fp16 overflow on long inputs; Gemma2 is known for it) are rescored one at a time in fp32 compute
-    (:func:`rescore_in_fp32`); only rows still non-finite, or out of memory there, stay NaN. ``stats`` counts
-    ``oom_splits``, ``oom_rows`` and the ``overflow_*`` counters of :func:`rescore_in_fp32`.
+    (:func:`logits_in_fp32`); only rows still non-finite, or out of memory there, stay NaN. ``stats`` counts
+    ``oom_splits``, ``oom_rows`` and the ``overflow_*`` counters of :func:`logits_in_fp32`.
     """
     logits = torch.from_numpy(score_logits(model, rows, idx, pad_id, device, stats))  # (B, 2) float32
     p = torch.softmax(logits, dim=-1).numpy()
-    p[~np.isfinite(p).all(1)] = np.nan
-    return p
-
-
-def rescore_in_fp32(model, rows: list[list[int]], pad_id: int, device, stats: dict | None = None) -> np.ndarray:
-    """Probabilities (len(rows), 2) of rows whose fp16 logits were non-finite: :func:`logits_in_fp32`, softmaxed."""
-    p = torch.softmax(torch.from_numpy(logits_in_fp32(model, rows, pad_id, device, stats)), dim=-1).numpy()
     p[~np.isfinite(p).all(1)] = np.nan
     return p
 

@@ -137,12 +137,12 @@ def test_overflowing_rows_are_not_taken_for_out_of_memory(monkeypatch) -> None:
     sent = []
 
     def rescore(model, rows, pad_id, device, stats=None):
-        """score_batch's fp32 rescoring of non-finite rows, reduced to its counters (the real one is slow here)."""
+        """score_logits's fp32 rescoring of non-finite rows, reduced to its counters (the real one is slow here)."""
         sent.append(len(rows))
         stats["overflow_rows"] = stats.get("overflow_rows", 0) + len(rows)
-        return np.full((len(rows), 2), 0.5, dtype=np.float32)
+        return np.zeros((len(rows), 2), dtype=np.float32)
 
-    monkeypatch.setattr(predict, "rescore_in_fp32", rescore)
+    monkeypatch.setattr(predict, "logits_in_fp32", rescore)
     budget = probe(model, rows, lengths)
     assert sent and all(ok for _, _, ok in budget.probes) and budget.tokens // LONGEST == 4
 
