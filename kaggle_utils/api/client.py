@@ -33,6 +33,8 @@ import openai
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kaggle_utils.data import schema
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What a keyless local server (vLLM started without --api-key) is sent: it ignores the header
 NO_KEY = "EMPTY"
@@ -552,3 +554,21 @@ class StageResult:
     def __str__(self) -> str:
         counts = "\n".join(f"{k}: {v}" for k, v in self.counts.items())
         return f"{self.run}\n{counts}\n\n{self.usage.to_string(index=False)}"
+
+    @classmethod
+    def written(
+        cls,
+        frame: pd.DataFrame,
+        kind: str,
+        out_file: Path,
+        run: RunSummary,
+        results: Iterable[ChatResult],
+        prices: Mapping[str, list[float]],
+        counts: dict[str, int],
+    ) -> StageResult:
+        """The stage's output checked against the ``kind`` schema (a bad frame is never written), written to
+        ``out_file``, with the run's usage per model."""
+        schema.validate(frame, kind, source=f"{out_file.name} (before writing)")
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(out_file, index=False)
+        return cls(frame, run, usage_table(results, prices), counts)

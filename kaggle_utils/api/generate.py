@@ -34,7 +34,6 @@ from kaggle_utils.api.client import (
     ChatResult,
     JsonlStore,
     StageResult,
-    usage_table,
 )
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import schema
@@ -224,12 +223,9 @@ def generate_pairs(cfg: GenerateConfig, after_each: Callable[[ChatResult], None]
     results = [done[r.key] for r in requests if r.key in done]
     answers = {(r.meta["prompt_id"], r.model): r.content for r in results if r.ok}
     pairs = form_pairs(prompts, answers, cfg.models, cfg.pairs_per_prompt, cfg.seed)
-    schema.validate(pairs, "unlabeled", source="generated pairs")
-    cfg.out_file.parent.mkdir(parents=True, exist_ok=True)
-    pairs.to_parquet(cfg.out_file, index=False)
     with_pairs = pairs["prompt_id"].nunique()
     counts = {"prompts": len(prompts), "prompts without two answers": len(prompts) - with_pairs, "pairs": len(pairs)}
-    return StageResult(pairs, run, usage_table(results, cfg.prices), counts)
+    return StageResult.written(pairs, "unlabeled", cfg.out_file, run, results, cfg.prices, counts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,6 @@ from kaggle_utils.api.client import (
     ChatResult,
     JsonlStore,
     StageResult,
-    usage_table,
 )
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import schema
@@ -164,12 +163,9 @@ def translate(cfg: TranslateConfig, after_each: Callable[[ChatResult], None] | N
     done = store.load()
     texts = {where: done[r.key].content for where, r in requests.items() if r.key in done and done[r.key].ok}
     out, left_out = translated_rows(chosen, texts, cfg.model)
-    schema.validate(out, "train", source="translated rows")
-    cfg.out_file.parent.mkdir(parents=True, exist_ok=True)
-    out.to_parquet(cfg.out_file, index=False)
     results = list({r.key: done[r.key] for r in requests.values() if r.key in done}.values())
     counts = {"rows chosen": sum(len(c) for c in chosen.values()), "rows written": len(out), **left_out}
-    return StageResult(out, run, usage_table(results, cfg.prices), counts)
+    return StageResult.written(out, "train", cfg.out_file, run, results, cfg.prices, counts)
 
 
 def main(argv: list[str] | None = None) -> None:
