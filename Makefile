@@ -33,11 +33,12 @@ notebooks: $(STAMP)  ## build build/notebooks/*.ipynb from the jupytext sources 
 	  $(BIN)/jupytext --quiet --to ipynb --output build/notebooks/$$(basename $${nb%.py}).ipynb $$nb; \
 	done
 
-demo: notebooks  ## run the four notebooks on the synthetic demo data; outputs in $(OUT)
+demo: notebooks  ## run the notebooks on the synthetic demo data; outputs in $(OUT)
 	rm -rf demo/work $(OUT)
 	mkdir -p $(OUT)
 	$(BIN)/python -m kaggle_utils.data.demo --out-dir demo/data
 	$(BIN)/python -m kaggle_utils.models.demo --out-dir demo/models
+	$(BIN)/python -m kaggle_utils.models.demo_encoder --out-dir demo/models
 	for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $${nb%.py}); \
 	  $(BIN)/papermill --cwd . --progress-bar --log-level WARNING build/notebooks/$$name.ipynb $(OUT)/$$name.ipynb; \
@@ -144,3 +145,17 @@ upload-model: $(STAMP)  ## publish a trained adapter as the Kaggle dataset NAME 
 
 bench-infer: $(STAMP)  ## (CUDA GPU) engine vs public recipe vs ideal at real shapes, fp16 under a 15 GiB cap
 	$(BIN)/python benchmarks/bench_infer.py --work build/bench-infer
+
+# ---- Training host memory (benchmarks/bench_train_memory.py) ------------------------------------------------------
+# the packed token store vs lists of lists at PAIRS rows, max length 2,500 (CPU); ends with a `train-memory:` line
+.PHONY: bench-train-memory
+
+bench-train-memory: $(STAMP)  ## host memory of the training rows' token store at PAIRS pairs (default 560000)
+	$(BIN)/python -m benchmarks.bench_train_memory --pairs $(PAIRS) --max-length 2500
+
+# ---- Training benchmark on a GPU (benchmarks/bench_train.py) ----------------------------------------------------
+# Qwen2.5-14B shapes, QLoRA r16, max length 2,500: tokens/s and MFU per batching variant vs one row per step
+.PHONY: bench-train
+
+bench-train: $(STAMP)  ## (CUDA GPU) train-stage tokens/s and MFU at real shapes vs a same-run one-row baseline
+	$(BIN)/python -m benchmarks.bench_train --work build/bench-train

@@ -51,10 +51,15 @@ SHAPES = {
         num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
         sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
     ),
+    # Qwen2.5-14B's structure at a CPU's size: the benchmarks' code paths checked without a GPU
+    "qwen2-tiny": dict(
+        model_type="qwen2", vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, tie_word_embeddings=False,
+    ),
 }  # fmt: skip
 
 
-def build(name: str, path: Path) -> None:
+def build(name: str, path: Path, device: str = "cuda") -> None:
     """A random-weight sequence classifier with the real shapes, saved in bf16, with the Qwen2.5 tokenizer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -62,7 +67,7 @@ def build(name: str, path: Path) -> None:
         return  # built by an earlier run on this machine
     spec = dict(SHAPES[name])
     cfg = AutoConfig.for_model(spec.pop("model_type"), num_labels=2, pad_token_id=151_643, **spec)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
     build_qwen_tokenizer(path)  # the demo tokenizer: ids within both vocabularies

@@ -147,3 +147,43 @@ def training_and_validation(history: pd.DataFrame, evals: pd.DataFrame, best_ste
             ax.axvline(best_step, color="tab:red", ls="--", lw=0.8)
     fig.tight_layout()
     return fig
+
+
+def side_by_side(table: pd.DataFrame, fewshot: pd.DataFrame | None = None, title: str = "Same held-out rows"):
+    """Every system's accuracy on the same rows (``scoring.side_by_side.compare``'s table), the share of its answers
+    that were invalid beside it; with ``fewshot`` (the few-shot stage's table, one row per k), its row accuracy against
+    k with the other systems (kind other than "few-shot judge") as horizontal lines.
+
+    A pyplot-free Figure (as ``api.fewshot.plot_accuracy``'s), shown with ``display(fig)`` or saved with ``savefig``.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12 if fewshot is not None else 7, 3.8))
+    axes = fig.subplots(1, 2 if fewshot is not None else 1, squeeze=False)[0]
+    ax = axes[0]
+    y = np.arange(len(table))[::-1]
+    palette = {"local model": "tab:blue", "API judge": "tab:orange", "few-shot judge": "tab:green"}
+    colors = [palette.get(kind, "tab:purple") for kind in table["kind"]]
+    ax.barh(y, table["accuracy"], color=colors)
+    ax.barh(y, table["invalid_rate"], left=table["accuracy"], color="lightgrey", hatch="//", label="invalid answers")
+    for yi, (acc, loss) in zip(y, table[["accuracy", "log_loss"]].to_numpy(), strict=True):
+        ax.text(acc - 0.01, yi, f"{acc:.3f}" + ("" if np.isnan(loss) else f"  (log loss {loss:.3f})"),
+                ha="right", va="center", color="white", fontsize=8)  # fmt: skip
+    ax.set_yticks(y, table["system"])
+    ax.axvline(0.5, color="k", lw=0.6)
+    ax.set(xlim=(0, 1), xlabel="accuracy (no decision = wrong)", title=f"{title}: {int(table['rows'].iloc[0])} rows")
+    ax.legend(loc="lower right", fontsize=8)
+    if fewshot is not None:
+        ax = axes[1]
+        ks = fewshot["k"].to_numpy()
+        ax.plot(ks, fewshot["row_accuracy"], "o-", color="tab:green", label="few-shot judge")
+        others = table.loc[table["kind"] != "few-shot judge", ["system", "accuracy"]].to_numpy()
+        for i, (name, acc) in enumerate(others):
+            ax.axhline(acc, color=f"C{(i + 2) % 10}", ls="--", lw=0.9, label=name)
+        ax.axhline(0.5, color="k", lw=0.6)
+        ax.set_xscale("symlog", base=2, linthresh=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set(ylim=(0.3, 1), xlabel="shots (k)", ylabel="row accuracy", title="Few-shot judge against k")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

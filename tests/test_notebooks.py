@@ -25,12 +25,13 @@ STAGES = [
     "api.generate",
     "api.translate",
     "api.fewshot",
+    "api.demo_server",
 ]
 
 
 def test_one_notebook_per_stage():
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_data_prep", "02_pseudo_label", "03_train", "04_inference"]
+    assert names == ["01_data_prep", "02_pseudo_label", "03_train", "04_inference", "05_side_experiments"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -262,10 +262,7 @@ def run_fewshot(cfg: FewShotConfig, after_each: Callable[[ChatResult], None] | N
 
 def plot_accuracy(table: pd.DataFrame, title: str = ""):
     """Accuracy against k (invalid answers counted wrong), accuracy over valid answers, and the invalid rate."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: nothing global changes, shown with display(fig)
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot()

@@ -23,11 +23,15 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import publish as kc
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.py"))
+KAGGLE_NOTEBOOKS = [p for p in NOTEBOOKS if p.stem in recipes.profile("kaggle")]
 KERNEL_DIRS = kc.kernel_dirs(ROOT)
+# the kernel the single-kernel tests use (not the last of KERNEL_DIRS: that is whichever notebook came last)
+INFER_KERNEL = ROOT / "kernel-metadata" / "wsdm-arena-04-inference"
 OWNER = "testuser"
 # a fake key: it must never show up in anything the tools print
 FAKE_KEY = "not-a-real-key"
@@ -63,9 +67,11 @@ def _make(*args: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------------------------------------------- metadata
 
 
-def test_one_kernel_per_notebook():
+def test_one_kernel_per_kaggle_notebook():
+    """Every notebook with a Kaggle profile table has a kernel, and only those (05 is demo and shell only)."""
     stems = sorted(Path(_meta(d)["code_file"]).stem for d in KERNEL_DIRS)
-    assert stems == [p.stem for p in NOTEBOOKS]
+    assert stems == [p.stem for p in KAGGLE_NOTEBOOKS]
+    assert [p.stem for p in NOTEBOOKS if p not in KAGGLE_NOTEBOOKS] == ["05_side_experiments"]
 
 
 @pytest.mark.parametrize("kernel_dir", KERNEL_DIRS, ids=lambda p: p.name)
@@ -110,7 +116,7 @@ BAD_EDITS = [
 
 @pytest.mark.parametrize("edit,message", BAD_EDITS, ids=[m for _, m in BAD_EDITS])
 def test_validation_names_the_broken_rule(edit, message, tmp_path):
-    good = json.loads((KERNEL_DIRS[-1] / kc.KERNEL_METADATA).read_text())
+    good = json.loads((INFER_KERNEL / kc.KERNEL_METADATA).read_text())
     bad = {k: v for k, v in {**good, **edit}.items() if v is not None}
     (tmp_path / kc.KERNEL_METADATA).write_text(json.dumps(bad))
     with pytest.raises(kc.MetadataError, match=re.escape(message)) as err:
@@ -126,14 +132,14 @@ def test_staging_refuses_a_notebook_without_kernelspec_or_with_outputs(built_not
     del no_spec["metadata"]["kernelspec"]
     (broken / "04_inference.ipynb").write_text(json.dumps(no_spec))
     with pytest.raises(kc.MetadataError, match="kernelspec"):
-        kc.stage_kernel(KERNEL_DIRS[-1], broken, OWNER, tmp_path / "stage")
+        kc.stage_kernel(INFER_KERNEL, broken, OWNER, tmp_path / "stage")
     with_outputs = copy.deepcopy(nb)
     next(c for c in with_outputs["cells"] if c["cell_type"] == "code")["execution_count"] = 3
     (broken / "04_inference.ipynb").write_text(json.dumps(with_outputs))
     with pytest.raises(kc.MetadataError, match="outputs"):
-        kc.stage_kernel(KERNEL_DIRS[-1], broken, OWNER, tmp_path / "stage")
+        kc.stage_kernel(INFER_KERNEL, broken, OWNER, tmp_path / "stage")
     with pytest.raises(kc.MetadataError, match="make notebooks"):
-        kc.stage_kernel(KERNEL_DIRS[-1], tmp_path / "missing", OWNER, tmp_path / "stage")
+        kc.stage_kernel(INFER_KERNEL, tmp_path / "missing", OWNER, tmp_path / "stage")
 
 
 def test_dataset_metadata_is_valid_and_staging_holds_only_the_package(tmp_path):
@@ -300,8 +306,8 @@ def _tiny_wheel(folder: Path) -> Path:
     return wheel
 
 
-def test_bootstrap_cell_is_the_same_in_every_notebook():
-    assert len({_bootstrap_cell(p) for p in NOTEBOOKS}) == 1
+def test_bootstrap_cell_is_the_same_in_every_kaggle_notebook():
+    assert len({_bootstrap_cell(p) for p in KAGGLE_NOTEBOOKS}) == 1
 
 
 def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kaggle_input(tmp_path, creds):
@@ -374,7 +380,7 @@ def test_wheels_command_targets_kaggles_platform_with_the_package_pins(tmp_path,
     printed = capsys.readouterr().out
     assert "--abi cp310" in printed and "bitsandbytes==0.50.2" in printed and " torch==" not in printed
     # the pins file is what the notebooks' bootstrap searches for
-    assert all(kc.WHEELS_PINS in _bootstrap_cell(p) for p in NOTEBOOKS)
+    assert all(kc.WHEELS_PINS in _bootstrap_cell(p) for p in KAGGLE_NOTEBOOKS)
 
 
 def test_cli_help():

@@ -1,0 +1,174 @@
+"""The train stage's speed at real shapes: tokens/s and model-FLOP utilisation against a same-run baseline.
+
+    python -m benchmarks.bench_train --work /tmp/bench-train                 # Qwen2.5-14B shapes, needs a CUDA GPU
+    python -m benchmarks.bench_train --work /tmp/bench-train --shape qwen2-tiny --device cpu --minutes 0.3
+
+A random-weight model with the real shapes (``benchmarks.bench_infer.SHAPES``, saved with ``save_pretrained`` and
+loaded through the stage's own path: nf4 weights on a GPU, QLoRA r16 on every linear layer), trained by the train
+stage (``kaggle_utils.train.train``) on rows with the competition's length profile at max length 2,500. Each variant
+runs for ``--minutes`` of steps; its figures are taken after the first step (warm-up):
+
+* ``tokens/s``: real (unpadded) tokens per second through the whole step: forward, backward, optimiser;
+* ``MFU``: model FLOPs per second over the GPU's matmul peak measured in the same run (bf16 on sm_80+, fp16 below,
+  fp32 on the CPU). Model FLOPs per row of T tokens: ``4 * N_linear * T`` for a frozen 4-bit base (forward 2N,
+  backward to the activations 2N, no weight gradients; LoRA's own FLOPs, under 1 %, are left out) plus causal
+  attention ``6 * L * H * T^2`` (QK^T and AV, forward 2LHT^2 with the causal half, backward twice that; H = heads x
+  head dim). Recomputation under gradient checkpointing is work the GPU does but not model FLOPs, so it lowers MFU;
+* ``x baseline``: tokens/s over the one-row-per-step variant measured in the same run.
+
+A variant that runs out of memory is reported as such and the next one runs. Ends with a ``train:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_infer import SHAPES, build
+from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
+from kaggle_utils.prepare import PrepareConfig, prepare
+from kaggle_utils.train import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of batching the same rows: the train stage's memory and speed knobs."""
+
+    name: str
+    batch_tokens: int  # padded tokens per micro-batch
+    max_rows: int
+    checkpointing: bool
+
+
+def variants(max_length: int) -> list[Variant]:
+    """The baseline first (one row per step, as the public notebooks train), then larger batches with and without
+    recomputation."""
+    out = [Variant("one row/step, ckpt", max_length, 1, True)]
+    for tokens in (8192, 16384):
+        out += [Variant(f"{tokens // 1024}K tokens, ckpt", tokens, 16, True)]
+        out += [Variant(f"{tokens // 1024}K tokens, no ckpt", tokens, 16, False)]
+    return out
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """FLOP/s of a square matmul of side ``n`` in ``dtype``: the peak the utilisation is measured against."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up (kernel selection)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def model_flops(config: dict, tokens: float, tokens_sq: float) -> float:
+    """Model FLOPs of one training pass over rows of ``tokens`` tokens in all, ``tokens_sq`` = the sum of each row's
+    length squared (see the module docstring)."""
+    d, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or d // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    linear = layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)  # q, k, v, o and the gated MLP
+    return 4 * linear * tokens + 6 * layers * q * tokens_sq
+
+
+def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, peak: float) -> dict:
+    """Train for ``args.minutes`` with this variant's settings; figures over the steps after the first."""
+    cfg = TrainConfig(
+        model_path=model_dir,
+        train_file=data,
+        out_dir=args.work / "runs" / v.name.replace(" ", "_").replace("/", "-").replace(",", ""),
+        device=args.device,
+        max_length=args.max_length,
+        batch_tokens=v.batch_tokens,
+        max_rows=v.max_rows,
+        gradient_checkpointing=v.checkpointing,
+        lora_r=16,
+        time_budget_minutes=args.minutes,
+        epochs=1.0,
+        save_every=0,
+        val_fold=-1,
+        seed=0,
+    )
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        hist = train(cfg).history.iloc[1:]
+    except torch.OutOfMemoryError:
+        return {"variant": v.name, "status": "out of memory"}
+    seconds = float(hist["seconds"].sum())
+    flops = model_flops(config, float(hist["tokens"].sum()), float(hist["tokens_sq"].sum()))
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    return {
+        "variant": v.name,
+        "status": "ok",
+        "steps": len(hist),
+        "tokens/s": float(hist["tokens"].sum()) / seconds,
+        "MFU": flops / seconds / peak,
+        "peak GiB": peak_gib,
+    }
+
+
+def prepare_rows(args) -> Path:
+    """Demo rows at the competition's length profile (``length_scale`` 1), folded by the prepare stage."""
+    generate_demo_data(
+        DemoDataConfig(out_dir=args.work / "data", n_train=args.rows, n_test=8, n_unlabeled=8, length_scale=1.0)
+    )
+    prepare(PrepareConfig(data_dir=args.work / "data", out_dir=args.work / "prepared"))
+    return args.work / "prepared/train.parquet"
+
+
+def print_table(rows: list[dict], base: float) -> None:
+    print(f"\n{'variant':<24}{'steps':>6}{'tokens/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['variant']:<24}  {r['status']}")
+            continue
+        ratio, speed = r["tokens/s"] / base, r["tokens/s"]
+        print(f"{r['variant']:<24}{r['steps']:>6}{speed:>10,.0f}{r['MFU']:>7.3f}{ratio:>8.2f}{r['peak GiB']:>10.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("build/bench-train"))
+    ap.add_argument("--shape", default="qwen2.5-14b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--rows", type=int, default=1200, help="training rows drawn (enough for every variant's minutes)")
+    ap.add_argument("--max-length", type=int, default=2500)
+    ap.add_argument("--minutes", type=float, default=2.0, help="training time per variant")
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model_dir = args.work / args.shape
+    build(args.shape, model_dir, device.type)
+    config = json.loads((model_dir / "config.json").read_text())
+    data = prepare_rows(args)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        dtype = torch.float16
+    peak = matmul_peak(device, dtype, n=8192 if device.type == "cuda" else 1024)
+    print(
+        f"{args.shape} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"{dtype} matmul peak {peak / 1e12:.1f} TFLOP/s"
+    )
+    chosen = [v for v in variants(args.max_length) if not args.only or v.name in args.only]
+    rows = [run_variant(v, args, data, model_dir, config, peak) for v in chosen]
+    base = next((r["tokens/s"] for r in rows if r["status"] == "ok"), float("nan"))
+    print_table(rows, base)
+    best = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["MFU"], default=None)
+    if best:
+        print(
+            f"train: best {best['variant']!r} {best['tokens/s']:,.0f} tokens/s, MFU {best['MFU']:.3f}, "
+            f"{best['tokens/s'] / base:.2f}x the one-row baseline"
+        )
+
+
+if __name__ == "__main__":
+    main()
