@@ -51,6 +51,7 @@ from dataclasses import replace
 
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
+from kaggle_utils.data import mixing
 from kaggle_utils.kaggle import env
 from kaggle_utils.pseudo_label import PseudoLabelConfig, label_summary, pseudo_label
 from kaggle_utils.train import TrainConfig, train
@@ -79,10 +80,16 @@ else:
 
 # %% [markdown]
 # ## Soft labels for the pool
+# The input is notebook 01's unlabelled pool (`pool/unlabelled.parquet`): each row keeps its `source`, so the table
+# below follows every public source through the teacher: its rows, the teacher's mean confidence (max p), the share
+# it prefers A, and how many rows each `mix_min_confidence` of the students' recipes would keep.
 
 # %%
 soft = pseudo_label(cfg)
 soft.groupby(["teacher", "label_key"]).size().rename("rows").to_frame()
+
+# %%
+mixing.confidence_table(soft)
 
 # %%
 label_summary(soft)

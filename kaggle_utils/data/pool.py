@@ -15,6 +15,11 @@ Both outputs are in the competition schema (``id, prompt, response_a, response_b
 language``) plus ``source`` (the manifest name: provenance), ``source_id`` (the row's id in its source) and
 ``weight`` (the source's training weight). ``id`` is ``<source>:<source_id>``, unique across sources.
 
+Ties: dropped (reason ``tie``) unless the source says ``keep_ties = true``. A labelled source then writes its ties
+to extra_labelled.parquet with ``winner = "tie"`` and ``p_a = p_b = 0.5`` (the train stage distils them toward
+50/50 and gives them no cross-entropy term); every other labelled row has ``p_a, p_b`` empty (its winner is the
+target). An unlabelled source keeps a tie as one more pair for the teacher.
+
 Steps, in order (each counted per source in the report)::
 
     normalise         sources.normalise, a chunk of a file at a time  (ties, bad rows, ...)
@@ -61,7 +66,7 @@ import xxhash
 
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import clean, sources
-from kaggle_utils.data.schema import DataError, swap_ab
+from kaggle_utils.data.schema import TIE, DataError, swap_ab
 from kaggle_utils.data.sources import Report
 
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
@@ -84,7 +89,16 @@ DEFAULT_LANGUAGE_SHARES: dict[str, float] = {
 _STRING = pa.string()
 _COLUMNS = ("id", "prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language", "source")
 OUTPUT_SCHEMAS = {
-    "labelled": pa.schema([*((c, _STRING) for c in _COLUMNS), ("source_id", _STRING), ("weight", pa.float64())]),
+    # p_a, p_b: a kept tie's target (0.5, 0.5); empty on rows whose winner is the target
+    "labelled": pa.schema(
+        [
+            *((c, _STRING) for c in _COLUMNS),
+            ("source_id", _STRING),
+            ("weight", pa.float64()),
+            ("p_a", pa.float64()),
+            ("p_b", pa.float64()),
+        ]
+    ),
     "unlabelled": pa.schema(
         [*((c, _STRING) for c in _COLUMNS if c != "winner"), ("source_id", _STRING), ("weight", pa.float64())]
     ),
@@ -110,8 +124,20 @@ class SourceSpec:
     weight: float = 1.0
     # keep only rows in these languages (names as the competition writes them, e.g. "English"); None: all
     languages: tuple[str, ...] | None = None
+    # keep tie rows (formats with ties only: sources.TIE_FORMATS): labelled, as winner "tie" with p_a = p_b = 0.5
+    # targets; unlabelled, as pairs for the teacher. false: ties are dropped (reason ``tie``)
+    keep_ties: bool = False
 
-    KEYS: ClassVar[tuple[str, ...]] = ("name", "path", "format", "labelled", "cap", "weight", "languages")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "name",
+        "path",
+        "format",
+        "labelled",
+        "cap",
+        "weight",
+        "languages",
+        "keep_ties",
+    )
 
     @classmethod
     def from_entry(cls, entry: Any, index: int) -> SourceSpec:
@@ -151,6 +177,14 @@ class SourceSpec:
             not isinstance(languages, list) or not languages or not all(isinstance(x, str) for x in languages)
         ):
             raise DataError(f'{where}: languages = {languages!r}; write a list of names, e.g. ["English"]')
+        keep_ties = entry.get("keep_ties", False)
+        if not isinstance(keep_ties, bool):
+            raise DataError(f"{where}: keep_ties = {keep_ties!r}; write true or false")
+        if keep_ties and fmt not in sources.TIE_FORMATS:
+            raise DataError(
+                f"{where}: keep_ties = true, but format {fmt!r} has no ties (formats with ties: "
+                f"{list(sources.TIE_FORMATS)}); remove keep_ties"
+            )
         return cls(
             name=name,
             path=Path(entry["path"]),
@@ -159,6 +193,7 @@ class SourceSpec:
             cap=cap,
             weight=float(weight),
             languages=tuple(languages) if languages else None,
+            keep_ties=keep_ties,
         )
 
     @property
@@ -186,7 +221,8 @@ class PoolConfig:
     # the stage its recipes name (``stage = "pool"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "pool"
 
-    # the manifest: a list of tables (TOML [[sources]]) with name, path, format, labelled, cap, weight, languages
+    # the manifest: a list of tables (TOML [[sources]]) with name, path, format, labelled, cap, weight, languages,
+    # keep_ties
     # (see SourceSpec); dedup keeps the first copy in this order, so list the most trusted source first
     sources: list[dict[str, Any]] = field(default_factory=list)
     # competition files whose prompts no pool row may share (exactly or nearly): the test file and the validation
@@ -288,7 +324,7 @@ def _raw_chunks(path: Path, source: str, chunk_rows: int) -> Iterator[pd.DataFra
     what the normalisers use for messages, missing ids and the DPO coin: chunking changes no row's output)."""
     if path.suffix == ".parquet":
         start = 0
-        for batch in sources._parquet_batches(path, source, chunk_rows):
+        for batch in sources.parquet_batches(path, source, chunk_rows):
             df = batch.to_pandas()
             df.index = pd.RangeIndex(start, start + len(df))
             start += len(df)
@@ -305,6 +341,8 @@ def read_chunks(spec: SourceSpec, seed: int, chunk_rows: int) -> Iterator[tuple[
     files = spec.files()
     for k, path in enumerate(files):
         extra = {"seed": seed + k} if spec.format == "dpo" else {}
+        if spec.keep_ties:
+            extra["keep_ties"] = True
         for raw in _raw_chunks(path, spec.name, chunk_rows):
             frame, report = sources.normalise(raw, spec.format, spec.name, **extra)
             if len(files) > 1:
@@ -559,7 +597,8 @@ def _write_outputs(cfg: PoolConfig, shards: list[tuple[SourceSpec, Path]], slim:
                 if swap.any():
                     df.loc[swap] = swap_ab(df.loc[swap])
                 schema = OUTPUT_SCHEMAS[spec.output]
-                df = df.assign(weight=spec.weight)[schema.names]
+                tie = np.where(df["winner"].to_numpy(dtype=object) == TIE, 0.5, np.nan)
+                df = df.assign(weight=spec.weight, p_a=tie, p_b=tie)[schema.names]
                 writers[spec.output].write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
                 rows[spec.output] += len(df)
     finally:

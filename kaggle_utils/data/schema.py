@@ -13,13 +13,17 @@ import pandas as pd
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 WINNERS = ("model_a", "model_b")
+# ``winner`` of a human tie kept as a training row (the pool's ``keep_ties``): its target is p_a = p_b = 0.5, which
+# the file carries; the competition's own files never hold it
+TIE = "tie"
 # Columns each kind of file must have (extra columns are kept).
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "train": ("id", *TEXT_COLUMNS, "winner", "model_a", "model_b", "language"),
     "test": ("id", *TEXT_COLUMNS),
     "unlabeled": ("id", *TEXT_COLUMNS),
-    # a pseudo-labelled file: the pool plus the teacher's probabilities
-    "soft": ("id", *TEXT_COLUMNS, "p_a", "p_b"),
+    # an extra training file: pseudo-labelled rows (the teacher's ``p_a, p_b`` and/or ``logit_a, logit_b``) and/or
+    # hard-labelled rows (a human ``winner``, e.g. the pool's extra_labelled.parquet); every row needs one target
+    "soft": ("id", *TEXT_COLUMNS),
 }
 
 
@@ -70,15 +74,54 @@ def validate(df: pd.DataFrame, kind: str, source: str = "<frame>") -> pd.DataFra
                 f"expected one of {list(WINNERS)}"
             )
     if kind == "soft":
-        probs = df[["p_a", "p_b"]].to_numpy(dtype=float)
-        bad = ~(np.isfinite(probs).all(1) & (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) < 1e-3))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                f"{source}: columns 'p_a','p_b' row {row} (id={df['id'].iloc[row]!r}) are {probs[row].tolist()}; "
-                "expected two probabilities summing to 1"
-            )
+        _validate_targets(df, source)
     return df
+
+
+def _validate_targets(df: pd.DataFrame, source: str) -> None:
+    """Every row of an extra training file has a target: teacher probabilities or logits, or a human winner.
+
+    ``p_a, p_b`` where a row has them must be two probabilities summing to 1; a row may leave both empty when it has
+    finite ``logit_a, logit_b`` or a ``winner`` (model_a / model_b) instead. A ``tie`` winner needs its p = 0.5 pair.
+    """
+    n = len(df)
+    has_probs = "p_a" in df.columns and "p_b" in df.columns
+    probs = df[["p_a", "p_b"]].to_numpy(dtype=float) if has_probs else np.full((n, 2), np.nan)
+    empty = np.isnan(probs).all(1)
+    winner = df["winner"].to_numpy(dtype=object) if "winner" in df.columns else np.full(n, None, dtype=object)
+    decided = np.isin(winner, WINNERS)
+    if all(c in df.columns for c in LOGIT_COLUMNS):
+        logits = np.isfinite(df[list(LOGIT_COLUMNS)].to_numpy(dtype=float)).all(1)
+    else:
+        logits = np.zeros(n, dtype=bool)
+    given = ~pd.isna(winner)
+    bad = given & ~decided & (winner != TIE)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source}: column 'winner' row {row} (id={df['id'].iloc[row]!r}) is {winner[row]!r}; expected one of "
+            f"{[*WINNERS, TIE]} or empty (a pseudo-labelled row)"
+        )
+    bad = (winner == TIE) & empty
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source}: row {row} (id={df['id'].iloc[row]!r}) is a tie without 'p_a','p_b': a kept tie's target is "
+            "p_a = p_b = 0.5, written by the pool stage; write it, or drop the row"
+        )
+    valid = np.isfinite(probs).all(1) & (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) < 1e-3)
+    bad = ~valid & (~empty | ~(logits | decided))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        if not has_probs:
+            raise DataError(
+                f"{source}: row {row} (id={df['id'].iloc[row]!r}) has no target: no 'p_a','p_b', no finite "
+                "'logit_a','logit_b' and no 'winner' (model_a / model_b); pseudo-label it or drop it"
+            )
+        raise DataError(
+            f"{source}: columns 'p_a','p_b' row {row} (id={df['id'].iloc[row]!r}) are {probs[row].tolist()}; "
+            "expected two probabilities summing to 1 (or both empty on a row with logits or a winner)"
+        )
 
 
 def read_test(path: Path | str) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -211,8 +254,9 @@ def swap_ab(df: pd.DataFrame) -> pd.DataFrame:
     for a, b in (("response_a", "response_b"), ("model_a", "model_b"), ("p_a", "p_b"), LOGIT_COLUMNS):
         if a in out.columns and b in out.columns:
             out[a], out[b] = df[b].to_numpy(), df[a].to_numpy()
-    if "winner" in out.columns:
-        out["winner"] = df["winner"].map({"model_a": "model_b", "model_b": "model_a"})
+    if "winner" in out.columns:  # a tie (or an empty winner) stays as it is
+        w = df["winner"].to_numpy(dtype=object)
+        out["winner"] = np.where(w == "model_a", "model_b", np.where(w == "model_b", "model_a", w)).astype(object)
     return out
 
 

@@ -20,6 +20,10 @@ format                    raw columns (FACTS §2)
 ``unlabelled``            ``id, prompt, response_a, response_b`` (models, language optional); no winner
 ========================  ===========================================================================
 
+Ties are dropped (reason ``tie``) unless a normaliser of :data:`TIE_FORMATS` is called with ``keep_ties=True``:
+then a tie is kept with ``winner = "tie"`` (:data:`~kaggle_utils.data.schema.TIE`, counted as the note
+``tie_kept``), never read as a win; the pool stage gives such a row the target p_a = p_b = 0.5.
+
 Multi-turn convention (one rule for every format): the prompt is the user turns, the response is that
 side's assistant turns, each list joined by :func:`join_turns`. One turn is kept as it is (so single-turn
 rows look exactly like the competition's); several turns are each headed ``[turn k]`` and separated by a
@@ -35,15 +39,18 @@ UTF-8, an unknown label) is dropped and counted under its reason; with ``strict=
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.data.schema import WINNERS, DataError, read_table
+from kaggle_utils.data.schema import TIE, WINNERS, DataError, read_table
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # The normalised schema: the competition's train columns, plus where each row came from.
 COLUMNS = (
@@ -314,6 +321,8 @@ def _frame(rows: _Rows, cols: dict[str, np.ndarray]) -> tuple[pd.DataFrame, Repo
     dup[~rows.bad] = pd.Series(rows.ids[~rows.bad]).duplicated().to_numpy()
     rows.reject("duplicate_id", "id", dup, rows.ids, why="id appears more than once")
     keep = ~rows.bad
+    if "winner" in cols:
+        rows.note("tie_kept", int((np.asarray(cols["winner"], dtype=object)[keep] == TIE).sum()))
     out = pd.DataFrame({c: np.asarray(cols[c], dtype=object)[keep] for c in COLUMNS if c in cols})
     out.insert(0, "id", [f"{rows.source}:{s}" for s in rows.ids[keep]])
     out["source"] = rows.source
@@ -322,23 +331,29 @@ def _frame(rows: _Rows, cols: dict[str, np.ndarray]) -> tuple[pd.DataFrame, Repo
     return out, rows.report(len(out))
 
 
-def _winner_labels(rows: _Rows, winner: np.ndarray, column: str) -> np.ndarray:
-    """Keep model_a / model_b; ties and anything else are dropped under their own reasons."""
+def _winner_labels(rows: _Rows, winner: np.ndarray, column: str, keep_ties: bool = False) -> np.ndarray:
+    """Keep model_a / model_b (and ties as ``TIE`` with ``keep_ties``); the rest is dropped under its own reason."""
     w = pd.Series(winner, dtype=object).str.strip().str.lower().to_numpy(dtype=object)
-    rows.reject("tie", column, np.isin(w, TIES), expected=True)
-    rows.reject("bad_label", column, ~np.isin(w, WINNERS), winner, why=f"expected one of {[*WINNERS, *TIES]}")
+    tie = np.isin(w, TIES)
+    if keep_ties:
+        w = np.where(tie, TIE, w).astype(object)  # counted as the note tie_kept in _frame, after every check
+    else:
+        rows.reject("tie", column, tie, expected=True)
+    rows.reject("bad_label", column, ~np.isin(w, WINNERS) & ~tie, winner, why=f"expected one of {[*WINNERS, *TIES]}")
     return w
 
 
 # ---- the formats ---------------------------------------------------------------------------------------------
 
 
-def competition(df: pd.DataFrame, source: str = "competition", strict: bool = False) -> tuple[pd.DataFrame, Report]:
+def competition(
+    df: pd.DataFrame, source: str = "competition", strict: bool = False, keep_ties: bool = False
+) -> tuple[pd.DataFrame, Report]:
     """The competition's ``train.parquet`` (one turn, winner ``model_a`` / ``model_b``, language given)."""
     _require(df, source, ("id", "prompt", "response_a", "response_b", "winner"))
     rows = _Rows(df, source, _source_ids(df, "id"), strict)
     cols = {c: _texts(rows, df, c) for c in ("prompt", "response_a", "response_b")}
-    cols["winner"] = _winner_labels(rows, _optional(df, "winner"), "winner")
+    cols["winner"] = _winner_labels(rows, _optional(df, "winner"), "winner", keep_ties)
     cols |= {c: _optional(df, c) for c in ("model_a", "model_b", "language")}
     return _frame(rows, cols)
 
@@ -381,7 +396,9 @@ def _json_turns(rows: _Rows, df: pd.DataFrame, column: str) -> list[list[str | N
     return parsed
 
 
-def lmsys_55k(df: pd.DataFrame, source: str = "lmsys-55k", strict: bool = False) -> tuple[pd.DataFrame, Report]:
+def lmsys_55k(
+    df: pd.DataFrame, source: str = "lmsys-55k", strict: bool = False, keep_ties: bool = False
+) -> tuple[pd.DataFrame, Report]:
     """LMSYS arena-human-preference-55k: JSON turn lists and a one-hot ``winner_model_a/_b/_tie``."""
     onehot = ["winner_model_a", "winner_model_b", "winner_tie"]
     _require(df, source, ("prompt", "response_a", "response_b", *onehot))
@@ -389,11 +406,13 @@ def lmsys_55k(df: pd.DataFrame, source: str = "lmsys-55k", strict: bool = False)
     label = df[onehot].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)  # (N, 3)
     valid = np.isin(label, (0.0, 1.0)).all(1) & (label.sum(1) == 1)
     rows.reject("bad_label", "winner_model_a", ~valid, label.tolist(), why="winner_* must be one-hot 0/1")
-    rows.reject("tie", "winner_tie", valid & (label[:, 2] == 1), expected=True)
+    tie = valid & (label[:, 2] == 1)
+    if not keep_ties:
+        rows.reject("tie", "winner_tie", tie, expected=True)
     turns = {c: _json_turns(rows, df, c) for c in ("prompt", "response_a", "response_b")}
     cols = {c: np.array([join_turns(t) if t is not None else "" for t in v], dtype=object) for c, v in turns.items()}
     rows.note("multi_turn", sum(t is not None and len(t) > 1 for t in turns["prompt"]))
-    cols["winner"] = np.where(label[:, 1] == 1, "model_b", "model_a").astype(object)
+    cols["winner"] = np.where(tie, TIE, np.where(label[:, 1] == 1, "model_b", "model_a")).astype(object)
     cols |= {c: _optional(df, c) for c in ("model_a", "model_b", "language")}
     return _frame(rows, cols)
 
@@ -451,12 +470,12 @@ def _conversations(rows: _Rows, df: pd.DataFrame, a_col: str, b_col: str) -> dic
 
 
 def arena_conversations(
-    df: pd.DataFrame, source: str = "arena-conversations", strict: bool = False
+    df: pd.DataFrame, source: str = "arena-conversations", strict: bool = False, keep_ties: bool = False
 ) -> tuple[pd.DataFrame, Report]:
     """lmsys/chatbot_arena_conversations: two ``{role, content}`` lists and a winner incl. two kinds of tie."""
     _require(df, source, ("conversation_a", "conversation_b", "winner"))
     rows = _Rows(df, source, _source_ids(df, "question_id"), strict)
-    winner = _winner_labels(rows, _optional(df, "winner"), "winner")
+    winner = _winner_labels(rows, _optional(df, "winner"), "winner", keep_ties)
     cols = _conversations(rows, df, "conversation_a", "conversation_b")
     cols["winner"] = winner
     cols |= {c: _optional(df, c) for c in ("model_a", "model_b", "language")}
@@ -505,13 +524,14 @@ def messages(
     b_column: str = "messages_b",
     label_column: str = "label",
     id_column: str | None = "id",
+    keep_ties: bool = False,
 ) -> tuple[pd.DataFrame, Report]:
     """Pairs of ``{role, content}`` conversations with a label ``A`` / ``B`` (RLHFlow-style pair preference)."""
     _require(df, source, (a_column, b_column, label_column))
     rows = _Rows(df, source, _source_ids(df, id_column), strict)
     label = pd.Series(_optional(df, label_column), dtype=object).astype(str).str.strip().str.upper()
     winner = label.map({"A": "model_a", "B": "model_b", "TIE": "tie"}).to_numpy(dtype=object)
-    winner = _winner_labels(rows, np.where(pd.isna(winner), None, winner), label_column)
+    winner = _winner_labels(rows, np.where(pd.isna(winner), None, winner), label_column, keep_ties)
     cols = _conversations(rows, df, a_column, b_column)
     cols["winner"] = winner
     cols |= {c: _optional(df, c) for c in ("model_a", "model_b", "language")}
@@ -526,6 +546,8 @@ FORMATS: dict[str, Callable[..., tuple[pd.DataFrame, Report]]] = {
     "messages": messages,
     "unlabelled": unlabelled,
 }
+# the formats that can hold ties: their normalisers take ``keep_ties``
+TIE_FORMATS = ("competition", "lmsys_55k", "arena_conversations", "messages")
 
 
 def normalise(
@@ -545,7 +567,7 @@ def normalise(
     if path.suffix != ".parquet":
         return FORMATS[fmt](read(path, source), source=source, **kwargs)
     frames, report, start = [], Report(), 0
-    for batch in _parquet_batches(path, source, batch_rows):
+    for batch in parquet_batches(path, source, batch_rows):
         df = batch.to_pandas()
         df.index = pd.RangeIndex(start, start + len(df))  # row numbers in the file
         start += len(df)
@@ -563,7 +585,10 @@ def normalise(
     return out, report
 
 
-def _parquet_batches(path: Path, source: str, batch_rows: int):
+def parquet_batches(path: Path, source: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A parquet file ``batch_rows`` rows at a time (pyarrow record batches), without reading it whole; a missing,
+    truncated or corrupt file raises DataError naming ``source`` and the path (also mid-file, where pyarrow finds
+    the damage)."""
     import pyarrow.parquet as pq
 
     if not path.is_file():

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from kaggle_utils.config import recipes
-from kaggle_utils.data import pool
+from kaggle_utils.data import pool, schema
 from kaggle_utils.data.clean import prompt_keys
 from kaggle_utils.data.demo import PUBLIC_FILES, write_public_formats
-from kaggle_utils.data.schema import DataError, swap_ab
+from kaggle_utils.data.mixing import MixConfig, mix_extras
+from kaggle_utils.data.schema import TIE, DataError, swap_ab
 
 N_ROWS = 40
 
@@ -285,6 +286,7 @@ def test_the_demo_recipe_runs_on_the_demo_files(public, demo_files, tmp_path) ->
         "demo/data/public": str(public),
         "demo/data/test.parquet": str(demo_files["test"]),
         "demo/data/train.parquet": str(demo_files["train"]),
+        "demo/data/unlabeled.parquet": str(demo_files["unlabeled"]),
     }
 
     def moved(path: str) -> str:
@@ -295,6 +297,7 @@ def test_the_demo_recipe_runs_on_the_demo_files(public, demo_files, tmp_path) ->
     cfg = recipes.load("demo-pool", pool.PoolConfig, {**overrides, "out_dir": str(tmp_path)})
     result = pool.assemble(cfg)
     assert result.rows["labelled"] <= cfg.labelled_rows and result.rows["unlabelled"] <= cfg.unlabelled_rows
+    assert all(Path(e["path"]).exists() for e in sources)  # every demo source is one the demo data step writes
     assert sum(result.rows.values()) == result.summary()["kept"].sum() > 0
     assert json.loads((tmp_path / "pool_config.json").read_text())["sources"] == sources
     assert not (tmp_path / "work").exists()
@@ -335,3 +338,43 @@ def test_a_folder_source_reads_its_data_files_only(tmp_path) -> None:
         (tmp_path / name).write_text("")
     spec = pool.SourceSpec.from_entry({"name": "s", "path": str(tmp_path), "format": "dpo"}, 0)
     assert [p.relative_to(tmp_path).as_posix() for p in spec.files()] == ["a.csv", "b/part-1.parquet"]
+
+
+def test_keep_ties_writes_labelled_ties_with_even_targets(public, demo_files, tmp_path) -> None:
+    ties = {"keep_ties": True}
+    cfg = config(
+        public, tmp_path, demo_files, sources=manifest(public, lmsys=ties, arena=ties, msgs=ties), balance_ab=False
+    )
+    result = pool.assemble(cfg)
+    lab, unl = outputs(result).values()
+    s = result.summary()
+    # planted ties: lmsys rows 5, 15, 25, 35 (row 15 is also copied into dpo: lmsys keeps it), arena rows 9 and 10
+    tied = lab[lab["winner"] == TIE]
+    assert sorted(tied["id"]) == sorted(["lmsys:1005", "lmsys:1015", "lmsys:1025", "lmsys:1035", "arena:q00009",
+                                         "arena:q00010"])  # fmt: skip
+    assert "tie" not in s.columns and result.report.notes("normalise")["tie_kept"] == 7  # + messages row 3
+    assert (tied[["p_a", "p_b"]] == 0.5).all().all()
+    assert lab.loc[lab["winner"] != TIE, ["p_a", "p_b"]].isna().all().all()
+    # an unlabelled source keeps its tie as one more pair for the teacher
+    assert "msgs:m00003" in set(unl["id"]) and "winner" not in unl.columns
+    # the train stage reads the labelled file as an extra file: ties distilled toward 50/50, the rest by winner
+    extra = schema.load(result.paths["labelled"], "soft")
+    logits = schema.teacher_logits(extra)
+    targets = schema.soft_targets(extra)  # (N, 2): a tie's 50/50, else the winner's one-hot
+    assert np.isfinite(logits).all(1).sum() == len(tied) and np.isfinite(targets).all()
+    np.testing.assert_array_equal(targets[(extra["winner"] == TIE).to_numpy()], 0.5)
+    assert (targets[(extra["winner"] == "model_b").to_numpy()] == [0.0, 1.0]).all()
+    out, report = mix_extras(MixConfig(mix_min_confidence=0.9, mix_agree_with_human=True), extra, 0, verbose=False)
+    pd.testing.assert_frame_equal(out, extra)  # human rows, ties included, pass every teacher filter
+    assert report.table["human"].sum() == len(lab) and report.table["teacher"].sum() == 0
+    # without keep_ties, as before: ties dropped and counted
+    default = pool.assemble(config(public, tmp_path / "d", demo_files, balance_ab=False))
+    assert TIE not in set(outputs(default)["labelled"]["winner"])
+    assert default.summary()["tie"].sum() == 7
+
+
+def test_keep_ties_is_checked_in_the_manifest(public, demo_files, tmp_path) -> None:
+    with pytest.raises(DataError, match=r"'dpo' \(sources\[2\]\): keep_ties = true, but format 'dpo' has no ties"):
+        config(public, tmp_path, demo_files, sources=manifest(public, dpo={"keep_ties": True}))
+    with pytest.raises(DataError, match=r"source 'lmsys' \(sources\[0\]\): keep_ties = 'yes'; write true or false"):
+        config(public, tmp_path, demo_files, sources=manifest(public, lmsys={"keep_ties": "yes"}))

@@ -266,3 +266,58 @@ def test_average_teachers_refuses_rows_in_another_orientation() -> None:
     pool = _soft_frame(2)
     with pytest.raises(DataError, match=r"qwen.parquet: id .* another response A than in llama.parquet"):
         schema.average_teachers([pool, schema.swap_ab(pool)], sources=["llama.parquet", "qwen.parquet"])
+
+
+def _hard_frame(n: int = 4) -> pd.DataFrame:
+    """A hard-labelled extra file as the pool writes it: a winner, no teacher; p_a/p_b empty but on kept ties."""
+    df = _train_frame(n).assign(source="lmsys", p_a=np.nan, p_b=np.nan)
+    df.loc[n - 1, ["winner", "p_a", "p_b"]] = [schema.TIE, 0.5, 0.5]
+    return df
+
+
+def test_soft_kind_takes_hard_labelled_extras(tmp_path: Path) -> None:
+    hard = _hard_frame()
+    out = schema.load(_write(hard, tmp_path / "extra_labelled.parquet"), "soft")
+    pd.testing.assert_frame_equal(out, hard)
+    # without p columns at all (a pool file written before ties were kept) and mixed with pseudo-labelled rows
+    schema.load(_write(_train_frame(), tmp_path / "plain.parquet"), "soft")
+    mixed = pd.concat([_soft_frame().assign(id=lambda d: "p" + d["id"]), hard], ignore_index=True)
+    schema.validate(mixed, "soft")
+    # a row with logits only is a teacher row too
+    logits = _train_frame().drop(columns="winner").assign(logit_a=0.3, logit_b=-1.0)
+    schema.validate(logits, "soft")
+    # what the train stage then reads from them: teacher logits only where a teacher or a tie gave p
+    lg = schema.teacher_logits(mixed)
+    assert np.isfinite(lg).all(1).tolist() == [True] * 8 + [False, False, False, True]
+    np.testing.assert_allclose(lg[-1], np.log([0.5, 0.5]))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"winner": None}, r"row 1 \(id='id-1'\) has no target: no 'p_a','p_b', no finite 'logit_a','logit_b'"),
+        ({"winner": "tie"}, r"row 1 \(id='id-1'\) is a tie without 'p_a','p_b'"),
+        ({"winner": "both"}, r"column 'winner' row 1 \(id='id-1'\) is 'both'; expected one of"),
+    ],
+    ids=["no-target", "tie-without-p", "bad-winner"],
+)
+def test_soft_kind_rejects_a_row_without_a_usable_target(change: dict, match: str) -> None:
+    df = _train_frame(3)
+    for col, value in change.items():
+        df[col] = df[col].astype(object)
+        df.loc[1, col] = value
+    with pytest.raises(DataError, match=match):
+        schema.validate(df, "soft", source="extra.parquet")
+    # a winner does not excuse broken probabilities: p given on the row must still be a distribution
+    df = _train_frame(3).assign(p_a=[np.nan, 0.9, np.nan], p_b=[np.nan, 0.9, np.nan])
+    with pytest.raises(DataError, match=r"columns 'p_a','p_b' row 1 .* expected two probabilities"):
+        schema.validate(df, "soft")
+
+
+def test_swap_ab_leaves_a_tie_and_an_empty_winner_alone() -> None:
+    df = _hard_frame().astype({"winner": object})
+    df.loc[0, "winner"] = None
+    out = schema.swap_ab(df)
+    assert pd.isna(out["winner"].iloc[0]) and out["winner"].tolist()[1:] == ["model_b", "model_b", schema.TIE]
+    assert out["response_a"].tolist() == df["response_b"].tolist()
+    assert schema.swap_ab(out)["winner"].tolist()[1:] == df["winner"].tolist()[1:]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from kaggle_utils.data import sources
-from kaggle_utils.data.schema import DataError
+from kaggle_utils.data.schema import TIE, DataError
 
 
 def conv(*turns: tuple[str, str | None]) -> list[dict]:
@@ -287,3 +287,55 @@ def test_read_bad_files(tmp_path: Path, competition_df) -> None:
         sources.read(tmp_path / "x.txt")
     with pytest.raises(ValueError, match="unknown format"):
         sources.normalise(competition_df, "nope")
+
+
+def test_keep_ties_keeps_them_as_ties_in_every_format_with_ties(competition_df, lmsys_df, arena_df) -> None:
+    q = ("user", "Explain gravity")
+    messages_df = pd.DataFrame(
+        {
+            "id": ["m1", "m2", "m3"],
+            "messages_a": [conv(q, ("assistant", f"a{i}")) for i in range(3)],
+            "messages_b": [conv(q, ("assistant", f"b{i}")) for i in range(3)],
+            "label": ["A", "tie", "B"],
+        }
+    )
+    frames = {
+        "competition": competition_df,
+        "lmsys_55k": lmsys_df,
+        "arena_conversations": arena_df,
+        "messages": messages_df,
+    }
+    assert set(frames) == set(sources.TIE_FORMATS)
+    ties = {"competition": ["c4"], "lmsys_55k": ["3"], "arena_conversations": ["q3", "q4"], "messages": ["m2"]}
+    for fmt, df in frames.items():
+        dropped, rep_dropped = sources.normalise(df, fmt)
+        kept, rep = sources.normalise(df, fmt, keep_ties=True)
+        # a tie is "tie", never a win; the other rows and every other drop are as without keep_ties
+        assert kept.loc[kept["winner"] == TIE, "source_id"].tolist() == ties[fmt], fmt
+        assert kept[kept["winner"] != TIE].reset_index(drop=True).equals(dropped), fmt
+        assert rep.dropped() == {k: v for k, v in rep_dropped.dropped().items() if k != "tie"}, fmt
+        assert rep.notes()["tie_kept"] == rep_dropped.dropped()["tie"] == len(ties[fmt]), fmt
+        rep.check_balanced()
+    # the default drops them (the tie is an expected drop, so strict mode does not raise on it)
+    assert TIE not in set(sources.competition(competition_df.drop(index=2), strict=True)[0]["winner"])
+
+
+def test_keep_ties_on_a_parquet_file_and_a_tie_that_is_bad_otherwise(tmp_path: Path, arena_df) -> None:
+    # q5 is a normal winner with mismatched prompts; make it a tie: it is dropped as prompt_mismatch, not kept
+    arena_df.loc[4, "winner"] = "tie"
+    arena_df.to_parquet(tmp_path / "arena.parquet")
+    out, rep = sources.normalise(tmp_path / "arena.parquet", "arena_conversations", keep_ties=True, batch_rows=2)
+    assert out["source_id"].tolist() == ["q1", "q2", "q3", "q4"]
+    assert rep.dropped() == {"prompt_mismatch": 1} and rep.notes()["tie_kept"] == 2
+
+
+def test_parquet_batches_is_public_and_names_the_source(tmp_path: Path, competition_df) -> None:
+    competition_df.iloc[:2].to_parquet(tmp_path / "t.parquet")
+    batches = list(sources.parquet_batches(tmp_path / "t.parquet", "comp", 1))
+    assert [b.num_rows for b in batches] == [1, 1] and batches[1].column("id").to_pylist() == ["c2"]
+    with pytest.raises(DataError, match=r"comp: .*gone\.parquet: file not found"):
+        list(sources.parquet_batches(tmp_path / "gone.parquet", "comp", 1))
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "t.parquet").read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"comp: .*cut\.parquet: cannot be read as parquet"):
+        list(sources.parquet_batches(tmp_path / "cut.parquet", "comp", 1))
+    assert not hasattr(sources, "_parquet_batches")
