@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from formatting import cached_formatter, frame_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,31 +49,11 @@ def formatters() -> dict:
     return {}
 
 
-def _formatter(cache: dict, tok, **kw) -> PromptFormatter:
-    key = tuple(sorted(kw.items()))
-    if key not in cache:
-        cache[key] = PromptFormatter(tok, InputConfig(**kw))
-    return cache[key]
-
-
-def _frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "id": [f"r{i}" for i in range(len(rows))],
-            "prompt": [r[0] for r in rows],
-            "response_a": [r[1] for r in rows],
-            "response_b": [r[2] for r in rows],
-            "winner": "model_a",
-            "model_a": "m1",
-            "model_b": "m2",
-        }
-    )
-
-
 def _words_frame(n: int, seed: int = 0, max_words: int = 400) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     words = ["hello", "мир", "世界", "🙂", "مرحبا", "test", "\n", "<|im_end|>", "</PROMPT>"]
-    return _frame([tuple(" ".join(rng.choice(words, rng.integers(0, max_words))) for _ in range(3)) for _ in range(n)])
+    rows = [tuple(" ".join(rng.choice(words, rng.integers(0, max_words))) for _ in range(3)) for _ in range(n)]
+    return frame_of(rows)
 
 
 def _assert_same_store(a: PairTokens, b: PairTokens) -> None:
@@ -112,11 +93,11 @@ def _check_against_encode(fmt: PromptFormatter, df: pd.DataFrame, store: PairTok
 def test_rows_equal_encode_in_both_orientations(
     tok, formatters, template, truncation, rows, max_length, fraction, hf, split
 ) -> None:
-    fmt = _formatter(
+    fmt = cached_formatter(
         formatters, tok, template=template, truncation=truncation, max_length=max_length,
         prompt_fraction=fraction, head_fraction=hf, split_special_tokens=split,
     )  # fmt: skip
-    df = _frame(rows)
+    df = frame_of(rows)
     _check_against_encode(fmt, df, fmt.encode_pairs(df))
 
 
@@ -208,9 +189,9 @@ def test_save_and_load_round_trip(tok, tmp_path, mmap) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_empty_frame(tok, tmp_path) -> None:
+def test_emptyframe_of(tok, tmp_path) -> None:
     fmt = PromptFormatter(tok, InputConfig(max_length=256))
-    store = fmt.encode_pairs(_frame([]))
+    store = fmt.encode_pairs(frame_of([]))
     assert len(store) == 0 and store.rows(np.array([], dtype=np.int64)) == []
     store.save(tmp_path / "empty")
     assert len(PairTokens.load(tmp_path / "empty")) == 0
@@ -261,7 +242,7 @@ def test_an_allocator_not_symmetric_in_a_and_b_is_refused(tok) -> None:
         return 0, ka, kb
 
     fmt._allocate = a_first
-    df = _frame([("x", "long " * 200, "short")])
+    df = frame_of([("x", "long " * 200, "short")])
     with pytest.raises(ValueError, match="not symmetric in A and B"):
         fmt.encode_pairs(df)
     with pytest.raises(ValueError, match="not symmetric in A and B"):
