@@ -16,6 +16,14 @@ at the end the model is evaluated on the held-out fold (both A/B orientations); 
 this config), ``keep_best`` (the last evaluation, the best adapter, its predictions and calibration) and
 ``save_outputs``.
 
+Memory: the first step is made of the epoch's largest micro-batches, so a run that does not fit fails in its first
+minute; a micro-batch that runs out of GPU memory later is split in halves and retried (the step's gradient is
+unchanged), and a single row that does not fit stops the run naming what to change.
+
+Several GPUs (data-parallel, DDP): ``accelerate launch --config_file kaggle_utils/recipes/accelerate/ddp.yaml
+--num_processes N -m kaggle_utils.train --recipe ...``. A step is ``grad_accum x N`` micro-batches, the processes
+taking ``grad_accum`` each; rank 0 writes every file (:class:`Parallel`, :func:`train_step`).
+
 ``python -m kaggle_utils.train --train-file demo/work/prepared/train.parquet --out-dir demo/work/student``
 """
 
@@ -27,7 +35,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,8 +46,10 @@ from tqdm.auto import tqdm
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.data.mixing import MixConfig, mix_extras, read_extras
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.inputs.tokens import PairTokens
 from kaggle_utils.models.loading import (
     LoraSettings,
     ModelConfig,
@@ -52,11 +62,12 @@ from kaggle_utils.models.losses import LOSSES, preference_loss
 from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
-from kaggle_utils.scoring.predict import predict_proba
+from kaggle_utils.scoring.predict import _is_oom, predict_proba
+from kaggle_utils.scoring.shards import Shard
 
 
 @dataclass
-class TrainConfig(ModelConfig, InputConfig):
+class TrainConfig(ModelConfig, InputConfig, MixConfig):
     """LoRA training of one model; every field is also a ``--flag`` of ``python -m kaggle_utils.train``."""
 
     # the stage its recipes name (``stage = "train"`` in kaggle_utils/recipes/*.toml)
@@ -87,6 +98,14 @@ class TrainConfig(ModelConfig, InputConfig):
     lora_alpha: int = 32
     # dropout on the LoRA branch
     lora_dropout: float = 0.05
+    # adapter folder of an earlier run (its ``out_dir/adapter``) to continue from: its LoRA weights (lora_r and
+    # lora_alpha must be its own) instead of a fresh LoRA; empty: a fresh LoRA
+    init_adapter: Path | None = None
+    # with init_adapter: keep that adapter's trained head; false: the head a run without init_adapter starts from
+    init_head: bool = False
+    # train on the extra_files alone (e.g. pseudo-labels before competition rows): train_file's rows then serve
+    # only as the validation fold val_fold
+    extras_only: bool = False
     # peak learning rate (linear warm-up, then cosine decay to 10%)
     lr: float = 1e-4
     # share of the steps spent warming up
@@ -121,6 +140,7 @@ class TrainConfig(ModelConfig, InputConfig):
     def __post_init__(self) -> None:
         ModelConfig.__post_init__(self)
         InputConfig.__post_init__(self)
+        MixConfig.__post_init__(self)
         self.train_file = Path(self.train_file)
         self.out_dir = Path(self.out_dir)
         if self.loss not in LOSSES:
@@ -146,6 +166,11 @@ class TrainConfig(ModelConfig, InputConfig):
             raise ValueError(
                 f"eval_every_steps={self.eval_every_steps} and eval_languages={self.eval_languages} must be >= 0"
             )
+        self.init_adapter = Path(self.init_adapter) if self.init_adapter else None
+        if self.init_head and self.init_adapter is None:
+            raise ValueError("init_head=True keeps the head of init_adapter, but no init_adapter is given")
+        if self.extras_only and not self.extra_files:
+            raise ValueError("extras_only=True trains on the extra_files alone, but extra_files is empty")
 
 
 @dataclass
@@ -163,20 +188,40 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became inf/NaN; the message names the step, the rows and what to try."""
 
 
+def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
+    """``val_fold`` selects rows of a numeric ``fold`` column: anything else would train with no validation."""
+    found = sorted(pd.unique(folds.dropna()).tolist(), key=str)
+    shown = f"{found[:12]!r}{' ...' if len(found) > 12 else ''}"
+    if not pd.api.types.is_numeric_dtype(folds):
+        # strings "0", "1" never equal the number 0: every row would train and none validate
+        raise schema.DataError(
+            f"{cfg.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write the folds "
+            f"as integers (the prepare stage does), or pass --val-fold -1 to train on every row"
+        )
+    if not (folds == cfg.val_fold).any():
+        raise schema.DataError(
+            f"{cfg.train_file}: --val-fold {cfg.val_fold} selects no rows; the 'fold' column holds {shown}: pass "
+            "one of them, or --val-fold -1 to train on every row"
+        )
+
+
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Training rows (labelled folds + pseudo-labelled extras) and validation rows."""
     df = schema.load(cfg.train_file, "train")
     if cfg.val_fold >= 0:
         if "fold" not in df.columns:
             raise schema.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
+        _check_val_fold(cfg, df["fold"])
         train_df, val_df = df[df["fold"] != cfg.val_fold], df[df["fold"] == cfg.val_fold]
     else:
         train_df, val_df = df, df.iloc[:0]
-    extras = [schema.load(f, "soft") for f in cfg.extra_files]
-    if extras:
-        # one file per teacher over the same pool: one row per id, the teachers' logits averaged
-        extras = [schema.average_teachers(extras, sources=[str(f) for f in cfg.extra_files])]
-    train_df = pd.concat([train_df, *extras], ignore_index=True)
+    extras = []
+    if cfg.extra_files:
+        # one file per teacher over the same pool: one row per id, the teachers' logits averaged; then the mixing
+        # settings (confidence, agreement with a human label, per-source caps) choose the rows, and say so
+        extras = [mix_extras(cfg, read_extras(cfg.extra_files), cfg.seed)[0]]
+    kept = [] if cfg.extras_only else [train_df]  # extras_only: the labelled rows only validate
+    train_df = pd.concat([*kept, *extras], ignore_index=True)
     if cfg.max_train_rows:
         train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
     return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
@@ -223,60 +268,80 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def _epoch_batches(cfg: TrainConfig, lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Which rows are swapped, and the shuffled token-budget batches, for one epoch (deterministic)."""
+def _epoch_batches(
+    cfg: TrainConfig, lengths: np.ndarray, epoch: int, per_step: int = 1
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Which rows are swapped, and the shuffled token-budget batches, for one epoch (deterministic).
+
+    The first epoch opens with its ``per_step`` largest micro-batches (most padded tokens, then the longest row):
+    a run that does not fit in memory fails in its first step, not hours in, and a resumed run replays the same
+    order.
+    """
     rng = np.random.default_rng([cfg.seed, epoch])
     swapped = rng.random(len(lengths)) < cfg.swap_fraction
     batches = token_budget_batches(lengths, cfg.batch_tokens, cfg.max_rows, shuffle=True, seed=cfg.seed + epoch)
+    if epoch == 0 and batches:
+        longest = np.array([int(lengths[b].max()) for b in batches])
+        padded = np.array([len(b) for b in batches]) * longest
+        first = np.lexsort((-np.arange(len(batches)), longest, padded))[::-1][:per_step]  # largest first, ties in order
+        rest = np.setdiff1d(np.arange(len(batches)), first)  # the others keep their shuffled order
+        batches = [batches[i] for i in [*first, *rest]]
     return swapped, batches
 
 
-def _steps_per_epoch(cfg: TrainConfig, lengths: np.ndarray) -> int:
+def _steps_per_epoch(cfg: TrainConfig, lengths: np.ndarray, world: int = 1) -> int:
     """Optimiser steps in one epoch; the same every epoch, since shuffling reorders batches but never regroups them."""
     n_batches = len(_epoch_batches(cfg, lengths, 0)[1])
-    if n_batches < cfg.grad_accum:
+    per_step = cfg.grad_accum * world
+    if n_batches < per_step:
         # an epoch would hold no complete optimiser step, and the schedule would never yield one
+        processes = f" x {world} processes = {per_step}" if world > 1 else ""
         raise ValueError(
-            f"{len(lengths)} training rows make {n_batches} micro-batch(es) under batch_tokens={cfg.batch_tokens}, "
-            f"fewer than grad_accum={cfg.grad_accum}; lower grad_accum or batch_tokens"
+            f"{cfg.train_file}: {len(lengths)} training rows make {n_batches} micro-batch(es) under "
+            f"batch_tokens={cfg.batch_tokens} and max_rows={cfg.max_rows}, fewer than the grad_accum={cfg.grad_accum}"
+            f"{processes} one optimiser step needs; lower grad_accum (or max_rows / batch_tokens: smaller "
+            f"micro-batches, more of them){', or launch fewer processes' if world > 1 else ''}, or train on more rows"
         )
-    return max(1, n_batches // cfg.grad_accum)
+    return n_batches // per_step
 
 
-def _schedule(cfg: TrainConfig, lengths: np.ndarray) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
+def _schedule(
+    cfg: TrainConfig, lengths: np.ndarray, world: int = 1
+) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
     """``(epoch, swapped, micro_batches)`` of every optimiser step in order, epoch after epoch without end.
 
-    It depends on the config and the row lengths alone, so a resumed run replays it up to its checkpoint and
-    goes on with the very batches the uninterrupted run would have seen. An epoch's last micro-batches that
-    cannot fill a step of ``grad_accum`` are left out.
+    A step is ``grad_accum x world`` micro-batches, which the ``world`` processes of a data-parallel launch share
+    (:func:`train_step`): 2 processes at grad_accum=1 train exactly what 1 process does at grad_accum=2.
+    It depends on the config, the row lengths and the world size alone, so a resumed run replays it up to its
+    checkpoint and goes on with the very batches the uninterrupted run would have seen. An epoch's last
+    micro-batches that cannot fill a step are left out.
     """
+    per_step = cfg.grad_accum * world
     for epoch in itertools.count():
-        swapped, batches = _epoch_batches(cfg, lengths, epoch)
-        for i in range(0, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
-            yield epoch, swapped, batches[i : i + cfg.grad_accum]
+        swapped, batches = _epoch_batches(cfg, lengths, epoch, per_step)
+        for i in range(0, len(batches) - per_step + 1, per_step):
+            yield epoch, swapped, batches[i : i + per_step]
 
 
 @dataclass
 class TrainRows:
-    """The training rows, encoded once in both A/B orientations; each epoch shows every row in one of them."""
+    """The training rows, encoded once; each epoch shows every row in one A/B orientation, built per batch."""
 
-    ids: list[list[int]]  # token ids per row, response A first as in the file
-    ids_swapped: list[list[int]]  # token ids per row with responses A and B swapped
+    tokens: PairTokens  # token ids of every row in one flat int32 array; ``rows(idx, swapped)`` builds a batch
     hard: np.ndarray  # (N,) int64: 0 if A wins, 1 if B wins, -1 without a human label
     teacher: np.ndarray  # (N, 2) float32: the teacher's logits of A and B winning, NaN without a teacher
     weight: np.ndarray  # (N,) float32: the row's weight in the loss
     row_ids: np.ndarray  # (N,) the rows' ``id`` values, named when a batch's loss is not finite
-    lengths: np.ndarray  # (N,) tokens per row of ``ids``; batches are formed on these
+    lengths: np.ndarray  # (N,) tokens per row (the same in both orientations); batches are formed on these
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.tokens)
 
 
 def _encode(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> TrainRows:
     hard, teacher = _targets(df)
-    ids = fmt.encode(df)
-    swapped = fmt.encode(schema.swap_ab(df))
-    return TrainRows(ids, swapped, hard, teacher, _row_weights(cfg, df), df["id"].to_numpy(), fmt.lengths(ids))
+    tokens = fmt.encode_pairs(df)
+    return TrainRows(tokens, hard, teacher, _row_weights(cfg, df), df["id"].to_numpy(), tokens.lengths)
 
 
 @dataclass(frozen=True)
@@ -318,6 +383,102 @@ def _trainable_in_fp32(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @dataclass
+class Parallel:
+    """This process's place in a data-parallel launch, and the few collectives training needs.
+
+    ``accelerate launch --num_processes N -m kaggle_utils.train ...`` (or ``torchrun``) starts N processes. Each
+    reads its rank from the environment (:class:`~kaggle_utils.scoring.shards.Shard`, as pseudo-labelling does),
+    loads the whole model on its own GPU, and accelerate wraps it in DDP. Started with plain ``python`` there is
+    no accelerator and every method is a pass-through: one process trains as it always did.
+    """
+
+    shard: Shard = field(default_factory=Shard)
+    accelerator: Any = None  # accelerate.Accelerator, in a launch of several processes only
+
+    @classmethod
+    def from_env(cls, cfg: TrainConfig) -> Parallel:
+        shard = Shard.from_env()
+        if shard.world == 1:
+            return cls(shard)
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # buffers (rotary tables) are the same on every rank: not broadcasting them in every forward leaves a
+        # forward without collectives, so a rank may run more forwards than another (an out-of-memory split)
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        if accelerator.num_processes != shard.world:
+            raise RuntimeError(
+                f"WORLD_SIZE={shard.world} but accelerate set up {accelerator.num_processes} process(es) "
+                f"({accelerator.distributed_type}); launch with accelerate launch --num_processes {shard.world}"
+            )
+        if accelerator.distributed_type not in ("MULTI_GPU", "MULTI_CPU"):
+            # FSDP/DeepSpeed shard the weights: every state-dict gather and evaluation forward would become a
+            # collective of all ranks, which this loop does not do
+            raise RuntimeError(
+                f"accelerate is set up for {accelerator.distributed_type}; kaggle_utils.train trains data-parallel "
+                "(DDP) only, each GPU holding the whole model: launch with --config_file "
+                "kaggle_utils/recipes/accelerate/ddp.yaml (a 72B in nf4, ~40 GB, fits one 80 GB GPU)"
+            )
+        return cls(shard, accelerator)
+
+    @property
+    def world(self) -> int:
+        return self.shard.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.shard.is_main
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training step calls: DDP around ``model`` in a launch, else ``model``."""
+        if self.accelerator is None:
+            return model
+        import warnings
+
+        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate still passes that name
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            return self.accelerator.prepare_model(model)
+
+    def no_sync(self, wrapped: torch.nn.Module, skip: bool):
+        """Gradients stay on this process (``skip``: not the process's last micro-batch of the step) under DDP."""
+        if not skip or self.accelerator is None:
+            return contextlib.nullcontext()
+        return wrapped.no_sync()
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the processes."""
+        if self.accelerator is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every process: decisions taken on a clock (time budget, evaluation) must be one."""
+        if self.accelerator is None:
+            return flag
+        t = torch.tensor([int(flag)], device=self.accelerator.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+    def gather_rows(self, local: np.ndarray, n: int) -> np.ndarray:
+        """Rows ``rank::world`` of an (n, ...) array from every process, put back in row order."""
+        if self.accelerator is None:
+            return local
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, local)
+        out = np.empty((n, *local.shape[1:]), dtype=local.dtype)
+        for rank, part in enumerate(parts):
+            out[rank :: self.world] = part
+        return out
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+@dataclass
 class Run:
     """One training run: built by ``setup`` (resumed from its checkpoint if any), advanced by ``train_step``."""
 
@@ -334,11 +495,20 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # loss scaling for fp16; a pass-through when disabled
     total_steps: int
+    # this process's place in a data-parallel launch (one process: rank 0 of 1)
+    parallel: Parallel = field(default_factory=Parallel)
+    # what the training step calls: DDP around ``model`` in a launch, else ``model`` itself; evaluation and
+    # saving use ``model`` (the plain peft model), which holds the same parameters
+    wrapped: torch.nn.Module | None = None
     step: int = 0  # optimiser steps taken; a resumed run starts at its checkpoint's
     history: list[dict] = field(default_factory=list)  # one row per step taken: what history.csv holds
     evals: list[dict] = field(default_factory=list)  # one row per evaluation: what evals.csv holds
     # the best evaluation so far: step, its metrics, per-language table, predictions and adapter weights (CPU)
     best: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.wrapped is None:
+            self.wrapped = self.model
 
     @property
     def checkpoint_path(self) -> Path:
@@ -346,24 +516,31 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Rows, model, optimiser and schedule of a run, at the step its checkpoint reached (0 without one)."""
+    """Rows, model, optimiser and schedule of a run, at the step its checkpoint reached (0 without one).
+
+    In a launch of several processes every process builds the same run (same rows, same seed: the same LoRA
+    initialisation) on its own device, and its model is wrapped for data-parallel training (``run.wrapped``).
+    """
+    parallel = Parallel.from_env(cfg)
     torch.manual_seed(cfg.seed)  # before the model is built: it draws the LoRA initialisation
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
     train_df, val_df = split(cfg)
     data = _encode(cfg, fmt, train_df)
-    steps_per_epoch = _steps_per_epoch(cfg, data.lengths)  # checked before the model loads, so a bad config fails fast
+    # checked before the model loads, so a bad config fails fast
+    steps_per_epoch = _steps_per_epoch(cfg, data.lengths, parallel.world)
 
     model = load_classifier(
-        cfg,
+        replace(cfg, device=parallel.shard.device(cfg.device, torch.cuda.is_available())),  # cuda:LOCAL_RANK
         tok.pad_token_id,
-        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     device = model_device(model)
     precision = Precision.choose(device, cfg.dtype)
-    params = _trainable_in_fp32(model)
+    params = _trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
+    wrapped = parallel.wrap(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
@@ -371,12 +548,15 @@ def setup(cfg: TrainConfig) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
     n_trainable = sum(p.numel() for p in params)
     n_taught = int(np.isfinite(data.teacher).all(1).sum())
-    print(
-        f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(val_df):,} · "
-        f"tokens/epoch {int(data.lengths.sum()):,} · steps {total_steps} ({steps_per_epoch}/epoch) · "
-        f"≤{cfg.batch_tokens * cfg.grad_accum:,} padded tokens/step · trainable params {n_trainable:,} · "
-        f"device {device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
-    )
+    per_step = cfg.grad_accum * parallel.world
+    processes = f" · {parallel.world} processes x {cfg.grad_accum} micro-batch(es)/step" if parallel.world > 1 else ""
+    if parallel.is_main:
+        print(
+            f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(val_df):,} · "
+            f"tokens/epoch {int(data.lengths.sum()):,} · steps {total_steps} ({steps_per_epoch}/epoch) · "
+            f"≤{cfg.batch_tokens * per_step:,} padded tokens/step{processes} · trainable params {n_trainable:,} · "
+            f"device {device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
+        )
     run = Run(
         cfg=cfg,
         tok=tok,
@@ -391,10 +571,13 @@ def setup(cfg: TrainConfig) -> Run:
         scheduler=scheduler,
         scaler=scaler,
         total_steps=total_steps,
+        parallel=parallel,
+        wrapped=wrapped,
     )
     load_checkpoint(run)
     # written only once the checkpoint's config guard passed: a refused rerun leaves the run's record intact
-    save_config(cfg, cfg.out_dir / "train_config.json")
+    if parallel.is_main:
+        save_config(cfg, cfg.out_dir / "train_config.json")
     return run
 
 
@@ -412,6 +595,13 @@ def load_checkpoint(run: Run) -> None:
             f"{path} was written with a different config ({', '.join(changed)}); "
             "use a new --out-dir, or delete the checkpoint to start over"
         )
+    saved_world, world = state.get("world", 1), run.parallel.world
+    if saved_world != world:
+        # a step is grad_accum x processes micro-batches: another world size replays another schedule
+        raise RuntimeError(
+            f"{path} was written by {saved_world} process(es) and this launch has {world}; relaunch with "
+            f"--num_processes {saved_world}, or use a new --out-dir"
+        )
     set_peft_model_state_dict(run.model, state["adapter"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -419,13 +609,19 @@ def load_checkpoint(run: Run) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.history = state["step"], state["history"]
     run.evals, run.best = state.get("evals", []), state.get("best")
-    print(f"resuming from {path} at step {run.step}/{run.total_steps}")
+    if run.parallel.is_main:
+        print(f"resuming from {path} at step {run.step}/{run.total_steps}")
 
 
 def save_checkpoint(run: Run) -> None:
-    """Everything ``load_checkpoint`` needs to continue at ``run.step``, with the config that guards it."""
+    """Everything ``load_checkpoint`` needs to continue at ``run.step``, with the config that guards it.
+
+    Written by rank 0 alone: under DDP every process holds the same weights and optimiser state.
+    """
     from peft import get_peft_model_state_dict
 
+    if not run.parallel.is_main:
+        return
     state = {
         "adapter": get_peft_model_state_dict(run.model),
         "optimizer": run.optimizer.state_dict(),
@@ -436,6 +632,7 @@ def save_checkpoint(run: Run) -> None:
         "evals": run.evals,
         "best": run.best,
         "config": config_to_dict(run.cfg),
+        "world": run.parallel.world,
     }
     tmp = run.checkpoint_path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -450,7 +647,7 @@ def _micro_batch(
     A swapped row shows B first: its label flips and its teacher logits swap with it.
     """
     d, dev = run.data, run.device
-    rows = [d.ids_swapped[j] if swapped[j] else d.ids[j] for j in idx]
+    rows = d.tokens.rows(idx, swapped[idx])
     enc = pad(rows, run.tok.pad_token_id)  # input_ids, attention_mask: (B, T), T = the longest row
     hard = np.where((d.hard[idx] >= 0) & swapped[idx], 1 - d.hard[idx], d.hard[idx])  # (B,), -1 stays -1
     teacher = np.where(swapped[idx, None], d.teacher[idx, ::-1], d.teacher[idx])  # (B, 2)
@@ -474,26 +671,88 @@ def _check_finite(run: Run, loss: torch.Tensor, idx: np.ndarray) -> None:
     )
 
 
+class TrainMemoryError(RuntimeError):
+    """A single training row does not fit in GPU memory; the message names the row and the settings to change."""
+
+
+def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float, sync: bool) -> float:
+    """Forward and backward of rows ``idx``, the loss weighted by their share of the step's row weight.
+
+    Returns the weighted loss. A micro-batch that runs out of memory is split in halves, each retried (its rows
+    keep their weights and the step its total, so the gradient is the unsplit one). Gradients are kept across
+    processes only where ``sync`` (the process's last micro-batch of the step).
+    """
+    cfg, par = run.cfg, run.parallel
+    enc, hard, teacher, weight = _micro_batch(run, idx, swapped)
+    rows, width = enc["input_ids"].shape  # (B, T)
+    # what a backward that dies half-way (having added part of its gradient) is rolled back to
+    grads = [None if p.grad is None else p.grad.clone() for p in run.params]
+    in_backward = False
+    try:
+        with par.no_sync(run.wrapped, skip=not sync):
+            with run.precision.context(run.device):
+                logits = run.wrapped(**enc).logits  # (B, 2)
+            # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
+            loss = preference_loss(
+                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+            )
+            _check_finite(run, loss, idx)
+            # weight micro-batches by their rows' weight, so a step's loss is the weighted mean over its rows; x world
+            # since DDP averages the processes' gradients where the step's gradient is their sum
+            share = float(weight.sum()) / step_weight
+            in_backward = True
+            run.scaler.scale(loss * (share * par.world)).backward()
+        return loss.item() * share
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+    # out of memory: outside the except block, so the failed attempt's activations are freed with its traceback
+    del enc, hard, teacher, weight
+    for p, g in zip(run.params, grads, strict=True):
+        p.grad = g
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    where = f"step {run.step + 1}: out of memory in the {'backward' if in_backward else 'forward'} of {rows} row(s) x "
+    where += f"{width} tokens"
+    if rows == 1:
+        raise TrainMemoryError(
+            f"{where} (the row with id {run.data.row_ids[idx[0]]}): one row alone does not fit. Set "
+            f"gradient_checkpointing = true (now {cfg.gradient_checkpointing}), lower max_length (now "
+            f"{cfg.max_length}), or load the base in 4-bit; batch_tokens={cfg.batch_tokens} only bounds batches"
+        )
+    if in_backward and sync and par.world > 1:
+        # the gradient all-reduce had started with the other processes: it cannot be taken back and redone
+        raise TrainMemoryError(
+            f"{where}, while its gradients were being synchronised across processes: lower batch_tokens (now "
+            f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
+        )
+    half = (len(idx) + 1) // 2
+    print(f"{where}; retrying it as {half} + {len(idx) - half} rows (lower batch_tokens to avoid the retries)")
+    first = _backward(run, idx[:half], swapped, step_weight, sync=False)
+    return first + _backward(run, idx[half:], swapped, step_weight, sync=sync)
+
+
 def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: np.ndarray) -> dict:
-    """One optimiser step over ``grad_accum`` micro-batches; its history row is appended to ``run.history``."""
-    cfg, t0 = run.cfg, time.monotonic()
+    """One optimiser step over its micro-batches; its history row is appended to ``run.history``.
+
+    A step is ``grad_accum`` micro-batches per process. Every process knows the whole step (the schedule is the
+    same everywhere) and takes micro-batches ``rank::world`` of it; each micro-batch's loss is weighted by its
+    rows' share of the whole step's weight, so the synchronised gradient is the one a single process would get
+    from all of them. The gradients are synchronised once, in the backward of the process's last micro-batch.
+    """
+    par, t0 = run.parallel, time.monotonic()
     step_rows = sum(len(idx) for idx in micro_batches)
     step_weight = float(sum(run.data.weight[idx].sum() for idx in micro_batches))
     step_tokens = int(sum(run.data.lengths[idx].sum() for idx in micro_batches))
+    # sum of squared row lengths: attention's share of the step's work (benchmarks/bench_train.py's FLOPs)
+    step_tokens_sq = int(sum((run.data.lengths[idx].astype(np.int64) ** 2).sum() for idx in micro_batches))
+    mine = micro_batches[par.shard.rank :: par.world]
+    if not mine:  # a process without a backward would never join the gradient all-reduce: the others would hang
+        raise ValueError(f"a step of {len(micro_batches)} micro-batch(es) for {par.world} processes leaves one idle")
     loss_sum = 0.0
-    for idx in micro_batches:
-        enc, hard, teacher, weight = _micro_batch(run, idx, swapped)
-        with run.precision.context(run.device):
-            logits = run.model(**enc).logits  # (B, 2)
-        # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
-        loss = preference_loss(
-            logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
-        )
-        _check_finite(run, loss, idx)
-        # weight micro-batches by their rows' weight, so a step's loss is the weighted mean over its rows
-        share = float(weight.sum()) / step_weight
-        run.scaler.scale(loss * share).backward()
-        loss_sum += loss.item() * share
+    for i, idx in enumerate(mine):
+        loss_sum += _backward(run, idx, swapped, step_weight, sync=i == len(mine) - 1)
+    loss_sum = par.sum(loss_sum)  # the step's loss over every process's rows
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
     run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
@@ -508,6 +767,7 @@ def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: n
         "lr": run.scheduler.get_last_lr()[0],
         "rows": step_rows,
         "tokens": step_tokens,
+        "tokens_sq": step_tokens_sq,
         "grad_norm": float(grad_norm),
         "seconds": time.monotonic() - t0,
     }
@@ -516,13 +776,19 @@ def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: n
 
 
 def _scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
-    """Probabilities (N, 2) of the model on ``df``'s rows, in row order (NaN where a row could not be scored)."""
-    cfg = run.cfg
+    """Probabilities (N, 2) of the model on ``df``'s rows, in row order (NaN where a row could not be scored).
+
+    In a launch each process scores rows ``rank::world`` with its unwrapped model (no collective in a forward)
+    and every process receives all of them: evaluation is N times faster on N GPUs, and every process takes
+    the same decisions (best adapter) from the same numbers.
+    """
+    cfg, par = run.cfg, run.parallel
+    mine = df.iloc[par.shard.rank :: par.world]
     with run.precision.context(run.device):
         scores = predict_proba(
-            run.model, run.fmt.encode(df), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc=desc
+            run.model, run.fmt.encode(mine), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc=desc
         )
-    return scores.probs
+    return par.gather_rows(scores.probs, len(df))
 
 
 def validate(run: Run, val_df: pd.DataFrame) -> dict:
@@ -572,11 +838,12 @@ def evaluate_run(run: Run, epoch: int) -> dict:
         adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(run.model).items()}
         run.best = {"step": run.step, **record, "adapter": adapter}
     m = record["metrics"]
-    print(
-        f"eval at step {run.step}: accuracy {m['accuracy']:.4f} · log loss {m['log_loss']:.4f} · "
-        f"swap gap {m['swap_consistency']:.4f} · predicts A {m['position_bias']:.3f} · NaN rows {m['nan_rows']} · "
-        f"best {run.cfg.best_metric} at step {run.best['step']}"
-    )
+    if run.parallel.is_main:
+        print(
+            f"eval at step {run.step}: accuracy {m['accuracy']:.4f} · log loss {m['log_loss']:.4f} · "
+            f"swap gap {m['swap_consistency']:.4f} · predicts A {m['position_bias']:.3f} · NaN rows {m['nan_rows']} · "
+            f"best {run.cfg.best_metric} at step {run.best['step']}"
+        )
     return record
 
 
@@ -587,15 +854,21 @@ def restore_best(run: Run) -> None:
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(run.model, run.best["adapter"])
-    print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
+    if run.parallel.is_main:
+        print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
 
 
 def save_adapter(run: Run) -> Path:
-    """``out_dir/adapter``: LoRA weights, tokenizer and training config, a folder that can be used on its own."""
+    """``out_dir/adapter``: LoRA weights, tokenizer and training config, a folder that can be used on its own.
+
+    Written by rank 0 alone (every process holds the same weights); the others return the folder's path.
+    """
     broken = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if broken:  # never publish a dead adapter: every score it gives would be NaN
         raise NonFiniteLossError(f"trainable weights {broken[:3]} hold inf/NaN at step {run.step}; no adapter saved")
     adapter_dir = run.cfg.out_dir / "adapter"
+    if not run.parallel.is_main:
+        return adapter_dir
     run.model.save_pretrained(adapter_dir)
     run.tok.save_pretrained(adapter_dir)
     # an adapter copied elsewhere (a Kaggle dataset) still says which max_length, template and truncation it expects
@@ -646,6 +919,8 @@ def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
     if run.best["step"] != run.step:
         restore_best(run)
         adapter_dir = save_adapter(run)
+    if not run.parallel.is_main:  # rank 0 writes the predictions and fits the calibration
+        return adapter_dir, {}
     save_val_predictions(run, run.best["probs"])
     # the temperature inference applies to this adapter's probabilities, saved with the adapter it belongs to
     fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet")
@@ -658,14 +933,20 @@ def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
     }
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) until the last step or the time budget, evaluating on the way; save the best adapter."""
+def train(cfg: TrainConfig) -> TrainResult | None:
+    """Train (or resume) until the last step or the time budget, evaluating on the way; save the best adapter.
+
+    In a launch of several processes (``accelerate launch --num_processes N -m kaggle_utils.train ...``) each
+    process trains its share of every step and evaluates its share of the held-out rows; rank 0 takes the
+    decisions that hang on a clock, writes every file and returns the result, the other ranks return None.
+    """
     run = setup(cfg)
+    par = run.parallel
     deadline = Deadline(cfg.time_budget_minutes * 60)  # counts from here: encoding and model loading are not in it
     t_start, step_seconds, stopped_by_budget = time.monotonic(), 0.0, False
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step")
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not par.is_main)
     run.model.train()
-    schedule = itertools.islice(_schedule(cfg, run.data.lengths), run.total_steps)
+    schedule = itertools.islice(_schedule(cfg, run.data.lengths, par.world), run.total_steps)
     epoch = 0
     for step, (epoch, swapped, micro_batches) in enumerate(schedule):
         if step < run.step:  # taken before the checkpoint: replay the schedule up to it
@@ -673,17 +954,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         # start a step only if it and the final evaluation end in time: the last step's duration plus 50%
         # estimates it, the last evaluation's the final one
         final_eval = run.evals[-1]["seconds"] if run.evals else 0.0
-        if not deadline.allows(step_seconds * 1.5 + final_eval):
-            print(
-                f"time budget of {cfg.time_budget_minutes} min reached at step {run.step}/{run.total_steps}; stopping"
-            )
+        if not par.agree(deadline.allows(step_seconds * 1.5 + final_eval)):
+            if par.is_main:
+                print(
+                    f"time budget of {cfg.time_budget_minutes} min reached at step {run.step}/{run.total_steps}; "
+                    "stopping"
+                )
             stopped_by_budget = True
             break
         row = train_step(run, epoch, micro_batches, swapped)
         step_seconds = row["seconds"]
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if _eval_due(run, deadline):
+        if par.agree(_eval_due(run, deadline)):
             evaluate_run(run, epoch)
         if cfg.save_every and run.step % cfg.save_every == 0:
             save_checkpoint(run)
@@ -704,13 +987,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         adapter_dir, val_metrics = keep_best(run, epoch, adapter_dir)
         metrics |= val_metrics
         languages = pd.DataFrame(run.best["languages"])
+    if not par.is_main:
+        par.barrier()  # exits once rank 0 has written everything
+        return None
     history, evals = save_outputs(run, metrics)
+    par.barrier()
     return TrainResult(adapter_dir, history, metrics, evals, languages)
 
 
 def main(argv: list[str] | None = None) -> None:
     result = train(parse_config(TrainConfig, argv))
-    print(json.dumps(result.metrics, indent=2))
+    if result is not None:  # None on the ranks other than 0 of a launch
+        print(json.dumps(result.metrics, indent=2))
 
 
 if __name__ == "__main__":

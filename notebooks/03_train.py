@@ -51,7 +51,6 @@ import pandas as pd
 
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
-from kaggle_utils.data import mixing
 from kaggle_utils.kaggle import env
 from kaggle_utils.scoring import calibration
 from kaggle_utils.train import TrainConfig, train
@@ -76,9 +75,8 @@ for role, (recipe, overrides) in students.items():
         f"{role}: {recipe} · {cfg.model_path} · max_length {cfg.max_length} · loss {cfg.loss} "
         f"(kl_weight {cfg.kl_weight}, T {cfg.temperature}) · eval every {cfg.eval_every_steps or 'end only'}"
     )
-    # the extra rows per source (the pool's pseudo-labelled pairs and its human-labelled set) and what mixing keeps
-    _, mix_report = mixing.mix_extras(mixing.MixConfig(), mixing.read_extras(cfg.extra_files), cfg.seed, verbose=False)
-    display(mix_report.summary())
+    # train() prints the extra rows per source (the pool's pseudo-labelled pairs, its human-labelled set) and what
+    # the recipe's mixing settings keep
     results[role] = train(cfg)
     r = results[role]
     plots.training_and_validation(r.history, r.evals, r.metrics.get("best", {}).get("step"), f"{role} ({recipe})")

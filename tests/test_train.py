@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import shutil
 import signal
@@ -490,11 +491,39 @@ def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_pat
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(120)
     try:
-        with pytest.raises(ValueError, match="fewer than grad_accum=2"):
+        with pytest.raises(ValueError, match="fewer than the grad_accum=2 one optimiser step needs") as err:
             _run(cfg)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    # the message names the file, the count and the settings that change it
+    msg = str(err.value)
+    assert f"{cfg.train_file}: 8 training rows make 1 micro-batch(es)" in msg
+    assert "lower grad_accum (or max_rows / batch_tokens" in msg
+    # in a launch of 2 processes a step needs grad_accum x 2 micro-batches
+    lengths = np.full(8, 100)
+    one_row_batches = TrainConfig(max_length=256, batch_tokens=256, max_rows=1, grad_accum=3)
+    assert train_module._steps_per_epoch(one_row_batches, lengths) == 2
+    with pytest.raises(ValueError, match="grad_accum=3 x 3 processes = 9 one optimiser step needs.*fewer processes"):
+        train_module._steps_per_epoch(one_row_batches, lengths, world=3)
+
+
+def test_val_fold_without_rows_or_of_another_type_is_an_error(prepared, qwen_path, tmp_path) -> None:
+    """Both once trained silently with no validation at all."""
+    df = pd.read_parquet(prepared["train"])
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=7)
+    with pytest.raises(
+        schema.DataError, match=r"--val-fold 7 selects no rows; the 'fold' column holds \[0, 1, 2, 3, 4\]"
+    ):
+        train_module.split(cfg)
+    df.assign(fold=df["fold"].astype(str)).to_parquet(tmp_path / "text_folds.parquet", index=False)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, train_file=tmp_path / "text_folds.parquet")
+    with pytest.raises(schema.DataError, match=r"holds \w+ values \['0', '1', '2', '3', '4'\], not numbers"):
+        train_module.split(cfg)
+    # folds written as floats (a column with gaps) still select their rows
+    df.assign(fold=df["fold"].astype(float)).to_parquet(tmp_path / "float_folds.parquet", index=False)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, train_file=tmp_path / "float_folds.parquet")
+    assert len(train_module.split(cfg)[1]) == int((df["fold"] == 0).sum()) > 0
 
 
 def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
@@ -524,3 +553,117 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
 def test_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+# --- GPU memory safety (issue 10) ------------------------------------------------------------------------
+def test_first_step_holds_the_largest_micro_batches() -> None:
+    """A run that does not fit fails in its first step; the epochs after keep their plain shuffled order."""
+    cfg = TrainConfig(max_length=256, batch_tokens=1024, max_rows=8, seed=3)
+    lengths = np.random.default_rng(0).integers(20, 256, size=300)
+    _, batches = train_module._epoch_batches(cfg, lengths, 0, per_step=3)
+    padded = [len(b) * int(lengths[b].max()) for b in batches]
+    assert padded[:3] == sorted(padded, reverse=True)[:3]
+    # the same batches, every row once, as the plain shuffle had them apart from the three moved to the front
+    plain = train_module.token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed)
+    assert sorted(map(tuple, batches)) == sorted(map(tuple, plain))
+    rest = [tuple(b) for b in batches[3:]]
+    assert rest == [tuple(b) for b in plain if tuple(b) not in set(map(tuple, batches[:3]))]
+    _, later = train_module._epoch_batches(cfg, lengths, 1, per_step=3)
+    assert [tuple(b) for b in later] == [
+        tuple(b) for b in train_module.token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed + 1)
+    ]
+    # the schedule is deterministic: a resumed run replays the same steps
+    first = list(itertools.islice(train_module._schedule(cfg, lengths, world=1), 5))
+    again = list(itertools.islice(train_module._schedule(cfg, lengths, world=1), 5))
+    assert all(np.array_equal(a, b) for x, y in zip(first, again, strict=True) for a, b in zip(x[2], y[2], strict=True))
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises as CUDA does, once the layers above it have added their gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class OutOfMemoryAbove:
+    """Makes a model run out of memory, like a GPU does, on micro-batches above ``limit`` padded tokens: in the
+    forward, or in the backward below the first decoder layer (after the head and the upper layers' LoRA weights
+    received their gradients, which the retry must not count twice)."""
+
+    def __init__(self, model: torch.nn.Module, limit: int, where: str) -> None:
+        self.limit, self.where, self.sizes = limit, where, []
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        layer.register_forward_hook(self._after_first_layer)
+
+    def _too_big(self) -> bool:
+        return self.sizes[-1] > self.limit
+
+    def _before(self, module, args, kwargs):
+        self.sizes.append(kwargs["input_ids"].numel())
+        if self.where == "forward" and self._too_big():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def _after_first_layer(self, module, args, output):
+        if self.where != "backward" or not self._too_big():
+            return output
+        if isinstance(output, tuple):
+            return (_RaiseInBackward.apply(output[0]), *output[1:])
+        return _RaiseInBackward.apply(output)
+
+
+def _first_step(cfg: TrainConfig, limit: int | None = None, where: str = "forward"):
+    """A fresh run (same seed: same initial weights) and its first optimiser step, the model failing above ``limit``."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = train_module.setup(cfg)
+    fake = OutOfMemoryAbove(run.model, limit, where) if limit else None
+    epoch, swapped, micro_batches = next(train_module._schedule(cfg, run.data.lengths))
+    run.initial = [p.detach().clone() for p in run.params]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        row = train_module.train_step(run, epoch, micro_batches, swapped)
+    return run, row, micro_batches, fake, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def unsplit_step(prepared, qwen_path, tmp_path_factory):
+    """The first step of a tiny run of 2 micro-batches a step, with all the memory it wants."""
+    return _first_step(_tiny_cfg(prepared, qwen_path, tmp_path_factory.mktemp("unsplit"), grad_accum=2, save_every=0))
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_micro_batches_are_split_and_the_step_is_unchanged(
+    unsplit_step, prepared, qwen_path, tmp_path, where
+) -> None:
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", grad_accum=2, save_every=0)
+    ref_run, ref_row, micro_batches, _, _ = unsplit_step
+    sizes = [len(b) * int(ref_run.data.lengths[b].max()) for b in micro_batches]
+    assert min(len(b) for b in micro_batches) >= 4  # both halve
+    limit = min(sizes) - 1  # both micro-batches of the step run out of memory; their halves fit
+    run, row, _, fake, stdout = _first_step(cfg, limit, where)
+    assert stdout.count(f"step 1: out of memory in the {where} of") == 2, stdout
+    assert "retrying it as" in stdout and "lower batch_tokens" in stdout
+    # each micro-batch tried once, then its two halves
+    assert [size > limit for size in fake.sizes] == [True, False, False, True, False, False], fake.sizes
+    # the same step: the loss, its gradient (the norm) and the weights after it
+    assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(ref_row["grad_norm"], rel=1e-4)
+    assert (row["rows"], row["tokens"]) == (ref_row["rows"], ref_row["tokens"])
+    for p, q in zip(run.params, ref_run.params, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    # the step moved them (not lora_A yet: its gradient is 0 while lora_B starts at 0)
+    assert sum(not torch.equal(p, q) for p, q in zip(run.params, run.initial, strict=True)) >= len(run.params) // 2
+
+
+def test_a_row_that_does_not_fit_alone_stops_the_run(prepared, qwen_path, tmp_path) -> None:
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
+    with pytest.raises(train_module.TrainMemoryError) as err:
+        _first_step(cfg, limit=10, where="backward")
+    msg = str(err.value)
+    assert "step 1: out of memory in the backward of 1 row(s) x" in msg and "one row alone does not fit" in msg
+    assert "gradient_checkpointing = true (now False)" in msg and "batch_tokens=1024" in msg

@@ -114,11 +114,19 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    """LoRA on every linear layer of the base; the classification head is trained in full."""
+    """LoRA on every linear layer of the base; the classification head is trained in full.
+
+    With ``init_adapter`` the LoRA starts from a saved adapter (its A/B weights and targets; ``r`` and ``alpha``
+    must be the adapter's) instead of peft's initialisation (A random, B zero): a second training stage.
+    """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
+    # adapter folder (``out_dir/adapter`` of an earlier run) whose LoRA weights training continues from
+    init_adapter: Path | None = None
+    # with init_adapter: keep its trained head; False starts from the head a run without init_adapter starts from
+    init_head: bool = False
 
 
 def load_tokenizer(model_path: Path):
@@ -163,7 +171,8 @@ def load_classifier(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
 ):
-    """Load the base classifier; apply a saved ``adapter``, or attach a new trainable ``lora``.
+    """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
+    continued from ``lora.init_adapter``).
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
@@ -211,6 +220,10 @@ def load_classifier(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if lora.init_adapter is not None:
+        model = _continue_adapter(model, lora)
+        model.train()
+        return model
     peft_cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.r,
@@ -220,6 +233,38 @@ def load_classifier(
     )
     model = get_peft_model(model, peft_cfg)
     model.train()
+    return model
+
+
+def _continue_adapter(model, lora: LoraSettings):
+    """The saved adapter ``lora.init_adapter`` on ``model``, trainable: LoRA weights as saved, the head as asked.
+
+    The adapter fixes rank, alpha and target layers; a different ``r`` / ``alpha`` in ``lora`` is refused rather
+    than silently ignored (the run's saved config would then misstate what was trained). Dropout is the run's.
+    """
+    from peft import LoraConfig, PeftModel
+
+    folder = Path(lora.init_adapter)
+    check_adapter_dir(folder, "init_adapter")
+    peft_cfg = LoraConfig.from_pretrained(folder)
+    if (peft_cfg.r, peft_cfg.lora_alpha) != (lora.r, lora.alpha):
+        raise ValueError(
+            f"init_adapter {folder} has LoRA r={peft_cfg.r}, alpha={peft_cfg.lora_alpha}; this run asks for "
+            f"r={lora.r}, alpha={lora.alpha}: set lora_r={peft_cfg.r} and lora_alpha={peft_cfg.lora_alpha}"
+        )
+    peft_cfg.lora_dropout = lora.dropout
+    peft_cfg.inference_mode = False
+    with LOAD_LOCK:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=True, config=peft_cfg, local_files_only=True)
+    if not lora.init_head:
+        # peft keeps the base's head as ``original_module`` beside the trained copy: copying it back gives the head
+        # a run without init_adapter starts from (the checkpoint's, or the one drawn under the run's seed)
+        from peft.utils.other import ModulesToSaveWrapper
+
+        for wrapper in model.modules():
+            if isinstance(wrapper, ModulesToSaveWrapper):
+                for copy in wrapper.modules_to_save.values():
+                    copy.load_state_dict(wrapper.original_module.state_dict())
     return model
 
 
