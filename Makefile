@@ -62,7 +62,7 @@ clean:  ## remove generated files (keeps the venv)
 # The account comes from KAGGLE_USERNAME (or kaggle.json); credentials from the environment or kaggle.json only.
 KAGGLE_CLI = $(BIN)/python -m kaggle_utils.kaggle.publish --owner "$(KAGGLE_USERNAME)"
 KAGGLE_USERNAME ?=
-# one kernel (slug or notebook name, e.g. KERNEL=04_inference); empty: all four
+# one kernel (slug or notebook name, e.g. KERNEL=04_inference); empty: every kernel under kernel-metadata/
 KERNEL ?=
 # Kaggle's image: its Python and its glibc (which manylinux wheels its pip accepts)
 KAGGLE_PYTHON ?= 3.11
