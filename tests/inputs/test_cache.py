@@ -9,13 +9,6 @@ from kaggle_utils.inputs import cache as tokenize_cache
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from kaggle_utils.models.demo import build_qwen_tokenizer
-
-    return build_qwen_tokenizer()
-
-
 def _frame(n: int = 30, salt: str = "") -> pd.DataFrame:
     return pd.DataFrame(
         {

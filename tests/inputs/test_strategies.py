@@ -59,18 +59,6 @@ HEAD_FRACTIONS = st.sampled_from([0.0, 0.5, 0.8, 1.0])
 COMBOS = [(t, s) for t in TEMPLATES for s in TRUNCATIONS]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from kaggle_utils.models.demo import build_qwen_tokenizer
-
-    return build_qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def formatters() -> dict:
-    return {}
-
-
 def _ids(tok, text: str, split_special: bool = False) -> list[int]:
     """Reference tokenisation of one text; ``split_special``: special-token text counts as plain text."""
     if not split_special:

@@ -37,18 +37,6 @@ ROWS = st.lists(st.tuples(FIELD, FIELD, FIELD), min_size=1, max_size=4)
 COMBOS = [(t, s) for t in TEMPLATES for s in TRUNCATIONS]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from kaggle_utils.models.demo import build_qwen_tokenizer
-
-    return build_qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def formatters() -> dict:
-    return {}
-
-
 def _words_frame(n: int, seed: int = 0, max_words: int = 400) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     words = ["hello", "мир", "世界", "🙂", "مرحبا", "test", "\n", "<|im_end|>", "</PROMPT>"]
