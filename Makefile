@@ -159,3 +159,12 @@ bench-train-memory: $(STAMP)  ## host memory of the training rows' token store a
 
 bench-train: $(STAMP)  ## (CUDA GPU) train-stage tokens/s and MFU at real shapes vs a same-run one-row baseline
 	$(BIN)/python -m benchmarks.bench_train --work build/bench-train
+
+# ---- Data-parallel scaling on GPUs (benchmarks/bench_ddp.py; after bench-train, which builds the model) ----------
+# GPUS processes through accelerate launch + recipes/accelerate/ddp.yaml against one GPU, same settings
+GPUS ?= 2
+.PHONY: bench-ddp
+
+bench-ddp: $(STAMP)  ## (CUDA GPUs) train-stage tokens/s on GPUS GPUs vs 1 and the scaling efficiency
+	NCCL_NVLS_ENABLE=0 $(BIN)/python -m benchmarks.bench_ddp --work build/bench-train --gpus $(GPUS) \
+		--batch-tokens 4096 --max-rows 16 --no-packing --no-checkpointing

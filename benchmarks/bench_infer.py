@@ -51,6 +51,17 @@ SHAPES = {
         num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
         sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
     ),
+    # Llama-3.3-70B (the 70B teacher); its 128,256-row vocabulary cannot hold the demo tokenizer's ids (up to
+    # 151,645): benchmarks that tokenise with it build it with vocab_size=151_936 and say what that adds
+    "llama3.3-70b": dict(
+        model_type="llama", vocab_size=128_256, hidden_size=8192, intermediate_size=28_672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, rope_theta=500_000.0, tie_word_embeddings=False,
+    ),
+    # Llama's structure at a CPU's size
+    "llama-tiny": dict(
+        model_type="llama", vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0, tie_word_embeddings=False,
+    ),
     # Qwen2.5-14B's structure at a CPU's size: the benchmarks' code paths checked without a GPU
     "qwen2-tiny": dict(
         model_type="qwen2", vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -59,13 +70,14 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build(name: str, path: Path, device: str = "cuda") -> None:
-    """A random-weight sequence classifier with the real shapes, saved in bf16, with the Qwen2.5 tokenizer."""
+def build(name: str, path: Path, device: str = "cuda", **overrides) -> None:
+    """A random-weight sequence classifier with the real shapes, saved in bf16, with the Qwen2.5 tokenizer;
+    ``overrides`` replace fields of the shape (``num_hidden_layers=4``: a shallow copy of a deep model)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if (path / "config.json").is_file():
         return  # built by an earlier run on this machine
-    spec = dict(SHAPES[name])
+    spec = dict(SHAPES[name]) | overrides
     cfg = AutoConfig.for_model(spec.pop("model_type"), num_labels=2, pad_token_id=151_643, **spec)
     with torch.device(device):
         model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.bfloat16)

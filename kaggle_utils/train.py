@@ -22,7 +22,10 @@ unchanged), and a single row that does not fit stops the run naming what to chan
 
 Several GPUs (data-parallel, DDP): ``accelerate launch --config_file kaggle_utils/recipes/accelerate/ddp.yaml
 --num_processes N -m kaggle_utils.train --recipe ...``. A step is ``grad_accum x N`` micro-batches, the processes
-taking ``grad_accum`` each; rank 0 writes every file (:class:`Parallel`, :func:`train_step`).
+taking ``grad_accum`` each; rank 0 writes every file (:class:`~kaggle_utils.parallel.Parallel`, :func:`train_step`).
+Sharded (FSDP2, a 70B/72B whose training does not fit one GPU): the same with ``--config_file
+kaggle_utils/recipes/accelerate/fsdp.yaml``; evaluation and the adapter's gathering are then done by every rank,
+and no checkpoint is written (a run cannot be resumed).
 
 ``python -m kaggle_utils.train --train-file demo/work/prepared/train.parquet --out-dir demo/work/student``
 """
@@ -47,7 +50,7 @@ from tqdm.auto import tqdm
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
 from kaggle_utils.data.mixing import MixConfig, mix_extras, read_extras
-from kaggle_utils.inputs.batching import pad, token_budget_batches
+from kaggle_utils.inputs.batching import packed_batches, pad, token_budget_batches
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.inputs.tokens import PairTokens
 from kaggle_utils.models.loading import (
@@ -57,13 +60,15 @@ from kaggle_utils.models.loading import (
     load_classifier,
     load_tokenizer,
     model_device,
+    pick_device,
 )
 from kaggle_utils.models.losses import LOSSES, preference_loss
+from kaggle_utils.models.packing import classifier_head, pack, packed_logits
+from kaggle_utils.parallel import Parallel
 from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
-from kaggle_utils.scoring.predict import _is_oom, predict_proba
-from kaggle_utils.scoring.shards import Shard
+from kaggle_utils.scoring.predict import _is_oom
 
 
 @dataclass
@@ -116,6 +121,9 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     batch_tokens: int = 8192
     # most rows in one micro-batch
     max_rows: int = 16
+    # pack a micro-batch's rows end to end into one sequence of at most batch_tokens real tokens (no padding;
+    # attention stays inside each row): kaggle_utils.models.packing. Needs sdpa or eager attention
+    packing: bool = False
     # micro-batches per optimiser step
     grad_accum: int = 1
     # share of rows shown A/B-swapped each epoch (labels swap with them)
@@ -273,17 +281,20 @@ def _epoch_batches(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Which rows are swapped, and the shuffled token-budget batches, for one epoch (deterministic).
 
-    The first epoch opens with its ``per_step`` largest micro-batches (most padded tokens, then the longest row):
+    The first epoch opens with its ``per_step`` largest micro-batches (most tokens held, then the longest row):
     a run that does not fit in memory fails in its first step, not hours in, and a resumed run replays the same
     order.
     """
     rng = np.random.default_rng([cfg.seed, epoch])
     swapped = rng.random(len(lengths)) < cfg.swap_fraction
-    batches = token_budget_batches(lengths, cfg.batch_tokens, cfg.max_rows, shuffle=True, seed=cfg.seed + epoch)
+    batcher = packed_batches if cfg.packing else token_budget_batches
+    batches = batcher(lengths, cfg.batch_tokens, cfg.max_rows, shuffle=True, seed=cfg.seed + epoch)
     if epoch == 0 and batches:
         longest = np.array([int(lengths[b].max()) for b in batches])
-        padded = np.array([len(b) for b in batches]) * longest
-        first = np.lexsort((-np.arange(len(batches)), longest, padded))[::-1][:per_step]  # largest first, ties in order
+        # the tokens the GPU holds: a pack's own, a padded batch's rows x its longest row
+        rows = np.array([len(b) for b in batches])
+        size = np.array([int(lengths[b].sum()) for b in batches]) if cfg.packing else longest * rows
+        first = np.lexsort((-np.arange(len(batches)), longest, size))[::-1][:per_step]  # largest first, ties in order
         rest = np.setdiff1d(np.arange(len(batches)), first)  # the others keep their shuffled order
         batches = [batches[i] for i in [*first, *rest]]
     return swapped, batches
@@ -383,102 +394,6 @@ def _trainable_in_fp32(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @dataclass
-class Parallel:
-    """This process's place in a data-parallel launch, and the few collectives training needs.
-
-    ``accelerate launch --num_processes N -m kaggle_utils.train ...`` (or ``torchrun``) starts N processes. Each
-    reads its rank from the environment (:class:`~kaggle_utils.scoring.shards.Shard`, as pseudo-labelling does),
-    loads the whole model on its own GPU, and accelerate wraps it in DDP. Started with plain ``python`` there is
-    no accelerator and every method is a pass-through: one process trains as it always did.
-    """
-
-    shard: Shard = field(default_factory=Shard)
-    accelerator: Any = None  # accelerate.Accelerator, in a launch of several processes only
-
-    @classmethod
-    def from_env(cls, cfg: TrainConfig) -> Parallel:
-        shard = Shard.from_env()
-        if shard.world == 1:
-            return cls(shard)
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        # buffers (rotary tables) are the same on every rank: not broadcasting them in every forward leaves a
-        # forward without collectives, so a rank may run more forwards than another (an out-of-memory split)
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=[ddp])
-        if accelerator.num_processes != shard.world:
-            raise RuntimeError(
-                f"WORLD_SIZE={shard.world} but accelerate set up {accelerator.num_processes} process(es) "
-                f"({accelerator.distributed_type}); launch with accelerate launch --num_processes {shard.world}"
-            )
-        if accelerator.distributed_type not in ("MULTI_GPU", "MULTI_CPU"):
-            # FSDP/DeepSpeed shard the weights: every state-dict gather and evaluation forward would become a
-            # collective of all ranks, which this loop does not do
-            raise RuntimeError(
-                f"accelerate is set up for {accelerator.distributed_type}; kaggle_utils.train trains data-parallel "
-                "(DDP) only, each GPU holding the whole model: launch with --config_file "
-                "kaggle_utils/recipes/accelerate/ddp.yaml (a 72B in nf4, ~40 GB, fits one 80 GB GPU)"
-            )
-        return cls(shard, accelerator)
-
-    @property
-    def world(self) -> int:
-        return self.shard.world
-
-    @property
-    def is_main(self) -> bool:
-        return self.shard.is_main
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the training step calls: DDP around ``model`` in a launch, else ``model``."""
-        if self.accelerator is None:
-            return model
-        import warnings
-
-        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate still passes that name
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-            return self.accelerator.prepare_model(model)
-
-    def no_sync(self, wrapped: torch.nn.Module, skip: bool):
-        """Gradients stay on this process (``skip``: not the process's last micro-batch of the step) under DDP."""
-        if not skip or self.accelerator is None:
-            return contextlib.nullcontext()
-        return wrapped.no_sync()
-
-    def sum(self, value: float) -> float:
-        """``value`` summed over the processes."""
-        if self.accelerator is None:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every process: decisions taken on a clock (time budget, evaluation) must be one."""
-        if self.accelerator is None:
-            return flag
-        t = torch.tensor([int(flag)], device=self.accelerator.device)
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
-
-    def gather_rows(self, local: np.ndarray, n: int) -> np.ndarray:
-        """Rows ``rank::world`` of an (n, ...) array from every process, put back in row order."""
-        if self.accelerator is None:
-            return local
-        parts: list = [None] * self.world
-        torch.distributed.all_gather_object(parts, local)
-        out = np.empty((n, *local.shape[1:]), dtype=local.dtype)
-        for rank, part in enumerate(parts):
-            out[rank :: self.world] = part
-        return out
-
-    def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-
-@dataclass
 class Run:
     """One training run: built by ``setup`` (resumed from its checkpoint if any), advanced by ``train_step``."""
 
@@ -497,9 +412,11 @@ class Run:
     total_steps: int
     # this process's place in a data-parallel launch (one process: rank 0 of 1)
     parallel: Parallel = field(default_factory=Parallel)
-    # what the training step calls: DDP around ``model`` in a launch, else ``model`` itself; evaluation and
-    # saving use ``model`` (the plain peft model), which holds the same parameters
+    # what the training step calls: DDP around ``model`` in a launch, else ``model`` itself (also under FSDP2,
+    # which shards it in place); evaluation and saving use ``model`` (the peft model), which holds the same parameters
     wrapped: torch.nn.Module | None = None
+    # the classifier's head, whose output at every position gives packed rows their logits (packing only)
+    head: torch.nn.Module | None = None
     step: int = 0  # optimiser steps taken; a resumed run starts at its checkpoint's
     history: list[dict] = field(default_factory=list)  # one row per step taken: what history.csv holds
     evals: list[dict] = field(default_factory=list)  # one row per evaluation: what evals.csv holds
@@ -509,6 +426,8 @@ class Run:
     def __post_init__(self) -> None:
         if self.wrapped is None:
             self.wrapped = self.model
+        if self.cfg.packing and self.head is None:
+            self.head = classifier_head(self.model)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -530,17 +449,24 @@ def setup(cfg: TrainConfig) -> Run:
     data = _encode(cfg, fmt, train_df)
     # checked before the model loads, so a bad config fails fast
     steps_per_epoch = _steps_per_epoch(cfg, data.lengths, parallel.world)
+    _refuse_fsdp_resume(cfg, parallel)
 
+    here = parallel.shard.device(cfg.device, torch.cuda.is_available())  # cuda:LOCAL_RANK
     model = load_classifier(
-        replace(cfg, device=parallel.shard.device(cfg.device, torch.cuda.is_available())),  # cuda:LOCAL_RANK
+        replace(cfg, device=here),
         tok.pad_token_id,
         lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        packing=cfg.packing,
+        # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
+        quant_storage=compute_dtype(pick_device(here), cfg.dtype) if parallel.fsdp else None,
     )
     device = model_device(model)
     precision = Precision.choose(device, cfg.dtype)
     params = _trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
     wrapped = parallel.wrap(model)
+    if parallel.fsdp:  # fully_shard replaced every parameter by a sharded one (a DTensor): optimise those
+        params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
@@ -554,7 +480,8 @@ def setup(cfg: TrainConfig) -> Run:
         print(
             f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(val_df):,} · "
             f"tokens/epoch {int(data.lengths.sum()):,} · steps {total_steps} ({steps_per_epoch}/epoch) · "
-            f"≤{cfg.batch_tokens * per_step:,} padded tokens/step{processes} · trainable params {n_trainable:,} · "
+            f"≤{cfg.batch_tokens * per_step:,} {'packed' if cfg.packing else 'padded'} tokens/step{processes} · "
+            f"trainable params {n_trainable:,} · "
             f"device {device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
         )
     run = Run(
@@ -579,6 +506,18 @@ def setup(cfg: TrainConfig) -> Run:
     if parallel.is_main:
         save_config(cfg, cfg.out_dir / "train_config.json")
     return run
+
+
+def _refuse_fsdp_resume(cfg: TrainConfig, parallel: Parallel) -> None:
+    """Under FSDP no checkpoint is written (the optimiser state is sharded): an existing one cannot be resumed."""
+    path = cfg.out_dir / "checkpoint.pt"
+    if parallel.fsdp and path.is_file():
+        raise RuntimeError(
+            f"{path} exists, and resuming a checkpoint under FSDP is not supported: use a new --out-dir (under "
+            "FSDP a run starts from scratch and writes no checkpoints), or resume it with the launch that wrote it"
+        )
+    if parallel.fsdp and parallel.is_main and cfg.save_every:
+        print(f"FSDP: no checkpoints are written (save_every={cfg.save_every} ignored); a stopped run starts over")
 
 
 def load_checkpoint(run: Run) -> None:
@@ -616,11 +555,12 @@ def load_checkpoint(run: Run) -> None:
 def save_checkpoint(run: Run) -> None:
     """Everything ``load_checkpoint`` needs to continue at ``run.step``, with the config that guards it.
 
-    Written by rank 0 alone: under DDP every process holds the same weights and optimiser state.
+    Written by rank 0 alone: under DDP every process holds the same weights and optimiser state. Under FSDP
+    nothing is written: the optimiser state is sharded, and such a checkpoint is not resumed (see setup).
     """
     from peft import get_peft_model_state_dict
 
-    if not run.parallel.is_main:
+    if not run.parallel.is_main or run.parallel.fsdp:
         return
     state = {
         "adapter": get_peft_model_state_dict(run.model),
@@ -641,18 +581,24 @@ def save_checkpoint(run: Run) -> None:
 
 def _micro_batch(
     run: Run, idx: np.ndarray, swapped: np.ndarray
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs, human labels, teacher logits and row weights of rows ``idx``, in this epoch's orientation.
+) -> tuple[dict, np.ndarray | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs, packed rows' last positions (None: padded), human labels, teacher logits and row weights of
+    rows ``idx``, in this epoch's orientation.
 
     A swapped row shows B first: its label flips and its teacher logits swap with it.
     """
     d, dev = run.data, run.device
     rows = d.tokens.rows(idx, swapped[idx])
-    enc = pad(rows, run.tok.pad_token_id)  # input_ids, attention_mask: (B, T), T = the longest row
+    ends = None
+    if run.cfg.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
+        enc, ends = pack(rows)
+    else:  # input_ids, attention_mask: (B, T), T = the longest row
+        enc = pad(rows, run.tok.pad_token_id)
     hard = np.where((d.hard[idx] >= 0) & swapped[idx], 1 - d.hard[idx], d.hard[idx])  # (B,), -1 stays -1
     teacher = np.where(swapped[idx, None], d.teacher[idx, ::-1], d.teacher[idx])  # (B, 2)
     return (
-        {k: v.to(dev) for k, v in enc.items()},
+        {k: v.to(dev) if k in ("input_ids", "attention_mask", "position_ids") else v for k, v in enc.items()},
+        ends,
         torch.from_numpy(hard).to(dev),
         torch.from_numpy(np.ascontiguousarray(teacher)).to(dev),
         torch.from_numpy(d.weight[idx]).to(dev),
@@ -683,15 +629,19 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
     processes only where ``sync`` (the process's last micro-batch of the step).
     """
     cfg, par = run.cfg, run.parallel
-    enc, hard, teacher, weight = _micro_batch(run, idx, swapped)
-    rows, width = enc["input_ids"].shape  # (B, T)
+    enc, ends, hard, teacher, weight = _micro_batch(run, idx, swapped)
+    width = enc["input_ids"].shape[1]
+    shape = f"{len(idx)} packed row(s), {width} tokens" if cfg.packing else f"{len(idx)} row(s) x {width} tokens"
     # what a backward that dies half-way (having added part of its gradient) is rolled back to
     grads = [None if p.grad is None else p.grad.clone() for p in run.params]
     in_backward = False
     try:
         with par.no_sync(run.wrapped, skip=not sync):
             with run.precision.context(run.device):
-                logits = run.wrapped(**enc).logits  # (B, 2)
+                if cfg.packing:
+                    logits = packed_logits(run.wrapped, run.head, enc, ends)  # (B, 2)
+                else:
+                    logits = run.wrapped(**enc).logits  # (B, 2)
             # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
             loss = preference_loss(
                 logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
@@ -707,18 +657,22 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
         if not _is_oom(err):
             raise
     # out of memory: outside the except block, so the failed attempt's activations are freed with its traceback
-    del enc, hard, teacher, weight
+    del enc, ends, hard, teacher, weight
     for p, g in zip(run.params, grads, strict=True):
         p.grad = g
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    where = f"step {run.step + 1}: out of memory in the {'backward' if in_backward else 'forward'} of {rows} row(s) x "
-    where += f"{width} tokens"
-    if rows == 1:
+    where = f"step {run.step + 1}: out of memory in the {'backward' if in_backward else 'forward'} of {shape}"
+    if len(idx) == 1:
         raise TrainMemoryError(
             f"{where} (the row with id {run.data.row_ids[idx[0]]}): one row alone does not fit. Set "
             f"gradient_checkpointing = true (now {cfg.gradient_checkpointing}), lower max_length (now "
             f"{cfg.max_length}), or load the base in 4-bit; batch_tokens={cfg.batch_tokens} only bounds batches"
+        )
+    if par.fsdp:  # every forward all-gathers layers from every rank: a retry on this rank alone would hang the rest
+        raise TrainMemoryError(
+            f"{where} under FSDP, where a micro-batch cannot be split and retried: lower batch_tokens (now "
+            f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
         )
     if in_backward and sync and par.world > 1:
         # the gradient all-reduce had started with the other processes: it cannot be taken back and redone
@@ -754,7 +708,7 @@ def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: n
         loss_sum += _backward(run, idx, swapped, step_weight, sync=i == len(mine) - 1)
     loss_sum = par.sum(loss_sum)  # the step's loss over every process's rows
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    grad_norm = par.clip_grad_norm(run.params, 1.0)  # under FSDP the norm of the whole, sharded gradient
     run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
     run.scaler.update()
     run.scheduler.step()
@@ -778,17 +732,18 @@ def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: n
 def _scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
     """Probabilities (N, 2) of the model on ``df``'s rows, in row order (NaN where a row could not be scored).
 
-    In a launch each process scores rows ``rank::world`` with its unwrapped model (no collective in a forward)
+    In a launch each process scores rows ``rank::world`` with its unwrapped model (no collective in a forward
+    under DDP; under FSDP every rank makes the same number of forward calls, :meth:`Parallel.predict_proba`)
     and every process receives all of them: evaluation is N times faster on N GPUs, and every process takes
     the same decisions (best adapter) from the same numbers.
     """
     cfg, par = run.cfg, run.parallel
     mine = df.iloc[par.shard.rank :: par.world]
     with run.precision.context(run.device):
-        scores = predict_proba(
+        probs = par.predict_proba(
             run.model, run.fmt.encode(mine), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc=desc
         )
-    return par.gather_rows(scores.probs, len(df))
+    return par.gather_rows(probs, len(df))
 
 
 def validate(run: Run, val_df: pd.DataFrame) -> dict:
@@ -830,13 +785,10 @@ def _better(cfg: TrainConfig, new: dict, old: dict | None) -> bool:
 
 def evaluate_run(run: Run, epoch: int) -> dict:
     """Evaluate now, record it in ``run.evals``, and keep it (with a CPU copy of the adapter) if it is the best."""
-    from peft import get_peft_model_state_dict
-
     record = validate(run, run.val_df)
     run.evals.append({"step": run.step, "epoch": epoch, **record["metrics"]})
-    if _better(run.cfg, record, run.best):
-        adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(run.model).items()}
-        run.best = {"step": run.step, **record, "adapter": adapter}
+    if _better(run.cfg, record, run.best):  # the same decision on every rank: a gather under FSDP
+        run.best = {"step": run.step, **record, "adapter": run.parallel.adapter_copy(run.model)}
     m = record["metrics"]
     if run.parallel.is_main:
         print(
@@ -851,9 +803,7 @@ def restore_best(run: Run) -> None:
     """Put the best evaluation's adapter weights back into the model, if the best is not the current state."""
     if run.best is None or run.best["step"] == run.step:
         return
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(run.model, run.best["adapter"])
+    run.parallel.restore_adapter(run.model, run.best["adapter"])
     if run.parallel.is_main:
         print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
 
@@ -861,15 +811,18 @@ def restore_best(run: Run) -> None:
 def save_adapter(run: Run) -> Path:
     """``out_dir/adapter``: LoRA weights, tokenizer and training config, a folder that can be used on its own.
 
-    Written by rank 0 alone (every process holds the same weights); the others return the folder's path.
+    Written by rank 0 alone (every process holds the same weights; under FSDP every process gathers them first,
+    and rank 0 writes the gathered ones); the others return the folder's path.
     """
-    broken = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    gathered = run.parallel.gathered_trainable(run.model)  # None unless FSDP: then {name: full weight}
+    named = gathered.items() if gathered is not None else run.model.named_parameters()
+    broken = [n for n, p in named if (gathered is not None or p.requires_grad) and not torch.isfinite(p).all()]
     if broken:  # never publish a dead adapter: every score it gives would be NaN
         raise NonFiniteLossError(f"trainable weights {broken[:3]} hold inf/NaN at step {run.step}; no adapter saved")
     adapter_dir = run.cfg.out_dir / "adapter"
     if not run.parallel.is_main:
         return adapter_dir
-    run.model.save_pretrained(adapter_dir)
+    run.model.save_pretrained(adapter_dir, state_dict=gathered)  # None: peft reads the model's own weights
     run.tok.save_pretrained(adapter_dir)
     # an adapter copied elsewhere (a Kaggle dataset) still says which max_length, template and truncation it expects
     save_config(run.cfg, adapter_dir / "train_config.json")

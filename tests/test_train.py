@@ -667,3 +667,29 @@ def test_a_row_that_does_not_fit_alone_stops_the_run(prepared, qwen_path, tmp_pa
     msg = str(err.value)
     assert "step 1: out of memory in the backward of 1 row(s) x" in msg and "one row alone does not fit" in msg
     assert "gradient_checkpointing = true (now False)" in msg and "batch_tokens=1024" in msg
+
+
+# --- packed micro-batches ----------------------------------------------------------------------------------
+def test_packed_training_equals_padded_training_row_for_row(prepared, qwen_path, tmp_path) -> None:
+    # one row per micro-batch: both batchers yield the same rows in the same order, so only the forward differs
+    kw = dict(max_rows=1, max_train_rows=24, save_every=0)
+    padded, _ = _run(_tiny_cfg(prepared, qwen_path, tmp_path / "padded", **kw))
+    packed, _ = _run(_tiny_cfg(prepared, qwen_path, tmp_path / "packed", packing=True, **kw))
+    assert len(packed.history) == 24
+    pd.testing.assert_frame_equal(packed.history[["rows", "tokens"]], padded.history[["rows", "tokens"]])
+    np.testing.assert_allclose(packed.history["loss"], padded.history["loss"], rtol=1e-5)
+    a, b = _adapter_weights(tmp_path / "packed"), _adapter_weights(tmp_path / "padded")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_packs_fill_the_token_budget_without_padding(reference_run, prepared, qwen_path, tmp_path) -> None:
+    ref_cfg, ref = reference_run
+    result, _ = _run(_tiny_cfg(prepared, qwen_path, tmp_path, packing=True, save_every=0))
+    hist = result.history
+    assert (hist["tokens"] <= ref_cfg.batch_tokens).all()
+    assert hist["rows"].sum() == ref.history["rows"].sum() == 96  # every row once, in fewer micro-batches
+    assert len(hist) < len(ref.history)
+    assert hist["tokens"].iloc[0] == hist["tokens"].max()  # the largest pack runs first
+    assert np.isfinite(hist["loss"]).all()

@@ -38,6 +38,43 @@ def token_budget_batches(
     return batches
 
 
+def packed_batches(
+    lengths: np.ndarray, max_tokens: int, max_rows: int = 64, shuffle: bool = False, seed: int = 0
+) -> list[np.ndarray]:
+    """Index arrays of batches whose rows' tokens sum to at most ``max_tokens``: packs, no padding.
+
+    Each pack opens with the longest row left and is topped up with the longest rows that still fit (at most
+    ``max_rows`` rows), so packs end nearly full; rows of equal length are taken in index order. A row longer than
+    ``max_tokens`` forms a pack of one. The first pack holds the longest row; with ``shuffle`` the pack order is
+    shuffled (deterministic for ``seed``).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    # rows by length: waiting[n] = the rows of n tokens not yet packed (a stack, lowest index on top)
+    order = np.argsort(lengths, kind="stable")[::-1]
+    waiting: dict[int, list[int]] = {}
+    for i in order:
+        waiting.setdefault(int(lengths[i]), []).append(int(i))
+    left = np.zeros(int(lengths.max(initial=0)) + 1, dtype=np.int64)  # (longest + 1,) rows waiting per length
+    np.add.at(left, lengths, 1)
+    packs: list[np.ndarray] = []
+    while left.any():
+        longest = int(np.flatnonzero(left)[-1])
+        pack, free = [], max_tokens
+        while len(pack) < max_rows:
+            fitting = np.flatnonzero(left[: max(free, 0) + 1]) if pack else [longest]
+            if len(fitting) == 0:
+                break
+            n = int(fitting[-1])
+            pack.append(waiting[n].pop())
+            left[n] -= 1
+            free -= n
+        packs.append(np.array(pack, dtype=np.int64))
+    if shuffle:
+        rng = np.random.default_rng(seed)
+        packs = [packs[i] for i in rng.permutation(len(packs))]
+    return packs
+
+
 def fixed_size_batches(lengths: np.ndarray, batch_size: int, sort: bool = True) -> list[np.ndarray]:
     """Index arrays of ``batch_size`` rows each (the last may be shorter), longest rows first when ``sort``.
 

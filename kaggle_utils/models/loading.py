@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from kaggle_utils.models.packing import packed_name
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """``cuda`` when a GPU is visible (first GPU), else ``cpu``; or exactly what was requested (of a layer split
@@ -170,9 +172,19 @@ def load_classifier(
     adapter: Path | None = None,
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
+    packing: bool = False,
+    quant_storage: torch.dtype | None = None,
 ):
     """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
     continued from ``lora.init_adapter``).
+
+    ``packing``: attention that takes rows packed into one sequence (:mod:`kaggle_utils.models.packing`) and
+    behaves as usual on padded batches.
+
+    ``quant_storage``: the dtype the packed 4-bit weights are stored in (None: bitsandbytes' uint8). FSDP shards
+    parameters only as floating tensors: training under FSDP passes the compute dtype (bf16), the dtype of the
+    base's other weights, so the nf4 codes travel in bf16-typed storage (the same bytes, four 4-bit codes to a
+    bf16 element; the arithmetic is unchanged).
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
@@ -182,7 +194,8 @@ def load_classifier(
         raise FileNotFoundError(f"{cfg.model_path}: no config.json; expected a model folder saved by save_pretrained")
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.dtype)
-    kwargs = {"dtype": dtype, "num_labels": 2, "attn_implementation": _attn_impl(cfg)}
+    attention = packed_name(_attn_impl(cfg)) if packing else _attn_impl(cfg)
+    kwargs = {"dtype": dtype, "num_labels": 2, "attn_implementation": attention}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -191,6 +204,7 @@ def load_classifier(
             bnb_4bit_compute_dtype=dtype,
             # the 2-way head is new and tiny: keep it in full precision so it can be trained
             llm_int8_skip_modules=["score"],
+            **({} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}),
         )
         kwargs["device_map"] = {"": str(device)}
     split = "+" in cfg.device

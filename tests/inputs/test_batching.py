@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaggle_utils.inputs.batching import pad, padding_waste, token_budget_batches
+from kaggle_utils.inputs.batching import packed_batches, pad, padding_waste, token_budget_batches
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
 
@@ -34,6 +34,27 @@ def test_batches_cover_every_row_once_within_budget(lengths, max_tokens, max_row
         assert padded <= max_tokens or (len(b) == 1 and lengths[b[0]] > max_tokens)
         # rows inside a batch keep their length order (longest first)
         assert (np.diff(lengths[b]) <= 0).all()
+
+
+@given(lengths=LENGTHS, max_tokens=st.integers(1, 8192), max_rows=st.integers(1, 64), seed=st.integers(0, 1000))
+@settings(max_examples=200, deadline=None)
+def test_packs_cover_every_row_once_within_budget(lengths, max_tokens, max_rows, seed) -> None:
+    packs = packed_batches(lengths, max_tokens, max_rows, shuffle=True, seed=seed)
+    seen = np.concatenate(packs) if packs else np.array([], dtype=np.int64)
+    assert sorted(seen.tolist()) == list(range(len(lengths)))
+    for p in packs:
+        assert 1 <= len(p) <= max_rows
+        # the rows' own tokens: over budget only as a single row longer than the budget
+        assert lengths[p].sum() <= max_tokens or (len(p) == 1 and lengths[p[0]] > max_tokens)
+
+
+def test_packs_top_long_rows_up_with_short_ones() -> None:
+    lengths = np.array([5, 3, 3, 9, 1])
+    assert [p.tolist() for p in packed_batches(lengths, max_tokens=10, max_rows=3)] == [[3, 4], [0, 1], [2]]
+    # five full packs where padded batches need seven
+    lengths = np.array([900, 100, 800, 200, 700, 300, 600, 400, 500, 500])
+    assert [int(lengths[p].sum()) for p in packed_batches(lengths, 1000, 16)] == [1000] * 5
+    assert len(token_budget_batches(lengths, 1000, 16)) == 7
 
 
 def test_batches_are_length_sorted_longest_first() -> None:

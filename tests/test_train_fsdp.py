@@ -1,0 +1,169 @@
+"""kaggle_utils.train under ``accelerate launch`` with the shipped fsdp.yaml: 2 sharded processes (FSDP2, gloo,
+CPU) train what 1 process trains. accelerate shards only on accelerators; on the CPU kaggle_utils.parallel shards
+with the same fsdp2_prepare_model (full precision here: bitsandbytes 4-bit is not tested on the CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kaggle_utils.inputs.formatter import PromptFormatter
+from kaggle_utils.parallel import Parallel, check_fsdp_dtypes
+from kaggle_utils.train import TrainConfig, train
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "kaggle_utils" / "recipes" / "accelerate" / "fsdp.yaml"
+
+# as tests/test_train_ddp.py: 96 rows in micro-batches of at most 1,024 padded tokens, full precision, no dropout
+SETTINGS = dict(
+    load_in_4bit=False,
+    device="cpu",
+    max_length=256,
+    max_train_rows=96,
+    batch_tokens=1024,
+    max_rows=8,
+    lr=2e-3,
+    epochs=1.0,
+    lora_dropout=0.0,
+    save_every=2,
+    eval_every_steps=3,
+    # the best evaluation is not the last: the kept adapter is restored into the shards
+    best_metric="accuracy",
+)
+
+
+def _lopsided_file(prepared, tokenizer, path: Path) -> None:
+    """Training rows of folds 1-4, and 16 held-out rows ordered so that rank 0 (rows 0::2) gets 8 long ones (2
+    batches of at most 1,024 tokens) and rank 1 8 short ones (1 batch): the ranks' forward counts differ."""
+    df = pd.read_parquet(prepared["train"])
+    held = df[df["fold"] == 0]
+    lengths = np.array([len(r) for r in PromptFormatter(tokenizer, TrainConfig(**SETTINGS)).encode(held)])
+    long, short = held[lengths >= 150].iloc[:8], held[lengths <= 120].iloc[:8]
+    assert len(long) == len(short) == 8
+    val = pd.concat([long, short]).iloc[[i // 2 + 8 * (i % 2) for i in range(16)]]  # long, short, long, ...
+    pd.concat([df[df["fold"] != 0].iloc[:140], val]).to_parquet(path, index=False)
+
+
+def _flags(values: dict) -> list[str]:
+    return [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+def _launch(config: Path, args: list[str], port: int) -> subprocess.CompletedProcess:
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2"]
+    cmd += ["--main_process_port", str(port), "-m", "kaggle_utils.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
+    """The same global batches: 1 process at grad_accum=2, and 2 FSDP processes at grad_accum=1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    _lopsided_file(prepared, tokenizer, root / "train.parquet")
+    common = dict(SETTINGS, model_path=qwen_path, train_file=root / "train.parquet")
+    single = TrainConfig(**common, out_dir=root / "single", grad_accum=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        one = train(single)
+    done = _launch(FSDP_CONFIG, _flags(dict(common, out_dir=root / "fsdp", grad_accum=1)), 29527)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return single, one, root / "fsdp", done, common
+
+
+def test_two_sharded_processes_train_what_one_process_trains(runs) -> None:
+    single, one, fsdp_dir, done, _ = runs
+    assert "2 processes x 1 micro-batch(es)/step" in done.stdout
+    assert "FSDP: no checkpoints are written (save_every=2 ignored)" in done.stdout
+    history = pd.read_csv(fsdp_dir / "history.csv")
+    assert len(history) == one.metrics["total_steps"] >= 5
+    assert history["rows"].tolist() == one.history["rows"].tolist()
+    np.testing.assert_allclose(history["loss"], one.history["loss"], rtol=1e-5)
+    # the norm of the whole gradient, reduced over the shards before clipping
+    np.testing.assert_allclose(history["grad_norm"], one.history["grad_norm"], rtol=1e-4)
+    a = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(single.out_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()  # gathered full weights under peft's adapter keys, not shards
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(k.endswith("score.weight") for k in a) and history["loss"].iloc[-1] != history["loss"].iloc[0]
+
+
+def test_two_sharded_processes_evaluate_in_lockstep_what_one_process_evaluates(runs) -> None:
+    """Each rank scores its half of the held-out rows with as many forwards as the other (every forward
+    all-gathers the layers: rank 1 has one batch less and runs a stand-in); the kept adapter is the best
+    evaluation's, restored into the shards."""
+    single, one, fsdp_dir, _, _ = runs
+    evals = pd.read_csv(fsdp_dir / "evals.csv")
+    assert evals["step"].tolist() == one.evals["step"].tolist() and len(evals) >= 2
+    assert one.metrics["best"]["step"] < one.metrics["steps"]  # the restore is exercised
+    np.testing.assert_allclose(evals["log_loss"], one.evals["log_loss"], rtol=1e-5)
+    got = pd.read_parquet(fsdp_dir / "val_predictions.parquet")
+    expected = pd.read_parquet(single.out_dir / "val_predictions.parquet")
+    assert got["id"].tolist() == expected["id"].tolist()
+    np.testing.assert_allclose(got[["p_a", "p_b"]], expected[["p_a", "p_b"]], atol=1e-5)
+    metrics = pd.read_json(fsdp_dir / "metrics.json", typ="series")
+    assert metrics["best"]["step"] == one.metrics["best"]["step"]
+
+
+def test_no_checkpoint_is_written_and_an_existing_one_is_refused(runs, tmp_path) -> None:
+    single, _, fsdp_dir, _, common = runs
+    assert not (fsdp_dir / "checkpoint.pt").exists() and (single.out_dir / "checkpoint.pt").is_file()
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((single.out_dir / "checkpoint.pt").read_bytes())
+    done = _launch(FSDP_CONFIG, _flags(dict(common, out_dir=out, grad_accum=1)), 29529)
+    assert done.returncode != 0
+    assert "resuming a checkpoint under FSDP is not supported: use a new --out-dir" in done.stderr
+
+
+def test_the_fsdp_config_is_what_accelerate_reads() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(FSDP_CONFIG))
+    assert (cfg.distributed_type, cfg.num_machines, cfg.mixed_precision) == ("FSDP", 1, "no")
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    # accelerate 1.15 does not broadcast rank 0's weights into a model holding Params4bit
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_reshard_after_forward"] is True
+
+
+def test_fsdp_refuses_trainable_parameters_of_two_dtypes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    with pytest.raises(TypeError, match=r"one dtype \(fp32 masters\); found torch.float32 \(0.weight\)"):
+        check_fsdp_dtypes(model)
+    model[1].requires_grad_(False)  # frozen weights may keep their own dtype
+    check_fsdp_dtypes(model)
+
+
+def test_one_process_is_a_pass_through() -> None:
+    par = Parallel()
+    assert not par.fsdp and par.gathered_trainable(torch.nn.Linear(2, 2)) is None
+    assert par.sum(1.5) == 1.5 and par.max(3) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "message"),
+    [
+        ("FSDP", 1, "FSDP version 1; kaggle_utils.train shards with FSDP2 only: launch with --config_file"),
+        ("DEEPSPEED", None, "set up for DEEPSPEED; kaggle_utils.train trains data-parallel"),
+    ],
+)
+def test_launches_this_loop_does_not_train_are_refused(kind, version, message) -> None:
+    from types import SimpleNamespace
+
+    from kaggle_utils.parallel import _check_launch
+
+    plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+    with pytest.raises(RuntimeError, match=message):
+        _check_launch(SimpleNamespace(num_processes=2, distributed_type=kind), 2, plugin)
+    _check_launch(SimpleNamespace(num_processes=2, distributed_type="FSDP"), 2, SimpleNamespace(fsdp_version=2))
