@@ -1,7 +1,8 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
 config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
-multiple_choice, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the OpenAI-compatible client and what calls it (generation, translation, judges).
+multiple_choice, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the OpenAI-compatible
+client and what calls it (generation, translation, judges).
 """
 
 from __future__ import annotations
