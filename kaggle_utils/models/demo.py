@@ -131,6 +131,12 @@ def _gemma2_config(cfg: DemoModelsConfig):
         max_position_embeddings=4096,
         # Gemma2 alternates sliding-window and global layers and soft-caps attention logits.
         sliding_window=256,
+        # Gemma2 multiplies embeddings by sqrt(hidden_size) and RMS-normalises every sublayer output before the
+        # residual add (post-norms), which assumes weights of std ~1/sqrt(hidden_size): the 9B's 0.02 at width 3,584
+        # (1/sqrt = 0.017). Kept at 0.02 at width 64, the sublayer outputs (RMS ~0.003) are rescaled ~300x by the
+        # post-norms, so one Adam step of the demo's lr 2e-3 on the LoRA moves the pooled feature by ~60% (Qwen2:
+        # ~10%) and the student can stay at chance. 1/sqrt(64) restores the real model's scale (~13% a step).
+        initializer_range=cfg.hidden_size**-0.5,
         num_labels=2,
         pad_token_id=QWEN_SPECIAL_TOKENS["<|endoftext|>"],
         bos_token_id=None,
