@@ -55,7 +55,10 @@ def variants(max_length: int) -> list[Variant]:
         Variant("16K padded, ckpt", 16384, 16, True),
         Variant("16K packed, ckpt", 16384, 64, True, packing=True),
         Variant("16K packed, ckpt, drop 0", 16384, 64, True, packing=True, lora_dropout=0.0),
+        Variant("16K padded, ckpt, drop 0", 16384, 16, True, lora_dropout=0.0),
         Variant("4K padded, no ckpt", 4096, 16, False),
+        Variant("4K padded, no ckpt, drop 0", 4096, 16, False, lora_dropout=0.0),
+        Variant("8K padded, no ckpt, drop 0", 8192, 16, False, lora_dropout=0.0),
         Variant("8K packed, no ckpt", 8192, 64, False, packing=True),
     ]
 
