@@ -193,6 +193,10 @@ class Parallel:
         """The largest ``value`` of the processes."""
         return int(self._reduce(value, torch.int64, torch.distributed.ReduceOp.MAX))
 
+    def min(self, value: int) -> int:
+        """The smallest ``value`` of the processes."""
+        return int(self._reduce(value, torch.int64, torch.distributed.ReduceOp.MIN))
+
     def _reduce(self, value, dtype: torch.dtype, op) -> float:
         if self.accelerator is None:
             return value

@@ -18,7 +18,9 @@ this config), ``keep_best`` (the last evaluation, the best adapter, its predicti
 
 Memory: the first step is made of the epoch's largest micro-batches, so a run that does not fit fails in its first
 minute; a micro-batch that runs out of GPU memory later is split in halves and retried (the step's gradient is
-unchanged), and a single row that does not fit stops the run naming what to change.
+unchanged), and a single row that does not fit stops the run naming what to change. ``batch_tokens = 0`` measures
+the budget once the model is loaded (:func:`probe_batch_tokens`: forwards and backwards of the longest rows against
+the free GPU memory) and builds the schedule from it; the resolved budget is saved with the config.
 
 Several GPUs (data-parallel, DDP): ``accelerate launch --config_file kaggle_utils/recipes/accelerate/ddp.yaml
 --num_processes N -m kaggle_utils.train --recipe ...``. A step is ``grad_accum x N`` micro-batches, the processes
@@ -67,6 +69,7 @@ from kaggle_utils.models.packing import classifier_head, pack, packed_logits
 from kaggle_utils.parallel import Parallel
 from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.memory import CudaGauge, MemoryGauge, TokenBudget, probe_token_budget
 from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.scoring.predict import _is_oom
 
@@ -117,7 +120,9 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     warmup_fraction: float = 0.05
     # passes over the training rows (fractions allowed)
     epochs: float = 1.0
-    # padded tokens per micro-batch (rows x longest row): the memory knob
+    # padded tokens per micro-batch (rows x longest row): the memory knob. 0: measured once the model is loaded, by
+    # forwards and backwards of the longest training rows (the smallest budget of a launch's processes; 8192 on the
+    # CPU; not with packing or FSDP); a resumed run keeps its first budget. The resolved number is saved in the configs
     batch_tokens: int = 8192
     # most rows in one micro-batch
     max_rows: int = 16
@@ -163,10 +168,16 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
             raise ValueError(f"source_weights {bad}: weights must be numbers >= 0")
         if not 0 <= self.swap_fraction <= 1:
             raise ValueError(f"swap_fraction={self.swap_fraction} must be in [0, 1]")
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < self.max_length:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < 0 or 0 < self.batch_tokens < self.max_length:
             raise ValueError(
-                f"need epochs > 0, lr > 0 and batch_tokens >= max_length; got epochs={self.epochs}, "
-                f"lr={self.lr}, batch_tokens={self.batch_tokens}, max_length={self.max_length}"
+                f"need epochs > 0, lr > 0 and batch_tokens >= max_length (or 0: measured from free GPU memory); got "
+                f"epochs={self.epochs}, lr={self.lr}, batch_tokens={self.batch_tokens}, max_length={self.max_length}"
+            )
+        if self.packing and not self.batch_tokens:
+            # the probe measures padded micro-batches; a pack's memory at the same tokens is not measured
+            raise ValueError(
+                "batch_tokens=0 (measured from free GPU memory) is not available with packing=True: give batch_tokens "
+                "(e.g. the budget a run with packing=False measured, printed and saved in its train_config.json)"
             )
         if self.best_metric not in SELECTABLE:
             raise ValueError(f"best_metric={self.best_metric!r}; expected one of {sorted(SELECTABLE)}")
@@ -441,14 +452,16 @@ def setup(cfg: TrainConfig) -> Run:
     initialisation) on its own device, and its model is wrapped for data-parallel training (``run.wrapped``).
     """
     parallel = Parallel.from_env(cfg)
+    _refuse_measured_budget_under_fsdp(cfg, parallel)
     torch.manual_seed(cfg.seed)  # before the model is built: it draws the LoRA initialisation
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
     train_df, val_df = split(cfg)
     data = _encode(cfg, fmt, train_df)
-    # checked before the model loads, so a bad config fails fast
-    steps_per_epoch = _steps_per_epoch(cfg, data.lengths, parallel.world)
+    cfg = _resumed_batch_tokens(cfg, parallel)
+    if cfg.batch_tokens:  # checked before the model loads, so a bad config fails fast; 0 is measured after it
+        steps_per_epoch = _steps_per_epoch(cfg, data.lengths, parallel.world)
     _refuse_fsdp_resume(cfg, parallel)
 
     here = parallel.shard.device(cfg.device, torch.cuda.is_available())  # cuda:LOCAL_RANK
@@ -464,6 +477,9 @@ def setup(cfg: TrainConfig) -> Run:
     device = model_device(model)
     precision = Precision.choose(device, cfg.dtype)
     params = _trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
+    if not cfg.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
+        cfg = _measured_batch_tokens(cfg, model, data, tok.pad_token_id, device, precision, parallel)
+        steps_per_epoch = _steps_per_epoch(cfg, data.lengths, parallel.world)
     wrapped = parallel.wrap(model)
     if parallel.fsdp:  # fully_shard replaced every parameter by a sharded one (a DTensor): optimise those
         params = [p for p in model.parameters() if p.requires_grad]
@@ -518,6 +534,126 @@ def _refuse_fsdp_resume(cfg: TrainConfig, parallel: Parallel) -> None:
         )
     if parallel.fsdp and parallel.is_main and cfg.save_every:
         print(f"FSDP: no checkpoints are written (save_every={cfg.save_every} ignored); a stopped run starts over")
+
+
+# batch_tokens=0 where there is no GPU memory to measure (the CPU): the field's default
+FALLBACK_BATCH_TOKENS = 8192
+
+
+def _refuse_measured_budget_under_fsdp(cfg: TrainConfig, parallel: Parallel) -> None:
+    """Under FSDP every forward is a collective of every rank: a probe batch that runs out of memory on one rank
+    cannot be dropped there alone, so the budget is not measured."""
+    if parallel.fsdp and not cfg.batch_tokens:
+        raise ValueError(
+            "batch_tokens=0 (measured from free GPU memory) is not available under FSDP: give batch_tokens (e.g. "
+            "what a probe of this model on one GPU printed, divided by the processes if it had to be sharded)"
+        )
+
+
+def _resumed_batch_tokens(cfg: TrainConfig, parallel: Parallel) -> TrainConfig:
+    """``cfg`` with batch_tokens=0 resolved to the budget of the checkpoint it resumes, if any.
+
+    A new measurement could give another budget, hence other micro-batches: the checkpoint's step would then
+    point into another schedule. The checkpoint's own config (what ``load_checkpoint`` guards with) holds it.
+    """
+    path = cfg.out_dir / "checkpoint.pt"
+    if cfg.batch_tokens or not path.is_file():
+        return cfg
+    # mmap: only the config's bytes are read, not the adapter's and the optimiser's
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config", {})
+    tokens = saved.get("batch_tokens")
+    if not tokens:
+        raise RuntimeError(
+            f"{path} records no batch_tokens to resume with, and batch_tokens=0 would measure a new budget (another "
+            "schedule): pass the batch_tokens of the run that wrote it (its train_config.json), or use a new --out-dir"
+        )
+    if parallel.is_main:
+        print(f"batch_tokens=0: resuming with the budget {path} was trained with, {tokens:,} padded tokens")
+    return replace(cfg, batch_tokens=int(tokens))
+
+
+def _measured_batch_tokens(
+    cfg: TrainConfig, model, data: TrainRows, pad_id: int, device: torch.device, precision: Precision, par: Parallel
+) -> TrainConfig:
+    """``cfg`` with batch_tokens=0 replaced by the measured budget, the same on every process (their smallest)."""
+    log = print if par.is_main else (lambda line: None)  # the other processes probe alike; rank 0 speaks for them
+    budget = probe_batch_tokens(cfg, model, data, pad_id, device, precision, log=log)
+    tokens = par.min(budget.tokens)  # one schedule for every process: the budget of the tightest device
+    if par.is_main:
+        smallest = f" (the smallest of {par.world} processes')" if par.world > 1 else ""
+        print(
+            f"batch_tokens=0: {tokens:,} padded tokens per micro-batch{smallest}, from {budget.describe()}; "
+            f"saved in {cfg.out_dir / 'train_config.json'}"
+        )
+    return replace(cfg, batch_tokens=tokens)
+
+
+def probe_batch_tokens(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    data: TrainRows,
+    pad_id: int,
+    device: torch.device,
+    precision: Precision,
+    *,
+    gauge: MemoryGauge | None = None,
+    log=print,
+) -> TokenBudget:
+    """Padded tokens per micro-batch that fit a training forward and backward of ``model`` on ``device``.
+
+    :func:`~kaggle_utils.scoring.memory.probe_token_budget` on the longest training rows, each probe a real
+    micro-batch (the step's inputs, autocast and loss) and its backward: the activations kept for backward bound
+    training memory (far fewer with gradient checkpointing). The optimiser's state, two fp32 moments per trainable
+    weight allocated at the first step, is kept off the limit. The weights, their gradients, the train/eval mode
+    and the random state are left as they were. Without ``gauge`` a CUDA device is read by :class:`CudaGauge`;
+    elsewhere the budget is ``FALLBACK_BATCH_TOKENS``. Call it on the unwrapped model: a DDP backward would
+    synchronise processes that probe different batches.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    reserve = 2 * sum(p.numel() * p.element_size() for p in params)
+    unswapped = np.zeros(len(data), dtype=bool)  # (N,): memory is the same in either orientation
+
+    def fits(idx: np.ndarray) -> bool:
+        grads = [None if p.grad is None else p.grad.clone() for p in params]
+        try:
+            enc, _, hard, teacher, weight = _batch_inputs(cfg, data, pad_id, device, idx, unswapped)
+            with precision.context(device):
+                logits = model(**enc).logits  # (B, 2)
+            loss = preference_loss(
+                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+            )
+            loss.backward()  # unscaled: loss scaling changes the gradients' values, not their memory
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            return False  # the failed batch's activations are freed with this frame, before the gauge clears
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+
+    if gauge is None and device.type == "cuda":
+        gauge = CudaGauge(device)
+    was_training = model.training
+    model.train()  # dropout masks and checkpointing are kept as in training
+    forked = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=forked):  # the probe's dropout draws leave training's random stream
+            return probe_token_budget(
+                model,
+                data.tokens,
+                data.lengths,
+                pad_id,
+                device,
+                gauge=gauge,
+                max_rows=cfg.max_rows,
+                fallback=max(FALLBACK_BATCH_TOKENS, cfg.max_length),
+                log=log,
+                run_batch=fits,
+                reserve=reserve,
+            )
+    finally:
+        model.train(was_training)
 
 
 def load_checkpoint(run: Run) -> None:
@@ -587,13 +723,19 @@ def _micro_batch(
 
     A swapped row shows B first: its label flips and its teacher logits swap with it.
     """
-    d, dev = run.data, run.device
+    return _batch_inputs(run.cfg, run.data, run.tok.pad_token_id, run.device, idx, swapped)
+
+
+def _batch_inputs(
+    cfg: TrainConfig, d: TrainRows, pad_id: int, dev: torch.device, idx: np.ndarray, swapped: np.ndarray
+) -> tuple[dict, np.ndarray | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_micro_batch` before a :class:`Run` exists (the token budget's probe runs before it is built)."""
     rows = d.tokens.rows(idx, swapped[idx])
     ends = None
-    if run.cfg.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
+    if cfg.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
         enc, ends = pack(rows)
     else:  # input_ids, attention_mask: (B, T), T = the longest row
-        enc = pad(rows, run.tok.pad_token_id)
+        enc = pad(rows, pad_id)
     hard = np.where((d.hard[idx] >= 0) & swapped[idx], 1 - d.hard[idx], d.hard[idx])  # (B,), -1 stays -1
     teacher = np.where(swapped[idx, None], d.teacher[idx, ::-1], d.teacher[idx])  # (B, 2)
     return (
@@ -894,7 +1036,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     decisions that hang on a clock, writes every file and returns the result, the other ranks return None.
     """
     run = setup(cfg)
-    par = run.parallel
+    cfg, par = run.cfg, run.parallel  # run.cfg: batch_tokens=0 resolved to the measured budget
     deadline = Deadline(cfg.time_budget_minutes * 60)  # counts from here: encoding and model loading are not in it
     t_start, step_seconds, stopped_by_budget = time.monotonic(), 0.0, False
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not par.is_main)

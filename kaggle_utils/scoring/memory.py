@@ -183,6 +183,8 @@ def probe_token_budget(
     fallback: int = 16_384,
     probe_rows: int = 4,
     log: Callable[[str], None] = print,
+    run_batch: Callable[[np.ndarray], bool] | None = None,
+    reserve: int = 0,
 ) -> TokenBudget:
     """Padded tokens per batch that fit ``model`` on ``device``, measured on the longest of ``rows``.
 
@@ -202,12 +204,20 @@ def probe_token_budget(
 
     Without ``gauge`` a CUDA device is read by :class:`CudaGauge`; any other device returns ``fallback`` with
     the reason. The budget holds for rows up to the longest probed: probe with the longest rows to be scored.
+
+    ``run_batch(idx)`` runs rows ``idx`` as one batch and says whether it fitted (out of memory: False, its memory
+    freed); by default the engine's :func:`~kaggle_utils.scoring.predict.score_batch` of ``model`` on ``rows``.
+    Training passes a forward and backward of its own micro-batch (``rows`` is then only counted).
+    ``reserve`` bytes are taken off the limit for what no probed batch holds yet (training: the optimiser's state,
+    allocated at the first step).
     """
     if not 0 < headroom <= 1:
         raise ValueError(f"headroom={headroom} must be in (0, 1]")
     for name, value in (("max_rows", max_rows), ("ceiling", ceiling), ("fallback", fallback)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
+    if reserve < 0:
+        raise ValueError(f"reserve={reserve} must be >= 0")
     if probe_rows < 2:
         raise ValueError(f"probe_rows={probe_rows} must be at least 2 (one row alone is probed first anyway)")
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -222,6 +232,16 @@ def probe_token_budget(
     if len(rows) == 0:
         return TokenBudget(where, fallback, "fallback: no rows to probe with")
 
+    if run_batch is None:
+
+        def run_batch(idx: np.ndarray) -> bool:
+            stats: dict[str, int] = {}
+            # score_batch splits a batch that runs out of memory and counts the splits in ``stats``: any count
+            # means this batch, as a whole, did not fit. (Its other counters, rows with non-finite fp16 logits
+            # rescored alone in fp32, say nothing about the batch's fit; their fp32 peak only makes this one larger.)
+            score_batch(model, rows, idx, pad_id, device, stats)
+            return not (stats.get("oom_splits") or stats.get("oom_rows"))
+
     order = np.argsort(-lengths, kind="stable")
     longest = int(lengths[order[0]])
     budget = TokenBudget(where, fallback, "", longest=longest, headroom=headroom)
@@ -232,19 +252,14 @@ def probe_token_budget(
         return order[np.arange(n) % len(order)]
 
     def fits(idx: np.ndarray, what: str) -> bool:
-        """Forward ``idx`` through the engine's path (once per batch shape): did it fit as one batch?"""
+        """Run ``idx`` as one batch through ``run_batch`` (once per batch shape): did it fit?"""
         shape = (len(idx), int(lengths[idx].max()))
         if shape in fitted:
             return fitted[shape]
         padded = shape[0] * shape[1]
-        stats: dict[str, int] = {}
         gauge.reset_peak()
         t0 = time.monotonic()
-        # score_batch splits a batch that runs out of memory and counts the splits in ``stats``: any count
-        # means this batch, as a whole, did not fit. (Its other counters, rows with non-finite fp16 logits
-        # rescored alone in fp32, say nothing about the batch's fit; their fp32 peak only makes this one larger.)
-        score_batch(model, rows, idx, pad_id, device, stats)
-        ok, peak = not (stats.get("oom_splits") or stats.get("oom_rows")), gauge.peak()
+        ok, peak = run_batch(idx), gauge.peak()
         fitted[shape] = ok
         budget.probes.append((padded, peak, ok))
         head = f"{where}: {what}: {shape[0]} x {shape[1]:,} = {padded:,} padded tokens"
@@ -257,10 +272,12 @@ def probe_token_budget(
         return ok
 
     gauge.clear()
-    budget.limit, budget.static = gauge.limit(), gauge.allocated()
+    budget.limit, budget.static = gauge.limit() - reserve, gauge.allocated()
     allocator = ""
     if isinstance(gauge, CudaGauge):
         allocator = "; expandable segments" if expandable_segments() else "; fixed segments (fragmentation: headroom)"
+    if reserve:
+        allocator += f"; {reserve / GiB:.2f} GiB of the limit kept for the optimiser's state"
     log(
         f"{where}: {budget.limit / GiB:.2f} GiB limit, {budget.static / GiB:.2f} GiB held after load{allocator}; "
         f"probing with the longest rows ({longest:,} tokens)"
