@@ -26,41 +26,52 @@ from pathlib import Path
 
 import pandas as pd
 
+from kaggle_utils.config.cli import config_to_argv
+
 DDP_YAML = Path(__file__).resolve().parents[1] / "kaggle_utils/recipes/accelerate/ddp.yaml"
 
 
 def train_args(args, out_dir: Path) -> list[str]:
     """The train stage's flags, the same for every launch."""
-    settings = {
-        "model-path": args.work / args.shape,
-        "train-file": args.work / "prepared/train.parquet",
-        "out-dir": out_dir,
-        "max-length": args.max_length,
-        "batch-tokens": args.batch_tokens,
-        "max-rows": args.max_rows,
-        "packing": args.packing,
-        "gradient-checkpointing": args.checkpointing,
-        "lora-r": 16,
-        "time-budget-minutes": args.minutes,
-        "save-every": 0,
-        "val-fold": -1,
-        "seed": 0,
-    }
-    return [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    return config_to_argv(
+        {
+            "model_path": args.work / args.shape,
+            "train_file": args.work / "prepared/train.parquet",
+            "out_dir": out_dir,
+            "max_length": args.max_length,
+            "batch_tokens": args.batch_tokens,
+            "max_rows": args.max_rows,
+            "packing": args.packing,
+            "gradient_checkpointing": args.checkpointing,
+            "lora_r": 16,
+            "time_budget_minutes": args.minutes,
+            "save_every": 0,
+            "val_fold": -1,
+            "seed": 0,
+        }
+    )
+
+
+def stage_command(module: str, argv: list[str], gpus: int, config: Path | None = None) -> tuple[list[str], dict]:
+    """The command and environment that run stage ``module`` on GPU 0 (plain python), or on GPUs 0..gpus-1
+    through ``accelerate launch`` (with ``config``, else accelerate's multi-GPU defaults); multicast off."""
+    stage = ["-m", module, *argv]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"}
+    if gpus == 1:
+        return [sys.executable, *stage], {**env, "CUDA_VISIBLE_DEVICES": "0"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
+    cmd += (
+        ["--config_file", str(config)]
+        if config
+        else ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    )
+    return [*cmd, "--gpu_ids", ",".join(map(str, range(gpus))), *stage], env
 
 
 def launch(args, gpus: int) -> dict:
     """Train on ``gpus`` GPUs; the launch's tokens/s over the steps after the first."""
     out_dir = args.work / f"ddp-{gpus}"
-    stage = ["-m", "kaggle_utils.train", *train_args(args, out_dir)]
-    if gpus == 1:
-        cmd = [sys.executable, *stage]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML)]
-        cmd += ["--num_processes", str(gpus), "--gpu_ids", ",".join(map(str, range(gpus))), *stage]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"}
-    if gpus == 1:
-        env["CUDA_VISIBLE_DEVICES"] = "0"
+    cmd, env = stage_command("kaggle_utils.train", train_args(args, out_dir), gpus, DDP_YAML)
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
     hist = pd.read_csv(out_dir / "history.csv").iloc[1:]

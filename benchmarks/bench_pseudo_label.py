@@ -15,9 +15,7 @@ Ends with a ``pseudo-label:`` line. NCCL's NVLink multicast is kept off (``NCCL_
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,44 +23,32 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.bench_ddp import stage_command
 from benchmarks.bench_infer import SHAPES, build
+from kaggle_utils.config.cli import config_to_argv
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 
 
 def stage_args(args, out_file: Path) -> list[str]:
     """The pseudo-label stage's flags, the same for every launch."""
-    settings = {
-        "model-path": args.work / args.shape,
-        "adapter-dir": "",
-        "input-file": args.work / "data/unlabeled.parquet",
-        "out-file": out_file,
-        "max-length": args.max_length,
-        "batch-tokens": args.batch_tokens,
-        "chunk-rows": args.chunk_rows,
-        "tta": "true",
-    }
-    return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+    return config_to_argv(
+        {
+            "model_path": args.work / args.shape,
+            "adapter_dir": None,
+            "input_file": args.work / "data/unlabeled.parquet",
+            "out_file": out_file,
+            "max_length": args.max_length,
+            "batch_tokens": args.batch_tokens,
+            "chunk_rows": args.chunk_rows,
+            "tta": True,
+        }
+    )
 
 
 def launch(args, gpus: int) -> tuple[float, pd.DataFrame]:
     """Seconds from start to the assembled output on ``gpus`` GPUs, and the output."""
     out_file = args.work / f"pseudo-{gpus}gpu-{int(time.time())}.parquet"  # new parts: nothing is resumed
-    stage = ["-m", "kaggle_utils.pseudo_label", *stage_args(args, out_file)]
-    cmd = [sys.executable, *stage]
-    if gpus > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--multi_gpu"]
-        cmd += [
-            "--gpu_ids",
-            ",".join(map(str, range(gpus))),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            *stage,
-        ]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"}
-    if gpus == 1:
-        env["CUDA_VISIBLE_DEVICES"] = "0"
+    cmd, env = stage_command("kaggle_utils.pseudo_label", stage_args(args, out_file), gpus)
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)

@@ -616,7 +616,7 @@ def probe_batch_tokens(
     def fits(idx: np.ndarray) -> bool:
         grads = [None if p.grad is None else p.grad.clone() for p in params]
         try:
-            enc, _, hard, teacher, weight = _batch_inputs(cfg, data, pad_id, device, idx, unswapped)
+            enc, _, hard, teacher, weight = _micro_batch(cfg, data, pad_id, device, idx, unswapped)
             with precision.context(device):
                 logits = model(**enc).logits  # (B, 2)
             loss = preference_loss(
@@ -716,20 +716,13 @@ def save_checkpoint(run: Run) -> None:
 
 
 def _micro_batch(
-    run: Run, idx: np.ndarray, swapped: np.ndarray
+    cfg: TrainConfig, d: TrainRows, pad_id: int, dev: torch.device, idx: np.ndarray, swapped: np.ndarray
 ) -> tuple[dict, np.ndarray | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model inputs, packed rows' last positions (None: padded), human labels, teacher logits and row weights of
-    rows ``idx``, in this epoch's orientation.
+    rows ``idx``, in this epoch's orientation (the token budget's probe calls it before a :class:`Run` exists).
 
     A swapped row shows B first: its label flips and its teacher logits swap with it.
     """
-    return _batch_inputs(run.cfg, run.data, run.tok.pad_token_id, run.device, idx, swapped)
-
-
-def _batch_inputs(
-    cfg: TrainConfig, d: TrainRows, pad_id: int, dev: torch.device, idx: np.ndarray, swapped: np.ndarray
-) -> tuple[dict, np.ndarray | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_micro_batch` before a :class:`Run` exists (the token budget's probe runs before it is built)."""
     rows = d.tokens.rows(idx, swapped[idx])
     ends = None
     if cfg.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
@@ -771,7 +764,7 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
     processes only where ``sync`` (the process's last micro-batch of the step).
     """
     cfg, par = run.cfg, run.parallel
-    enc, ends, hard, teacher, weight = _micro_batch(run, idx, swapped)
+    enc, ends, hard, teacher, weight = _micro_batch(cfg, run.data, run.tok.pad_token_id, run.device, idx, swapped)
     width = enc["input_ids"].shape[1]
     shape = f"{len(idx)} packed row(s), {width} tokens" if cfg.packing else f"{len(idx)} row(s) x {width} tokens"
     # what a backward that dies half-way (having added part of its gradient) is rolled back to

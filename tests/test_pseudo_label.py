@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from kaggle_utils import pseudo_label as pl_module
-from kaggle_utils.config.cli import config_to_dict
+from kaggle_utils.config.cli import config_to_argv, config_to_dict
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
@@ -300,14 +300,6 @@ def test_rank_zero_waits_for_the_others_and_names_what_is_missing(labelled, tmp_
         _run(cfg2, Shard(rank=0, world=2))
 
 
-def _flags(cfg: PseudoLabelConfig) -> list[str]:
-    flags = []
-    for key, value in config_to_dict(cfg).items():
-        text = json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
-        flags += ["--" + key.replace("_", "-"), text]
-    return flags
-
-
 def test_two_launched_ranks_give_the_single_process_output(labelled, tmp_path: Path) -> None:
     """What ``accelerate launch --num_processes 2`` / ``torchrun`` start: RANK / WORLD_SIZE / LOCAL_RANK set."""
     cfg, out = labelled
@@ -316,7 +308,7 @@ def test_two_launched_ranks_give_the_single_process_output(labelled, tmp_path: P
     cfg2 = _variant(
         cfg, input_file=tmp_path / "pool.parquet", out_file=tmp_path / "pseudo.parquet", chunk_rows=10, wait_minutes=5
     )
-    cmd = [sys.executable, "-m", "kaggle_utils.pseudo_label", *_flags(cfg2)]
+    cmd = [sys.executable, "-m", "kaggle_utils.pseudo_label", *config_to_argv(config_to_dict(cfg2))]
     env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(cmd, env={**env, "RANK": r, "LOCAL_RANK": r}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

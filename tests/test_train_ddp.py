@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kaggle_utils.config.cli import config_to_argv
 from kaggle_utils.train import TrainConfig, train
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -38,10 +39,6 @@ SETTINGS = dict(
 )
 
 
-def _flags(values: dict) -> list[str]:
-    return [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
 @pytest.fixture(scope="module")
 def runs(prepared, qwen_path, tmp_path_factory):
     """The same global batches: 1 process at grad_accum=2, and 2 processes at grad_accum=1 launched the way the
@@ -55,7 +52,7 @@ def runs(prepared, qwen_path, tmp_path_factory):
         one = train(single)
     launch = [str(ACCELERATE), "launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2"]
     launch += ["--main_process_port", "29517"]
-    cmd = [*launch, "-m", "kaggle_utils.train", *_flags(dict(common, out_dir=root / "ddp", grad_accum=1))]
+    cmd = [*launch, "-m", "kaggle_utils.train", *config_to_argv(dict(common, out_dir=root / "ddp", grad_accum=1))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kaggle_utils.config.cli import config_to_argv
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.parallel import Parallel, check_fsdp_dtypes
 from kaggle_utils.train import TrainConfig, train
@@ -54,10 +55,6 @@ def _lopsided_file(prepared, tokenizer, path: Path) -> None:
     pd.concat([df[df["fold"] != 0].iloc[:140], val]).to_parquet(path, index=False)
 
 
-def _flags(values: dict) -> list[str]:
-    return [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
 def _launch(config: Path, args: list[str], port: int) -> subprocess.CompletedProcess:
     cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2"]
     cmd += ["--main_process_port", str(port), "-m", "kaggle_utils.train", *args]
@@ -74,7 +71,7 @@ def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
     single = TrainConfig(**common, out_dir=root / "single", grad_accum=2)
     with contextlib.redirect_stdout(io.StringIO()):
         one = train(single)
-    done = _launch(FSDP_CONFIG, _flags(dict(common, out_dir=root / "fsdp", grad_accum=1)), 29527)
+    done = _launch(FSDP_CONFIG, config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1)), 29527)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return single, one, root / "fsdp", done, common
 
@@ -121,7 +118,7 @@ def test_no_checkpoint_is_written_and_an_existing_one_is_refused(runs, tmp_path)
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((single.out_dir / "checkpoint.pt").read_bytes())
-    done = _launch(FSDP_CONFIG, _flags(dict(common, out_dir=out, grad_accum=1)), 29529)
+    done = _launch(FSDP_CONFIG, config_to_argv(dict(common, out_dir=out, grad_accum=1)), 29529)
     assert done.returncode != 0
     assert "resuming a checkpoint under FSDP is not supported: use a new --out-dir" in done.stderr
 

@@ -163,6 +163,22 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: convert(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
+def config_to_argv(values: Mapping[str, Any]) -> list[str]:
+    """The ``--flag value`` arguments that :func:`parse_config` reads back as ``values`` (field name -> value):
+    booleans as true/false, None as "", lists and dicts as JSON. For launching a stage in another process."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if value is None:
+            return ""
+        if isinstance(value, (list, tuple, dict)):
+            return json.dumps(value)
+        return str(value)
+
+    return [x for key, value in values.items() for x in ("--" + key.replace("_", "-"), text(value))]
+
+
 def save_config(cfg: Any, path: Path) -> Path:
     """Write the resolved config as JSON beside the artifact it produced."""
     path.parent.mkdir(parents=True, exist_ok=True)

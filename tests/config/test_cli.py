@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from kaggle_utils import train as train_module
-from kaggle_utils.config.cli import build_parser, config_to_dict, field_docs, parse_config, save_config
+from kaggle_utils.config.cli import (
+    build_parser,
+    config_to_argv,
+    config_to_dict,
+    field_docs,
+    parse_config,
+    save_config,
+)
 from kaggle_utils.data.demo import DemoDataConfig
 from kaggle_utils.infer import InferConfig
 from kaggle_utils.models.demo import DemoModelsConfig
@@ -168,3 +175,20 @@ def test_save_config_round_trips_none_and_unicode(tmp_path: Path) -> None:
     loaded = json.loads(path.read_text(encoding="utf-8"))
     assert loaded["primary_adapter"] is None and loaded["labels_file"] is None
     assert InferConfig(**loaded) == cfg
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_config_to_argv_parses_back_to_the_same_config(cls: type) -> None:
+    """Every field of every stage's config, written as flags, is read back unchanged (what a launcher relies on)."""
+    cfg = cls()
+    assert parse_config(cls, config_to_argv(config_to_dict(cfg))) == cfg
+
+
+def test_config_to_argv_writes_each_kind_of_value() -> None:
+    values = {"packing": True, "init_adapter": None, "extra_files": ["a.parquet"], "source_weights": {"x": 0.5}}
+    assert config_to_argv(values) == [
+        "--packing", "true", "--init-adapter", "", "--extra-files", '["a.parquet"]', "--source-weights", '{"x": 0.5}',
+    ]  # fmt: skip
+    cfg = parse_config(TrainConfig, config_to_argv(values))
+    assert cfg.packing is True and cfg.init_adapter is None
+    assert cfg.extra_files == ["a.parquet"] and cfg.source_weights == {"x": 0.5}
