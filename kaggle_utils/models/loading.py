@@ -166,6 +166,26 @@ def split_max_memory(spec: str, reserve_gib: float) -> dict:
     return memory
 
 
+def portable_cpu_4bit(model) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` on its portable CPU path; returns how many were set.
+
+    Why: on a CPU with AVX512-BF16 (AMD Zen 4/5, Intel Sapphire Rapids and later), bitsandbytes 0.50's
+    ``Linear4bit.forward`` repacks the nf4 weights *in place* into a CPU-only layout the first time it runs in eval
+    mode on an input that needs no gradient, and from then on multiplies in bf16 (``gemv_4bit``). Two things break:
+    a model evaluated once (validation during training, a teacher scoring) fails its next training step
+    (``result += bias`` on a leaf that requires grad, in ``matmul_4bit``), and no-grad logits move by ~2e-3 from
+    ``x @ dequant(W).T``, so results would depend on the CPU's instruction set. With the flag off every CPU
+    dequantises and multiplies in the compute dtype, as one without the instruction set does. On a GPU the flag is
+    never read (the repack is for CPU inputs only).
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_classifier(
     cfg: ModelConfig,
     pad_token_id: int,
@@ -214,6 +234,8 @@ def load_classifier(
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
         if not (cfg.load_in_4bit or split):
             model.to(device)
+    if cfg.load_in_4bit:
+        portable_cpu_4bit(model)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
 

@@ -97,6 +97,33 @@ def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit,
     np.testing.assert_allclose(p_tuned, saved[["p_a", "p_b"]].to_numpy(), atol=1e-4)
 
 
+def test_training_after_evaluation_works_whatever_the_cpu(qwen_path, tokenizer, monkeypatch) -> None:
+    """A 4-bit model trains after a no-grad evaluation, and no-grad logits are the ones training sees.
+
+    bitsandbytes is made to believe the CPU has AVX512-BF16 (as Zen 4 / Sapphire Rapids do), so that its in-place
+    repack for a bf16 CPU kernel would run on this machine too: the loader must turn that path off.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = load_classifier(
+        ModelConfig(model_path=qwen_path, load_in_4bit=True),
+        tokenizer.pad_token_id,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+    )
+    flags = [m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert len(flags) == 14 and not any(flags)
+    ids = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.sum().backward()
+    graded = model(input_ids=ids).logits.detach()  # the training path: dequantise, then matmul in fp32
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    torch.testing.assert_close(evaluated, graded, rtol=0, atol=1e-5)
+    model.train()
+    model(input_ids=ids).logits.sum().backward()  # raised "a view of a leaf Variable ..." with the repack
+
+
 def test_missing_model_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_classifier(ModelConfig(model_path=tmp_path), pad_token_id=0)
