@@ -6,6 +6,7 @@ One loader for every stage and every size: a tiny demo model and Qwen2.5-14B tak
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,20 @@ class LoraSettings:
 
 
 def load_tokenizer(model_path: Path):
+    """The folder's tokenizer, with a pad token. One object per folder and process while its files are unchanged:
+    transformers parses tokenizer.json in Python (1.3 s for Qwen2.5's on a laptop core), and a notebook or a test
+    session runs several stages on one base. Stages only read it; do not modify the object returned."""
+    folder = Path(model_path).resolve()
+    files = sorted(p for p in folder.glob("*") if p.is_file() and not p.match("*.safetensors"))
+    return _load_tokenizer(folder, tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: Path, _files: tuple):
     from transformers import AutoTokenizer
 
     # local_files_only: a missing folder is an error here, never a 50-second attempt to reach the hub offline
-    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tok.pad_token_id is None:
         # decoder models often ship without a pad token; the classifier needs one to find the last real token
         tok.pad_token = tok.eos_token

@@ -134,6 +134,22 @@ def test_tokenizer_has_a_pad_token(qwen_path) -> None:
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 151643
 
 
+def test_a_tokenizer_is_parsed_once_per_folder_until_its_files_change(qwen_path, tmp_path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen_path / name, folder / name)
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first and load_tokenizer(tmp_path / "." / "tok") is first
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 77}))
+    changed = load_tokenizer(folder)
+    assert changed is not first and changed.model_max_length == 77
+
+
 def test_devices() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("cuda:1") == torch.device("cuda:1")
