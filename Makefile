@@ -6,22 +6,23 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# the venv is rebuilt when pyproject.toml changes
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# the venv is rebuilt when pyproject.toml or constraints.txt changes
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 OUT ?= output/demo
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.py))
 
-.PHONY: help venv demo test lint notebooks clean
+.PHONY: help venv demo demo-run test test-fast lint notebooks clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: this is the CPU build; an unpinned torch would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,demo,notebooks,kaggle,api,dev]'
+	# every version as constraints.txt pins it (pyproject.toml has lower bounds only); torch first: its pin is the
+	# CPU build, and a torch resolved alongside the rest could pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,demo,notebooks,kaggle,api,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -34,6 +35,9 @@ notebooks: $(STAMP)  ## build build/notebooks/*.ipynb from the jupytext sources 
 	done
 
 demo: notebooks  ## run the notebooks on the synthetic demo data; outputs in $(OUT)
+	rc=0; $(MAKE) --no-print-directory demo-run || rc=$$?; $(MACHINE); exit $$rc
+
+demo-run: notebooks
 	rm -rf demo/work $(OUT)
 	mkdir -p $(OUT)
 	$(BIN)/python -m kaggle_utils.data.demo --out-dir demo/data
@@ -52,8 +56,16 @@ lint: $(STAMP)  ## ruff on the package, tests and notebook sources
 	$(BIN)/ruff check kaggle_utils tests benchmarks docs
 	$(BIN)/ruff format --check kaggle_utils tests benchmarks docs
 
-test: lint  ## lint, then the test suite
-	$(BIN)/python -m pytest
+# the suite's workers (pytest-xdist, one test file each at a time): the cores, at most 4
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+# the facts that decide a run's path, printed after it whether it passed or not (a failure can be read from the log)
+MACHINE := $(BIN)/python -m kaggle_utils.models.machine
+
+test: lint  ## lint, then the whole test suite (what CI runs)
+	rc=0; $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 || rc=$$?; $(MACHINE); exit $$rc
+
+test-fast: lint  ## lint, then the tests not marked slow (no training, stages, launches or make): the edit loop
+	rc=0; $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" || rc=$$?; $(MACHINE); exit $$rc
 
 clean:  ## remove generated files (keeps the venv)
 	rm -rf build demo output

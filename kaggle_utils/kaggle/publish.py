@@ -370,21 +370,41 @@ class WheelsTarget:
         return tags + [f"manylinux2014_{self.arch}"]
 
 
-def _pins(pyproject: Path, key: str) -> list[str]:
-    """The ``name==version`` strings of the list ``key = [...]`` in pyproject.toml, minus torch and friends."""
-    block = re.search(rf"^{key}\s*=\s*\[(.*?)\]", pyproject.read_text(), flags=re.S | re.M)
-    if not block:
+def requirement_names(pyproject: Path, key: str) -> list[str]:
+    """The package names of the list ``key`` in pyproject.toml: ``dependencies`` or an extra."""
+    from packaging.requirements import Requirement
+
+    from kaggle_utils.config.recipes import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = project["dependencies"] if key == "dependencies" else project.get("optional-dependencies", {}).get(key)
+    if reqs is None:
         raise MetadataError(f"{pyproject}: no list {key!r} (the project's dependencies or an extra)")
-    pins = re.findall(r'^\s*"([A-Za-z0-9_.-]+==[^"]+)"', block.group(1), flags=re.M)
-    return [p for p in pins if not NOT_SHIPPED.match(p.split("==")[0].lower())]
+    return [Requirement(r).name for r in reqs]
 
 
-def wheel_requirements(pyproject: Path = ROOT / "pyproject.toml", extra: str = "train") -> list[str]:
-    """What the notebooks install on Kaggle: the extra at its exact pins (the code needs those versions), then
-    the package's own dependencies by name only, so that pip installs them only where Kaggle's image lacks one
-    and leaves its numpy / pandas alone."""
-    names = [p.split("==")[0] for p in _pins(pyproject, "dependencies")]
-    return _pins(pyproject, extra) + names
+def constraint_pins(constraints: Path) -> dict[str, str]:
+    """``canonical name → name==version`` for every line of the constraints file (comments and blanks skipped)."""
+    from packaging.utils import canonicalize_name
+
+    lines = [line.split("#", 1)[0].strip() for line in constraints.read_text().splitlines()]
+    return {canonicalize_name(line.split("==")[0]): line for line in lines if "==" in line}
+
+
+def wheel_requirements(
+    pyproject: Path = ROOT / "pyproject.toml", extra: str = "train", constraints: Path = ROOT / "constraints.txt"
+) -> list[str]:
+    """What the notebooks install on Kaggle: the extra at the exact versions of ``constraints`` (the code ran with
+    those), then the package's own dependencies by name only, so that pip installs them only where Kaggle's image
+    lacks one and leaves its numpy / pandas alone. Torch and friends are the image's own."""
+    from packaging.utils import canonicalize_name
+
+    pins = constraint_pins(constraints)
+    shipped = [n for n in requirement_names(pyproject, extra) if not NOT_SHIPPED.match(canonicalize_name(n))]
+    unpinned = [n for n in shipped if canonicalize_name(n) not in pins]
+    if unpinned:
+        raise MetadataError(f"{constraints}: no exact version (name==version) for {unpinned}; add one")
+    return [pins[canonicalize_name(n)] for n in shipped] + requirement_names(pyproject, "dependencies")
 
 
 def dependency_closure(pins: Iterable[str]) -> list[str]:

@@ -46,7 +46,8 @@ def kaggle(creds, monkeypatch):
 def make() -> Callable[..., subprocess.CompletedProcess]:
     """``make(target, "VAR=value", ...)`` run in the repository as a user would; the venv is not rebuilt from inside a
     test (its stamp is marked up to date)."""
-    stamp = ".venv/.installed-" + hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    installed = b"".join((ROOT / name).read_bytes() for name in ("pyproject.toml", "constraints.txt"))
+    stamp = ".venv/.installed-" + hashlib.sha1(installed).hexdigest()[:12]
 
     def run(*args: str) -> subprocess.CompletedProcess:
         cmd = ["make", "--no-print-directory", "-o", stamp, *args]
