@@ -19,6 +19,9 @@ from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.predict import predict_proba
 
+# runs the inference stage: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 
 def _cfg(demo_files, out_dir: Path, **kw) -> InferConfig:
     params = dict(

@@ -22,6 +22,9 @@ from kaggle_utils.inputs.formatter import SNIP_MARKER
 from kaggle_utils.models.demo_encoder import DemoEncoderConfig, build_demo_encoder
 from kaggle_utils.models.loading import load_tokenizer
 
+# trains the encoder: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 # the columns the train stage writes to val_predictions.parquet (kaggle_utils/train.py, validate)
 VAL_COLUMNS = ["id", "p_a", "p_b", "winner"]
 

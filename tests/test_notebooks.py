@@ -55,6 +55,7 @@ def test_notebook_is_thin(path):
     assert "kaggle_utils" in source
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_runs_from_a_shell(stage):
     out = subprocess.run(

@@ -34,6 +34,9 @@ from kaggle_utils.scoring import predict as predict_module
 from kaggle_utils.scoring.predict import predict_logits, predict_proba
 from kaggle_utils.scoring.shards import Shard
 
+# runs the pseudo-label stage: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 NEW_COLUMNS = ["p_a", "p_b", "logit_a", "logit_b", "teacher", "label_key"]
 
 

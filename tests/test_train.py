@@ -24,6 +24,9 @@ from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.train import TrainConfig, train
 
+# every test here trains or steps the train stage: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 MAX_LENGTH = 256
 
 

@@ -20,6 +20,9 @@ from kaggle_utils.parallel import Parallel
 from kaggle_utils.scoring.memory import GiB, MiB
 from kaggle_utils.train import TrainConfig, probe_batch_tokens, train
 
+# every test here probes or runs the train stage: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 MAX_LENGTH = 256
 STATIC, PER_TOKEN = 1 * GiB, 1 * MiB
 

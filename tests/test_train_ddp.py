@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 from kaggle_utils.config.cli import config_to_argv
 from kaggle_utils.train import TrainConfig, train
 
+# launches processes: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 DDP_CONFIG = Path(__file__).resolve().parents[1] / "kaggle_utils" / "recipes" / "accelerate" / "ddp.yaml"
 

@@ -22,6 +22,9 @@ from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.parallel import Parallel, check_fsdp_dtypes
 from kaggle_utils.train import TrainConfig, train
 
+# launches processes: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "kaggle_utils" / "recipes" / "accelerate" / "fsdp.yaml"
 

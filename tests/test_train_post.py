@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from kaggle_utils.config import recipes
 from kaggle_utils.train import TrainConfig, _schedule, setup, split, train, train_step
 
+# trains: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 MAX_LENGTH = 256
 HEAD = "base_model.model.score.weight"
 

@@ -298,6 +298,7 @@ def test_a_torn_last_line_is_dropped_and_asked_again(server, tmp_path):
     assert set(store.load()) == {r.key for r in requests}
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_real_kill_loses_and_repeats_nothing_finished(server, tmp_path):
     """SIGKILL a run in another process mid-way; the rerun asks only what was not stored."""
     store_path = tmp_path / "r.jsonl"

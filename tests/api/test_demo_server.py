@@ -24,6 +24,9 @@ from kaggle_utils.config import recipes
 from kaggle_utils.data import schema
 from kaggle_utils.scoring import side_by_side
 
+# runs the judge and few-shot stages: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ENV = "KAGGLE_UTILS_DEMO_KEY"
 

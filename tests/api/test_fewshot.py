@@ -205,6 +205,7 @@ def test_the_cli_runs_a_recipe_and_writes_the_plot(server, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_module_runs_from_a_shell(server, tmp_path):
     cfg = config(server, tmp_path)
     args = ["--recipe", "fewshot-gpt-4o-mini", "--input-file", str(cfg.input_file), "--out-dir", str(cfg.out_dir)]

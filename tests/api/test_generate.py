@@ -218,6 +218,7 @@ def test_the_key_never_reaches_an_output_file_or_the_log(server, tmp_path, monke
 # --- command line and recipes --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_command_line_runs_the_stage(server, tmp_path):
     pool = write_pool(tmp_path / "pool.parquet", {"English": 5, "German": 5})
     out = tmp_path / "pairs.parquet"

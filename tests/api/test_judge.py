@@ -387,6 +387,7 @@ def test_the_cli_runs_each_action_from_a_recipe(server, service, tmp_path, capsy
         judge.main(["fly", *flags])
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_module_runs_from_a_shell(server, tmp_path):
     cfg = config(server, tmp_path)
     args = ["prepare", "--recipe", "judge-gpt-4o-mini", "--input-file", str(cfg.input_file)]

@@ -125,6 +125,7 @@ def run_cli(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_command_line_takes_a_recipe_and_flags_over_it():
     from kaggle_utils.config.cli import parse_config
 
@@ -170,6 +171,7 @@ def test_notebook_defaults_are_the_demo_profile(notebook):
     assert set(recipes.profile("kaggle").get(notebook, roles)) == set(roles)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_stage_runs_from_a_recipe_in_a_shell(demo_files, tmp_path):
     """`python -m kaggle_utils.prepare --recipe PATH` with a flag over it: the recipe's values reach the stage."""
     recipe = write(tmp_path, "three-folds", 'stage = "prepare"\nextends = "demo-prepare"\nn_folds = 3\n')

@@ -35,9 +35,6 @@ INFER_KERNEL = ROOT / "kernel-metadata" / "wsdm-arena-04-inference"
 OWNER = "testuser"
 # a fake key: it must never show up in anything the tools print
 FAKE_KEY = "not-a-real-key"
-# `make` must not rebuild the venv from inside a test: its stamp is marked up to date
-VENV_STAMP = ".venv/.installed-" + hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
-MAKE = ["make", "--no-print-directory", "-o", VENV_STAMP]
 
 
 def _load_render():
@@ -58,10 +55,6 @@ def built_notebooks(tmp_path_factory) -> Path:
     for path in NOTEBOOKS:
         jupytext.write(jupytext.read(path), out / f"{path.stem}.ipynb")
     return out
-
-
-def _make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MAKE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
@@ -162,8 +155,8 @@ def test_dataset_metadata_is_valid_and_staging_holds_only_the_package(tmp_path):
 # ------------------------------------------------------------------------------- end to end, real kaggle CLI
 
 
-def test_make_push_sends_every_kernel_as_defined(kaggle, models_dir):
-    proc = _make("push", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
+def test_make_push_sends_every_kernel_as_defined(kaggle, models_dir, make):
+    proc = make("push", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     saves = {r.body["slug"]: r.body for r in kaggle.calls("SaveKernel")}
     assert sorted(saves) == sorted(f"{OWNER}/{d.name}" for d in KERNEL_DIRS)
@@ -185,9 +178,9 @@ def test_make_push_sends_every_kernel_as_defined(kaggle, models_dir):
     assert FAKE_KEY not in proc.stdout + proc.stderr
 
 
-def test_a_push_error_in_the_response_fails_make_push(kaggle, models_dir):
+def test_a_push_error_in_the_response_fails_make_push(kaggle, models_dir, make):
     kaggle.replies["SaveKernel"] = {"error": "Notebook exceeds the session limit"}
-    proc = _make("push", "KERNEL=04_inference", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
+    proc = make("push", "KERNEL=04_inference", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
     assert proc.returncode != 0
     assert "Kernel push error: Notebook exceeds the session limit" in proc.stderr
     assert [r.body["slug"] for r in kaggle.calls("SaveKernel")] == [f"{OWNER}/wsdm-arena-04-inference"]
@@ -206,8 +199,8 @@ def test_push_stops_before_any_upload_when_one_kernel_is_invalid(kaggle, tmp_pat
     assert kaggle.requests == []
 
 
-def test_make_dataset_creates_then_versions_the_package_dataset(kaggle):
-    proc = _make("dataset", f"KAGGLE_USERNAME={OWNER}", "MESSAGE=first")
+def test_make_dataset_creates_then_versions_the_package_dataset(kaggle, make):
+    proc = make("dataset", f"KAGGLE_USERNAME={OWNER}", "MESSAGE=first")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the dataset did not exist (status 404): created, private, with one uploaded archive of the package
     (create,) = kaggle.calls("CreateDataset")
@@ -223,7 +216,7 @@ def test_make_dataset_creates_then_versions_the_package_dataset(kaggle):
 
     kaggle.requests.clear()
     kaggle.replies["GetDatasetStatus"] = {"status": "READY"}
-    proc = _make("dataset", f"KAGGLE_USERNAME={OWNER}", "MESSAGE=second")
+    proc = make("dataset", f"KAGGLE_USERNAME={OWNER}", "MESSAGE=second")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (version,) = kaggle.calls("CreateDatasetVersion")
     assert version.body["ownerSlug"] == OWNER and version.body["datasetSlug"] == "wsdm-arena-kaggle-utils"
@@ -255,13 +248,13 @@ def test_submit_and_status_name_the_kernel_and_version(kaggle, capsys):
 # --------------------------------------------------------------------------------------------------- credentials
 
 
-def test_missing_credentials_give_one_clear_message_and_no_request(kaggle, monkeypatch, capsys):
+def test_missing_credentials_give_one_clear_message_and_no_request(kaggle, monkeypatch, capsys, make):
     monkeypatch.delenv("KAGGLE_KEY")
     assert kc.main(["push", "--kernel", "04_inference"]) == 1
     err = capsys.readouterr().err
     assert "no Kaggle credentials found" in err and "KAGGLE_USERNAME and KAGGLE_KEY" in err and "kaggle.json" in err
     assert kaggle.requests == []
-    proc = _make("push", "KERNEL=04_inference")
+    proc = make("push", "KERNEL=04_inference")
     assert proc.returncode != 0 and "no Kaggle credentials found" in proc.stderr
 
 
@@ -383,6 +376,7 @@ def test_wheels_command_targets_kaggles_platform_with_the_package_pins(tmp_path,
     assert all(kc.WHEELS_PINS in _bootstrap_cell(p) for p in KAGGLE_NOTEBOOKS)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_help():
     out = subprocess.run(
         [sys.executable, "-m", "kaggle_utils.kaggle.publish", "--help"],

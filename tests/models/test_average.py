@@ -17,6 +17,9 @@ from kaggle_utils.models.average import AdapterMismatchError, AverageConfig, ave
 from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.scoring.predict import predict_proba
 
+# averages and scores trained adapters: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 HEAD = "base_model.model.score.weight"
 WEIGHTS = "adapter_model.safetensors"
 

@@ -29,6 +29,9 @@ from kaggle_utils.models.merge import (
     merge_naive,
 )
 
+# merges and scores trained adapters: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 # Observed on the tiny models (CPU, fp32): dequantised merge ~3e-6, naive merge ~0.1-0.5 (see the report).
 EXACT = 1e-4  # fp32 rounding of a sum taken in a different order
 CHECK_ROWS = 24

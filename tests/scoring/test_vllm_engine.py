@@ -44,6 +44,9 @@ from kaggle_utils.scoring.vllm_engine import (
     teacher_mode,
 )
 
+# runs the pseudo-label stage: make test runs these, make test-fast does not
+pytestmark = pytest.mark.slow
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # real vLLM on a CPU: its gpu_memory_utilization is the share of the machine's memory it reserves up front (0.9 of
 # 24 GiB is refused when other processes hold half of it); the tiny models need far less than 0.1
