@@ -53,7 +53,8 @@ def describe() -> dict[str, str]:
         "cpu": f"{platform.machine()}, flags: {' '.join(cpu_flags()) or 'none of ' + ' '.join(PATH_FLAGS)}",
         "torch cpu kernels": torch.backends.cpu.get_cpu_capability(),
     }
-    facts |= {name: _version(name) for name in PACKAGES}
+    # torch's own string says which build it is (+cpu, +cu130); the rest as installed
+    facts |= {name: torch.__version__ if name == "torch" else _version(name) for name in PACKAGES}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         major, minor = torch.cuda.get_device_capability(device)
