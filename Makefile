@@ -127,7 +127,7 @@ bench-data: $(STAMP)  ## time the data layer on PAIRS synthetic pairs (default 5
 	$(BIN)/python benchmarks/bench_data.py --pairs $(PAIRS)
 
 # ---- Inputs benchmark (benchmarks/bench_inputs.py) --------------------------------------------------------------
-# format + tokenise PAIRS synthetic pairs (FACTS §1 lengths) at max length 2500, then batching padding waste
+# format + tokenise PAIRS synthetic pairs (docs/facts.md §1 lengths) at max length 2500, then batching padding waste
 .PHONY: bench-inputs
 
 bench-inputs: $(STAMP)  ## time format + tokenise of PAIRS pairs and batching waste; ends with an `inputs:` line

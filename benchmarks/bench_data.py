@@ -1,10 +1,10 @@
 """Benchmark of the data layer at competition scale: normalise + filter + dedup + leakage + language + folds.
 
-Synthetic rows in the public formats (FACTS §2), in the mix a medal solution aggregated (~560K pairs):
+Synthetic rows in the public formats (docs/facts.md §2), in the mix a medal solution aggregated (~560K pairs):
 competition train, LMSYS arena-55k (JSON turn lists), chatbot_arena_conversations, DPO pairs as texts and
 as conversations, messages pairs with an A/B label; a holdout of 25K test prompts of which some are
 exact (case/space variants) or near (one edit) copies of training prompts; 2% swapped duplicate pairs.
-Lengths follow the competition's profile (FACTS §1): prompt ~ lognormal(ln 39, 1.93) tokens, response ~
+Lengths follow the competition's profile (docs/facts.md §1): prompt ~ lognormal(ln 39, 1.93) tokens, response ~
 lognormal(ln 452, 0.60) tokens, ~4 characters per token; languages ~55% English, 20% Russian, 15% Chinese,
 10% German. Generating the data is not timed.
 

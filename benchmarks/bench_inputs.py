@@ -2,7 +2,7 @@
 
     python benchmarks/bench_inputs.py --pairs 560000          # make bench-inputs PAIRS=560000
 
-Rows follow FACTS §1: prompt ~ lognormal(ln 39, 1.93) tokens, each response ~ lognormal(ln 452, 0.60) tokens,
+Rows follow docs/facts.md §1: prompt ~ lognormal(ln 39, 1.93) tokens, each response ~ lognormal(ln 452, 0.60) tokens,
 each capped at the max length. Text is made by joining random vocabulary entries of the real Qwen2.5
 tokenizer (entries that decode to whole characters), so a field of n sampled entries re-tokenises to about n
 tokens. Generation is timed apart from formatting: ``seconds`` in the last line is format + tokenise only
@@ -28,7 +28,7 @@ from kaggle_utils.inputs.batching import fixed_size_batches, padding_waste, toke
 from kaggle_utils.inputs.formatter import TEMPLATES, TRUNCATIONS, InputConfig, PromptFormatter
 from kaggle_utils.models.demo import build_qwen_tokenizer
 
-# FACTS §1: token-length profile of the competition's fields
+# docs/facts.md §1: token-length profile of the competition's fields
 PROMPT_MU, PROMPT_SIGMA = np.log(39), 1.93
 RESPONSE_MU, RESPONSE_SIGMA = np.log(452), 0.60
 
@@ -42,7 +42,8 @@ def vocab_pool(tokenizer) -> np.ndarray:
 
 
 def synthetic_pairs(rng: np.random.Generator, n: int, pool: np.ndarray, cap: int) -> pd.DataFrame:
-    """``n`` rows of prompt / response_a / response_b with the FACTS §1 lengths (in sampled vocabulary entries)."""
+    """``n`` rows of prompt / response_a / response_b with the docs/facts.md §1 lengths (in sampled vocabulary
+    entries)."""
     lengths = {
         "prompt": rng.lognormal(PROMPT_MU, PROMPT_SIGMA, n),
         "response_a": rng.lognormal(RESPONSE_MU, RESPONSE_SIGMA, n),

@@ -4,11 +4,11 @@
 
 The train stage held ``fmt.encode(df)`` and ``fmt.encode(schema.swap_ab(df))``: two ``list[list[int]]``. Here:
 
-1. **sample, real text** (``--sample`` rows of :func:`benchmarks.bench_inputs.synthetic_pairs`, FACTS §1 lengths,
-   real Qwen2.5 tokenizer): the old lists and ``PromptFormatter.encode_pairs`` are each measured in a fresh
+1. **sample, real text** (``--sample`` rows of :func:`benchmarks.bench_inputs.synthetic_pairs`, docs/facts.md §1
+   lengths, real Qwen2.5 tokenizer): the old lists and ``PromptFormatter.encode_pairs`` are each measured in a fresh
    process; the store's rows are checked equal to the lists in both orientations. The lists' bytes per token
    are extrapolated to ``--pairs`` rows (560K rows of lists would not fit in this machine's memory).
-2. **``--pairs`` rows, generated ids**: field lengths drawn from the same FACTS §1 profile, random ids in the
+2. **``--pairs`` rows, generated ids**: field lengths drawn from the same docs/facts.md §1 profile, random ids in the
    vocabulary, cut by the formatter's own allocation (``PromptFormatter.cut_fields``) and packed by the same
    ``PairTokensBuilder`` that ``encode_pairs`` uses, ``CHUNK_ROWS`` rows at a time. Tokenising 560K rows takes
    ~6-15 min on 2 cores and is not what is measured here (``bench_inputs.py`` times it).
@@ -106,7 +106,8 @@ def new_store_sample(fmt: PromptFormatter, df) -> dict:
 
 
 def field_lengths(rng: np.random.Generator, n: int, cap: int) -> np.ndarray:
-    """(n, 3) untruncated token counts of (prompt, a, b): the FACTS §1 profile as ``synthetic_pairs`` draws it."""
+    """(n, 3) untruncated token counts of (prompt, a, b): the docs/facts.md §1 profile as ``synthetic_pairs`` draws
+    it."""
     raw = np.stack(
         [
             rng.lognormal(PROMPT_MU, PROMPT_SIGMA, n),

@@ -16,12 +16,12 @@ Random weights do not overflow, so two tokens are made to, the two ways fp16 ove
 * ``embedding``: Gemma2 multiplies its embeddings by sqrt(3584) = 59.9 in the weights' dtype: a row of 2,000
   becomes 1.2e5, inf in fp16.
 
-Rows are random token ids with the competition's length profile (FACTS §1) capped at ``--max-len``; every 4th row
-gets the channel token, the next one the embedding token. The rows are scored by ``score_batch`` in token-budget
-batches (fp16, non-finite rows rescored alone in fp32 compute), then each rescored row is run again in the safe
-path and in the reference to compare logits. Prints one table: rows that overflowed (and any that overflowed on
-their own), rescored, left NaN, max |Δ logit| of the safe path against the reference and, as the baseline, of
-plain fp16 on the rows that did not overflow; seconds per row and peak memory of the fp16 pass and the safe path.
+Rows are random token ids with the competition's length profile (docs/facts.md §1) capped at ``--max-len``; every 4th
+row gets the channel token, the next one the embedding token. The rows are scored by ``score_batch`` in token-budget
+batches (fp16, non-finite rows rescored alone in fp32 compute), then each rescored row is run again in the safe path and
+in the reference to compare logits. Prints one table: rows that overflowed (and any that overflowed on their own),
+rescored, left NaN, max |Δ logit| of the safe path against the reference and, as the baseline, of plain fp16 on the rows
+that did not overflow; seconds per row and peak memory of the fp16 pass and the safe path.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class InferConfig(InputConfig):
     # padded tokens per batch (rows x longest row); 0: measured per model from the GPU's free memory on the longest
     # rows right after loading (scoring.memory), CPU_BATCH_TOKENS on a CPU
     batch_tokens: int = 0
-    # the most padded tokens a measured budget may reach (larger batches stop paying: FACTS §7)
+    # the most padded tokens a measured budget may reach (larger batches stop paying: docs/facts.md §7)
     max_batch_tokens: int = 32_768
     # most rows in one batch
     max_rows: int = 64
@@ -127,7 +127,7 @@ class InferConfig(InputConfig):
     rehearse: int = 0
     # the rehearsal's own time budget, minutes
     rehearse_minutes: float = 5.0
-    # rows of the test set the rehearsal projects (the hidden test set: ~25K rows, FACTS §1)
+    # rows of the test set the rehearsal projects (the hidden test set: ~25K rows, docs/facts.md §1)
     project_rows: int = 25_000
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@
 with the tokenizer's own pair template (``[CLS] prompt [SEP] response [SEP]`` for DeBERTa); each choice gets one
 logit and a softmax over the two gives P(A wins), P(B wins); the label is the winner's index. This is the seed's
 reference point for "small models are not enough": ``microsoft/mdeberta-v3-base`` reached CV ≈ 0.645 on the real
-data, where the top teams' 9-14B models scored 0.69-0.72 (FACTS §3).
+data, where the top teams' 9-14B models reached 0.705-0.716 (docs/facts.md §3).
 
 It uses the main models' data and folds (the prepared ``train.parquet`` and its ``fold`` column), their metrics
 (``scoring.metrics.evaluate``) and their ``val_predictions.parquet`` columns (id, p_a, p_b, winner), so its

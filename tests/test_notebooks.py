@@ -64,14 +64,47 @@ def test_every_stage_runs_from_a_shell(stage):
     assert out.startswith("usage:") and "--" in out
 
 
-def test_no_developer_paths_or_secrets_in_tracked_files():
+def tracked_texts() -> dict[str, str]:
+    """Every tracked file that is text (no NUL byte), by path relative to the root, as ``git ls-files`` lists them."""
     files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
-    bad = re.compile(r"(/work/main|/home/\w+|/root/|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|KAGGLE_KEY=\w{20,})")
-    hits = []
+    texts = {}
     for name in files:
         path = ROOT / name
-        this_file = path.resolve() == Path(__file__).resolve()
-        if path.suffix in {".py", ".md", ".json", ".toml", ".txt", ""} and path.is_file() and not this_file:
-            text = path.read_text(errors="ignore")
-            hits += [f"{name}: {m.group(0)}" for m in bad.finditer(text)]
+        if path.is_file() and b"\0" not in (data := path.read_bytes()):
+            texts[name] = data.decode("utf-8", errors="ignore")
+    return texts
+
+
+def test_no_developer_paths_or_secrets_in_tracked_files():
+    bad = re.compile(r"(/work/main|/home/\w+|/root/|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|KAGGLE_KEY=\w{20,})")
+    this_file = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    hits = [
+        f"{name}: {m.group(0)}"
+        for name, text in tracked_texts().items()
+        if name != this_file
+        for m in bad.finditer(text)
+    ]
     assert hits == []
+
+
+def test_no_citation_points_outside_the_repository():
+    """Facts are cited as ``docs/facts.md §N``, a section that exists there; never as the old notes outside the
+    repository, which a user cannot open."""
+    outside = "FACTS" + " §"  # split, so that this file does not cite it
+    facts = (ROOT / "docs" / "facts.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^## (\d+)\. ", facts, flags=re.M))
+    assert sections, "docs/facts.md has no numbered '## N. Title' sections"
+    texts = tracked_texts()
+    assert texts, "git ls-files listed no files"
+    hits, dangling = [], []
+    for name, text in texts.items():
+        hits += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}" for m in re.finditer(re.escape(outside), text)]
+        dangling += [
+            f"{name}: docs/facts.md §{m.group(1)}"
+            for m in re.finditer(r"docs/facts\.md §(\d+)", text)
+            if m.group(1) not in sections
+        ]
+    # docs/facts.md's own cross-references (§N) name its sections too
+    dangling += [f"docs/facts.md: §{n}" for n in re.findall(r"§(\d+)", facts) if n not in sections]
+    assert hits == [], f"cite docs/facts.md §N instead of {outside}N: {hits}"
+    assert dangling == [], f"references to sections docs/facts.md does not have: {dangling}"

@@ -671,7 +671,8 @@ def _write_jsonl(records: list[dict], path: Path) -> Path:
 def write_public_formats(
     out_dir: Path | str, n_rows: int = 80, seed: int = 0, length_scale: float = 0.12, test_file: Path | None = None
 ) -> dict[str, Path]:
-    """Small SYNTHETIC files in the public formats ``kaggle_utils.data.sources`` reads (FACTS §2), ``n_rows`` each.
+    """Small SYNTHETIC files in the public formats ``kaggle_utils.data.sources`` reads (docs/facts.md §2), ``n_rows``
+    each.
 
     Rows are drawn like train.parquet's (same signal, same languages) and written in each format:
     ``lmsys_55k.csv`` (JSON turn lists, one-hot winner), ``arena_conversations.jsonl`` ({role, content} lists,

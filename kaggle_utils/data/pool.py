@@ -75,7 +75,7 @@ OUTPUT_FILES = {"labelled": "extra_labelled.parquet", "unlabelled": "unlabelled.
 WRITE_BATCH = 10_000  # rows of a shard turned into pandas at a time while the outputs are written
 OTHER = "other"  # the language-balance bucket of every language not named in language_shares / language_caps
 
-# The competition's own language mix (FACTS §1, train counts / 48,439): the seed team prioritised the top five
+# The competition's own language mix (docs/facts.md §1, train counts / 48,439): the seed team prioritised the top five
 # languages, English first, and so does the default; every other language shares what is left.
 DEFAULT_LANGUAGE_SHARES: dict[str, float] = {
     "English": 0.52,

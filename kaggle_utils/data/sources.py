@@ -5,7 +5,7 @@ One function per format; each takes the raw frame (or use :func:`read` for a fil
 rows dropped per reason. Nothing is dropped silently and a tie is never read as a win.
 
 ========================  ===========================================================================
-format                    raw columns (FACTS §2)
+format                    raw columns (docs/facts.md §2)
 ========================  ===========================================================================
 ``competition``           ``id, prompt, response_a, response_b, winner, model_a, model_b, language``
 ``lmsys_55k``             ``id, model_a, model_b, prompt, response_a, response_b, winner_model_a,

@@ -12,7 +12,7 @@ what the CLI uploads, so they hold exactly one thing each:
 * the wheels dataset: ``build/wheels/`` = the wheels (the requirements below and all they depend on, minus
   torch) + ``kaggle_utils-wheels.txt`` (what the notebooks install, offline) + its ``dataset-metadata.json``.
 
-The CLI prints push errors and still exits 0 (FACTS §5), so its output is read: any known error line fails
+The CLI prints push errors and still exits 0 (docs/facts.md §5), so its output is read: any known error line fails
 the command here. Credentials are checked before any call and never printed.
 """
 

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter trained on a 4-bit nf4 base into dense weights, the way the adapter was learned.
 
 QLoRA learns the update ``ΔW = (lora_alpha / r) · B @ A`` against the weights its forward pass used,
-``dequantize(nf4(W))``, not against the original ``W`` (FACTS §4). So:
+``dequantize(nf4(W))``, not against the original ``W`` (docs/facts.md §4). So:
 
 * ``merge_dequantized`` (the right way) loads the base exactly as training did (``load_classifier``: nf4, double
   quantisation, the device's compute dtype, ``score`` left dense), dequantises every 4-bit linear weight, adds peft's

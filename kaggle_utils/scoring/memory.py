@@ -11,7 +11,7 @@ first minute rather than at hour 9; out of memory lowers it.
 
 Measured on an H200 capped at 15 GiB, fp16 nf4 at 2,500 tokens: 8,192-token batches peak at 8.8 GiB
 (Qwen2.5-14B) and 8.0 GiB (Gemma2-9B); Gemma2 at 16,384 tokens peaks at 12.8 GiB with sdpa and 16.8 GiB with
-eager attention, which does not fit a T4 (FACTS §7).
+eager attention, which does not fit a T4 (docs/facts.md §7).
 
 This probe on an H200 capped at 15 GiB (2026-11-29; random fp16 weights with Qwen2.5-14B / Gemma2-9B widths and
 4 layers, padded to 8 GiB held; 400 rows up to 2,500 tokens): the cost per token measured on 4 rows predicted
@@ -195,7 +195,7 @@ def probe_token_budget(
     2. ``min(probe_rows, max_rows)`` of the longest rows, when the first probe says they fit: activation bytes
        per padded token = (peak - static) / padded tokens;
     3. budget = (limit - static) x ``headroom`` / bytes per token, capped at ``ceiling`` (where larger batches
-       stop paying, not a memory figure: 16.7k tokens/s at 16,384, 16.9k at 32,768, FACTS §7) and at
+       stop paying, not a memory figure: 16.7k tokens/s at 16,384, 16.9k at 32,768, docs/facts.md §7) and at
        ``max_rows x longest`` (a batch never holds more rows), floored at one longest row;
     4. confirmation: the batches of ``rows`` under that budget that are heaviest in each way are run: the
        longest rows (the most bytes per token), and the batch with the most padded tokens (shorter rows packed

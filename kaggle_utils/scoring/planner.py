@@ -15,7 +15,7 @@ after every measured batch. Three parts:
   time never plans fewer rows of any pass). Batching is done once per pass (:meth:`PassWork.build`); a re-plan
   is a few vector operations over the batches left.
 * :func:`project_run` / :func:`rehearsal_report`: before a 12-hour submission, the hours the primary needs on
-  a synthetic test set (FACTS §1's length profile) and how many secondary / swap-TTA rows would fit.
+  a synthetic test set (docs/facts.md §1's length profile) and how many secondary / swap-TTA rows would fit.
 
 Times are wall seconds; with several devices (one model copy per T4, one shared queue of batches,
 :mod:`kaggle_utils.scoring.pool`) a pass of batches costing ``c_i`` device-seconds ends within
@@ -39,15 +39,16 @@ from kaggle_utils.scoring.predict import plan_batches
 # more than the primary's own swapped view, so it wins a tie.
 ROLES = ("primary", "secondary", "tta")
 
-# Kaggle stops a notebook at 12 hours; the winners capped inference at 690 minutes (FACTS §1).
+# Kaggle stops a notebook at 12 hours; the winners capped inference at 690 minutes (docs/facts.md §1).
 KAGGLE_BUDGET_SECONDS = 690 * 60
 
 # Per-T4 priors (one model copy per GPU) for the project's two models: tokens/s, attention ratio b/a, load seconds.
 # Gemma2-9B nf4: the public LMSYS notebook scored ~25k rows of ~1.2k tokens in ~4 h on two T4s, ~1.0k tokens/s per
-# T4. Qwen2.5-14B: that scaled by FLOP per token (18.5 / 29.4 G, FACTS §8), ~0.6k, which also matches the WSDM 3rd
-# place's vLLM 1.17k tokens/s over two T4s. b/a is attention's FLOP per token per unit of length over the weights':
-# 4 * layers * attention width / FLOP per token (Qwen 4*48*5120 / 29.4e9, Gemma 4*42*4096 / 18.5e9). Load seconds
-# are guesses (bf16 weights read from the input dataset and quantised, two copies): replace them with a measurement.
+# T4. Qwen2.5-14B: that scaled by FLOP per token (18.5 / 29.4 G, docs/facts.md §8), ~0.6k, which also matches the
+# WSDM 3rd place's vLLM 1.17k tokens/s over two T4s. b/a is attention's FLOP per token per unit of length over the
+# weights': 4 * layers * attention width / FLOP per token (Qwen 4*48*5120 / 29.4e9, Gemma 4*42*4096 / 18.5e9). Load
+# seconds are guesses (bf16 weights read from the input dataset and quantised, two copies): replace them with a
+# measurement.
 T4_PRIORS = {
     "qwen2.5-14b": (600.0, 3.3e-5, 600.0),
     "gemma2-9b": (1000.0, 3.7e-5, 400.0),
@@ -408,7 +409,7 @@ def _tail(work: PassWork, n: int, devices: int) -> float:
 
 
 def synthetic_lengths(n: int, max_length: int, seed: int = 0, template_tokens: int = 32) -> np.ndarray:
-    """Token lengths (n,) of synthetic test rows: FACTS §1's profile, prompt ~ lognormal(ln 39, 1.93) plus two
+    """Token lengths (n,) of synthetic test rows: docs/facts.md §1's profile, prompt ~ lognormal(ln 39, 1.93) plus two
     responses ~ lognormal(ln 452, 0.60) plus the template's tokens, capped at ``max_length`` (middle truncation)."""
     rng = np.random.default_rng(seed)
     prompt = rng.lognormal(np.log(39), 1.93, n)  # (n,)
@@ -425,7 +426,7 @@ _WORDS = (
 
 
 def synthetic_test(n: int, seed: int = 0, max_words: int = 12_000) -> pd.DataFrame:
-    """A test file of ``n`` rows (id, prompt, response_a, response_b) whose word counts follow FACTS §1's token
+    """A test file of ``n`` rows (id, prompt, response_a, response_b) whose word counts follow docs/facts.md §1's token
     profile (prompt ~ lognormal(ln 39, 1.93), responses ~ lognormal(ln 452, 0.60)), for rehearsing a run's speed:
     the texts mean nothing, only their lengths matter."""
     rng = np.random.default_rng(seed)

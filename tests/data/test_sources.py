@@ -1,6 +1,6 @@
 """kaggle_utils.data.sources: every public format into one schema, every dropped row counted, bad input named.
 
-The fixtures are small frames written from the formats as documented (FACTS §2): the competition train
+The fixtures are small frames written from the formats as documented (docs/facts.md §2): the competition train
 file, LMSYS arena-55k (JSON turn lists, null turns, one-hot winner), chatbot_arena_conversations
 ({role, content} lists, two kinds of tie), chosen/rejected DPO pairs, messages pairs labelled A/B and an
 unlabelled pool.

@@ -1,5 +1,5 @@
 """Fixtures shared by the Kaggle tests: fake credentials in a HOME of their own, and the loopback fake Kaggle that the
-real ``kaggle`` CLI reaches through ``HTTP_PROXY`` (FACTS §5: ``KAGGLE_API_ENVIRONMENT=LOCALHOST``)."""
+real ``kaggle`` CLI reaches through ``HTTP_PROXY`` (docs/facts.md §5: ``KAGGLE_API_ENVIRONMENT=LOCALHOST``)."""
 
 from __future__ import annotations
 
