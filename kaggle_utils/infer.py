@@ -57,6 +57,7 @@ from kaggle_utils.scoring.placement import choose_placement, device_limits, weig
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
 from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
+from kaggle_utils.store import write_atomic
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
@@ -579,9 +580,7 @@ class Cascade:
         if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
             pred = self.uncalibrated()
         write_submission(pred, self.test, self.cfg.out_dir / "submission.csv")
-        tmp = self.cfg.out_dir / "predictions.parquet.tmp"
-        pred.to_parquet(tmp, index=False)
-        tmp.replace(self.cfg.out_dir / "predictions.parquet")
+        write_atomic(self.cfg.out_dir / "predictions.parquet", lambda tmp: pred.to_parquet(tmp, index=False))
         return pred
 
     def uncalibrated(self) -> pd.DataFrame:
@@ -723,10 +722,8 @@ def write_submission(pred: pd.DataFrame, test: pd.DataFrame, path: Path) -> Path
         raise RuntimeError("predictions do not cover every test row exactly once, in order; not writing a submission")
     if not sub["winner"].isin(schema.WINNERS).all():
         raise RuntimeError("a prediction is not model_a/model_b; not writing a submission")
-    tmp = path.with_name(path.name + ".tmp")
-    sub.to_csv(tmp, index=False)
-    tmp.replace(path)  # a kill mid-write leaves the previous complete submission, never a truncated one
-    return path
+    # a kill mid-write leaves the previous complete submission, never a truncated one
+    return write_atomic(path, lambda tmp: sub.to_csv(tmp, index=False))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,7 +61,7 @@ from kaggle_utils.models.loading import (
 )
 from kaggle_utils.scoring.pool import pass_key
 from kaggle_utils.scoring.predict import predict_logits
-from kaggle_utils.scoring.shards import PartStore, Shard, rows_fingerprint
+from kaggle_utils.scoring.shards import PartStore, Shard
 from kaggle_utils.scoring.vllm_engine import (
     ANSWER_LOGPROBS,
     ENGINES,
@@ -70,6 +70,7 @@ from kaggle_utils.scoring.vllm_engine import (
     import_vllm,
     teacher_mode,
 )
+from kaggle_utils.store import rows_fingerprint
 
 LOGITS = ["logit_a", "logit_b"]
 # bump when the meaning of the stored logits changes: every earlier part becomes stale

@@ -72,6 +72,7 @@ from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.memory import CudaGauge, MemoryGauge, TokenBudget, probe_token_budget
 from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.scoring.predict import _is_oom
+from kaggle_utils.store import write_atomic
 
 
 @dataclass
@@ -710,9 +711,7 @@ def save_checkpoint(run: Run) -> None:
         "config": config_to_dict(run.cfg),
         "world": run.parallel.world,
     }
-    tmp = run.checkpoint_path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(run.checkpoint_path)  # atomic: a kill mid-save keeps the old checkpoint
+    write_atomic(run.checkpoint_path, lambda tmp: torch.save(state, tmp))  # a kill mid-save keeps the old one
 
 
 def _micro_batch(

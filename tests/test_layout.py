@@ -1,6 +1,6 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
-config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
+store → config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
 multiple_choice, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the OpenAI-compatible
 client and what calls it (generation, translation, judges).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
-LAYERS = ["config", "data", "inputs", "models", "api", "scoring", "stages", "kaggle"]
+LAYERS = ["store", "config", "data", "inputs", "models", "api", "scoring", "stages", "kaggle"]
 STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "parallel"}
 
 

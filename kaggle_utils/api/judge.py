@@ -66,6 +66,7 @@ from kaggle_utils.api.client import (
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import CHAT_SYSTEM, CHAT_USER, SNIP_MARKER
+from kaggle_utils.store import write_text_atomic
 
 # The formatter's judge instruction, plus the answer format the fine-tuned model is trained to give.
 JUDGE_SYSTEM = CHAT_SYSTEM + " Reply with one letter only: A or B."
@@ -446,10 +447,7 @@ class JobState:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)  # atomic: a kill leaves the old state or the new one, never half of one
+        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")  # the old state or the new one
 
 
 class FineTuneClient:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from kaggle_utils.store import write_atomic
 
 # Bump when the layout of an entry or the meaning of the key changes.
 FORMAT_VERSION = 1
@@ -38,19 +38,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def rows_fingerprint(df: pd.DataFrame, columns: tuple[str, ...]) -> str:
-    """Hash of the text of ``columns``, row by row and in order (row count included)."""
-    h = hashlib.sha256(str(len(df)).encode())
-    for col in columns:
-        h.update(col.encode())
-        for text in df[col].tolist():
-            b = text.encode("utf-8", "surrogatepass")
-            # length-prefixed so that ("ab", "c") and ("a", "bc") differ
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-    return h.hexdigest()
-
-
 def entry_path(cache_dir: Path | str, key: dict) -> Path:
     """Where the entry of ``key`` (a JSON-serialisable dict) lives."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -67,10 +54,7 @@ def save_rows(path: Path, rows: list[list[int]], key: dict) -> Path:
     flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
     column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
     table = pa.table({"input_ids": column}).replace_schema_metadata({KEY_METADATA: json.dumps(key).encode()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_rows(path: Path) -> list[list[int]]:

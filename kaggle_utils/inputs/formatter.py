@@ -51,6 +51,7 @@ import pandas as pd
 
 from kaggle_utils.data.schema import TEXT_COLUMNS
 from kaggle_utils.inputs import tokens
+from kaggle_utils.store import rows_fingerprint
 
 TEMPLATES = ("tagged", "chat", "plain")
 TRUNCATIONS = ("right", "head_tail", "proportional")
@@ -531,7 +532,7 @@ class PromptFormatter:
             "pieces": self.pieces,
             "snip": self.snip,
             "tokenizer": tokenize_cache.tokenizer_fingerprint(self.tokenizer),
-            "rows": tokenize_cache.rows_fingerprint(df, TEXT_COLUMNS),
+            "rows": rows_fingerprint(df, TEXT_COLUMNS),
         }
 
     def encode(self, df: pd.DataFrame) -> list[list[int]]:

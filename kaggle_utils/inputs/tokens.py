@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
+
+from kaggle_utils.store import write_atomic
 
 # Bump when the files of a saved store or their meaning change.
 FORMAT_VERSION = 1
@@ -116,18 +116,15 @@ class PairTokens:
 
         Written into a temporary sibling folder and renamed, so a crash never leaves a half-written store.
         """
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in _ARRAYS:
-            np.save(tmp / f"{name}.npy", getattr(self, name))
         meta = {"version": FORMAT_VERSION, "rows": len(self), "prefix": self.prefix, "pieces": self.pieces}
-        (tmp / "template.json").write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return folder
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir(parents=True)
+            for name in _ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(self, name))
+            (tmp / "template.json").write_text(json.dumps(meta))
+
+        return write_atomic(folder, write)
 
     @classmethod
     def load(cls, folder: Path | str, mmap: bool = True) -> PairTokens:

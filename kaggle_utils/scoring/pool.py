@@ -31,6 +31,7 @@ from kaggle_utils.models.loading import model_device
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.planner import CostModel
 from kaggle_utils.scoring.predict import score_batch
+from kaggle_utils.store import write_atomic
 
 
 @dataclass
@@ -90,9 +91,9 @@ class Parts:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         number = len(list(self.folder.glob("part-*.parquet")))
-        tmp = self.folder / f"part-{number:05d}.tmp"
-        pd.concat(self.pending, ignore_index=True).to_parquet(tmp, index=False)
-        tmp.replace(tmp.with_suffix(".parquet"))  # a part exists only once complete
+        rows = pd.concat(self.pending, ignore_index=True)
+        # a part exists only once complete
+        write_atomic(self.folder / f"part-{number:05d}.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
         self.pending, self.last_flush = [], time.monotonic()
 
 

@@ -13,7 +13,6 @@ the rerun (of any world size).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from kaggle_utils.store import write_atomic
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,6 @@ class Shard:
         return requested
 
 
-def rows_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
-    """Hash of ``columns`` row by row, in order (ids as their repr, texts as UTF-8, each length-prefixed)."""
-    h = hashlib.sha256(str(len(df)).encode())
-    for col in columns:
-        h.update(col.encode())
-        for value in df[col].tolist():
-            b = (value if isinstance(value, str) else repr(value)).encode("utf-8", "surrogatepass")
-            h.update(len(b).to_bytes(8, "little"))  # ("ab", "c") and ("a", "bc") differ
-            h.update(b)
-    return h.hexdigest()
-
-
 class PartStore:
     """Part files ``part-NNNNN-<key>.parquet`` in one folder; a part exists only once its file is complete."""
 
@@ -101,12 +90,8 @@ class PartStore:
         return sorted(p for p in self.folder.glob("part-*.parquet") if p.name not in current)
 
     def write(self, index: int, part: pd.DataFrame) -> Path:
-        """Write part ``index`` atomically: a kill mid-write leaves a ``.tmp``, never a truncated part."""
-        path = self.path(index)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        part.to_parquet(tmp, index=False)
-        tmp.replace(path)
-        return path
+        """Write part ``index`` atomically: a kill mid-write never leaves a truncated part."""
+        return write_atomic(self.path(index), lambda tmp: part.to_parquet(tmp, index=False))
 
     def read(self, index: int) -> pd.DataFrame:
         return pd.read_parquet(self.path(index))

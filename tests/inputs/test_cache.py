@@ -68,11 +68,6 @@ def test_rows_and_tokenizer_change_the_key(tok, tmp_path) -> None:
     assert path != tokenize_cache.entry_path(tmp_path, fmt.cache_key(_frame(5, salt="!")))
     assert path != tokenize_cache.entry_path(tmp_path, fmt.cache_key(_frame(6)))
     assert path != tokenize_cache.entry_path(tmp_path, fmt.cache_key(_frame(5).iloc[::-1]))  # row order matters
-    # moving text across a column boundary is a different row set
-    a = pd.DataFrame({"prompt": ["ab"], "response_a": ["c"], "response_b": [""]})
-    b = pd.DataFrame({"prompt": ["a"], "response_a": ["bc"], "response_b": [""]})
-    cols = ("prompt", "response_a", "response_b")
-    assert tokenize_cache.rows_fingerprint(a, cols) != tokenize_cache.rows_fingerprint(b, cols)
     # a tokenizer with one more token is a different tokenizer
     from kaggle_utils.models.demo import build_qwen_tokenizer
 

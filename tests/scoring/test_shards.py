@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils.scoring.shards import PartStore, Shard, rows_fingerprint
+from kaggle_utils.scoring.shards import PartStore, Shard
 
 
 def test_shard_reads_what_accelerate_and_torchrun_export() -> None:
@@ -32,15 +32,6 @@ def test_each_rank_takes_its_own_gpu_unless_a_device_is_named() -> None:
     assert Shard(5, 8, 5).device("cuda:0", cuda_available=True) == "cuda:0"
     assert Shard(1, 2, 1).device("auto", cuda_available=False) == "auto"  # CPU rehearsal
     assert Shard().device("auto", cuda_available=True) == "auto"
-
-
-def test_rows_fingerprint_follows_ids_texts_and_order() -> None:
-    df = pd.DataFrame({"id": [1, 2], "prompt": ["ab", "c"]})
-    base = rows_fingerprint(df, ("id", "prompt"))
-    assert rows_fingerprint(df.copy(), ("id", "prompt")) == base
-    assert rows_fingerprint(df.assign(prompt=["a", "bc"]), ("id", "prompt")) != base
-    assert rows_fingerprint(df.assign(id=[1, 3]), ("id", "prompt")) != base
-    assert rows_fingerprint(df.iloc[::-1], ("id", "prompt")) != base
 
 
 def test_part_store_names_parts_by_key_and_reports_others_as_stale(tmp_path: Path) -> None:
