@@ -34,7 +34,7 @@ notebooks: $(STAMP)  ## build build/notebooks/*.ipynb from the jupytext sources 
 	  $(BIN)/jupytext --quiet --to ipynb --output build/notebooks/$$(basename $${nb%.py}).ipynb $$nb; \
 	done
 
-demo: notebooks  ## run the notebooks on the synthetic demo data; outputs in $(OUT)
+demo:  ## run the notebooks on the synthetic demo data; outputs in $(OUT)
 	rc=0; $(MAKE) --no-print-directory demo-run || rc=$$?; $(MACHINE); exit $$rc
 
 demo-run: notebooks
