@@ -23,12 +23,21 @@ def layer_of(module: str) -> str:
     return "stages" if first in STAGES else first
 
 
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
+
+
 def imported_modules(path: Path) -> list[str]:
+    """Every kaggle_utils module ``path`` imports, at the top or inside a function: ``from kaggle_utils.config
+    import recipes`` names ``kaggle_utils.config.recipes``, ``from kaggle_utils.config.cli import x`` the module."""
     tree = ast.parse(path.read_text())
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kaggle_utils"):
-            names += [f"{node.module}.{a.name}" if node.module == "kaggle_utils" else node.module for a in node.names]
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                names.append(sub if _is_module(sub) else node.module)
         elif isinstance(node, ast.Import):
             names += [a.name for a in node.names if a.name.startswith("kaggle_utils.")]
     return names
@@ -49,3 +58,26 @@ def test_imports_point_down_the_layers(path):
     mine = LAYERS.index(layer_of(module))
     upward = [m for m in imported_modules(path) if LAYERS.index(layer_of(m)) > mine]
     assert upward == [], f"{module} ({LAYERS[mine]}) imports from a higher layer: {upward}"
+
+
+def test_no_module_imports_itself_back_through_others():
+    """No import circle (a lazy import inside a function counts: it hides the circle, it does not remove it)."""
+    graph = {}
+    for path in MODULES:
+        module = "kaggle_utils." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        graph[module] = set(imported_modules(path))
+    circles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        for nxt in sorted(graph.get(module, ())):
+            if nxt in trail:
+                circles.append(" -> ".join(trail[trail.index(nxt) :] + [nxt]))
+            elif nxt not in done:
+                visit(nxt, trail + [nxt])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert circles == []

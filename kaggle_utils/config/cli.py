@@ -11,11 +11,13 @@ import dataclasses
 import inspect
 import json
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kaggle_utils.config import recipes
+from kaggle_utils.config.recipes import base_type
 
 C = TypeVar("C")
 
@@ -41,16 +43,6 @@ def field_docs(cls: type) -> dict[str, str]:
                 docs[m.group(1)] = " ".join(pending)
             pending = []
     return docs
-
-
-def base_type(tp: Any) -> Any:
-    """Strip ``Optional[...]`` / ``X | None`` down to ``X``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
 
 
 def _converter(tp: Any) -> Callable[[str], Any]:
@@ -131,8 +123,6 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
     When ``cls`` has a ``STAGE``, ``--recipe NAME|PATH`` fills the fields from a recipe first and the other flags
     override it; ``--help`` lists the stage's recipes.
     """
-    from kaggle_utils.config import recipes
-
     if not getattr(cls, "STAGE", None):
         return cls(**vars(build_parser(cls).parse_args(argv)))
     pre = argparse.ArgumentParser(add_help=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Kaggle and the test suite run 3.11+
     import tomli as tomllib
 
-from kaggle_utils.config.cli import base_type
+
+def base_type(tp: Any) -> Any:
+    """Strip ``Optional[...]`` / ``X | None`` down to ``X``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 PROFILES_FILE = RECIPES_DIR / "profiles.toml"
