@@ -41,3 +41,18 @@ def test_kaggle_wheels_refuse_an_extra_without_a_pin(tmp_path) -> None:
     constraints.write_text(pins.replace("\npeft==", "\n# peft=="))
     with pytest.raises(MetadataError, match=r"no exact version .*peft"):
         wheel_requirements(constraints=constraints)
+
+
+def test_every_data_file_of_the_package_is_shipped_in_its_wheel() -> None:
+    """Recipes, accelerate configs and the demo's word tables are read at run time: an installed wheel needs them."""
+    import fnmatch
+
+    package = ROOT / "kaggle_utils"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "kaggle_utils"
+    ]
+    data = [
+        p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
+    unshipped = [name for name in data if not any(fnmatch.fnmatch(name, pat) for pat in patterns)]
+    assert data and unshipped == []

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kaggle_utils.config.cli import parse_config
+from kaggle_utils.config.recipes import tomllib
 
 SYNTHETIC_METADATA: dict[bytes, bytes] = {b"synthetic": b"true", b"generator": b"kaggle_utils.data.demo"}
 
@@ -87,63 +88,12 @@ LANGUAGE_WEIGHTS: dict[str, float] = {
     "unknown": 0.02,
 }
 
-# The flaw markers: a flawed response opens with one of these (refusal, AI disclaimer, apology, filler).
-FLAW_MARKERS: dict[str, list[str]] = {
-    "English": [
-        "I'm sorry, but I cannot help with that.",
-        "As an AI language model, I cannot do that.",
-        "Unfortunately, I am unable to answer this.",
-        "Well, it depends, hard to say.",
-    ],
-    "Russian": [
-        "Извините, но я не могу помочь с этим.",
-        "Как языковая модель ИИ, я не могу этого сделать.",
-        "К сожалению, я не могу ответить на это.",
-        "Ну, это зависит, сложно сказать.",
-    ],
-    "Chinese": [
-        "抱歉，我无法帮助您。",
-        "作为一个AI语言模型，我不能这样做。",
-        "很遗憾，我无法回答这个问题。",
-        "嗯，这个不好说，看情况吧。",
-    ],
-    "Vietnamese": [
-        "Xin lỗi, tôi không thể giúp bạn việc này.",
-        "Là một mô hình AI, tôi không thể làm điều đó.",
-        "Rất tiếc, tôi không thể trả lời câu hỏi này.",
-        "Ừm, cái này còn tùy, khó nói lắm.",
-    ],
-    "German": [
-        "Es tut mir leid, aber dabei kann ich nicht helfen.",
-        "Als KI-Sprachmodell kann ich das nicht tun.",
-        "Leider kann ich diese Frage nicht beantworten.",
-        "Naja, das kommt darauf an, schwer zu sagen.",
-    ],
-    "Japanese": [
-        "申し訳ありませんが、お手伝いできません。",
-        "AI言語モデルとして、それはできません。",
-        "残念ながら、この質問にはお答えできません。",
-        "うーん、場合によりますね、何とも言えません。",
-    ],
-    "Korean": [
-        "죄송하지만 도와드릴 수 없습니다.",
-        "AI 언어 모델로서 그렇게 할 수 없습니다.",
-        "안타깝게도 이 질문에 답변할 수 없습니다.",
-        "음, 경우에 따라 다르니 말하기 어렵네요.",
-    ],
-    "Spanish": [
-        "Lo siento, pero no puedo ayudar con eso.",
-        "Como modelo de lenguaje de IA, no puedo hacer eso.",
-        "Lamentablemente, no puedo responder a esto.",
-        "Bueno, depende, es difícil de decir.",
-    ],
-    "French": [
-        "Je suis désolé, mais je ne peux pas vous aider.",
-        "En tant que modèle de langage IA, je ne peux pas faire cela.",
-        "Malheureusement, je ne peux pas répondre à cette question.",
-        "Bon, ça dépend, difficile à dire.",
-    ],
-}
+# The word tables (word banks, punctuation, openers, lead labels and flaw markers, per language) are data:
+# demo_words.toml beside this module.
+WORDS_FILE = Path(__file__).with_name("demo_words.toml")
+_WORDS: dict[str, dict] = tomllib.loads(WORDS_FILE.read_text(encoding="utf-8"))
+# a flawed response opens with one of these (refusal, AI disclaimer, apology, filler)
+FLAW_MARKERS: dict[str, list[str]] = {lang: list(table["flaws"]) for lang, table in _WORDS.items()}
 FLAW_MARKERS["unknown"] = list(FLAW_MARKERS["English"])
 
 EMOJI: tuple[str, ...] = ("🙂", "😊", "🚀", "✅", "📌", "💡", "🔥", "👍", "✨", "🎉")
@@ -215,143 +165,13 @@ def _w(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split("|") if w.strip())
 
 
-_LANGS: dict[str, _Lang] = {
-    "English": _Lang(
-        words=_w(
-            "time|data|model|example|simple|method|result|people|world|system|question|important|language|"
-            "water|city|history|energy|health|money|school|music|computer|network|travel|food|science|problem|"
-            "solution|future|market|design|project|family|nature|book|practice|quickly|better|different|"
-            "several|usually|because|process|value|idea|the|and|with|for|this"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=True,
-        questions=_w("How do I|What is|Why does|Can you explain|What are the differences between|Is it true that"),
-        instructions=_w("Explain|Write a short text about|Give me a list of|Summarize|Describe|Compare"),
-        labels=_w("Answer|Summary|Overview|Short answer"),
-    ),
-    "Russian": _Lang(
-        words=_w(
-            "время|данные|модель|пример|простой|метод|результат|люди|мир|система|вопрос|важный|язык|вода|"
-            "город|история|энергия|здоровье|деньги|школа|музыка|компьютер|сеть|путешествие|еда|наука|"
-            "проблема|решение|будущее|рынок|дизайн|проект|семья|природа|книга|практика|быстро|лучше|разный|"
-            "обычно|потому что|процесс|значение|идея|и|с|для|это"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=True,
-        questions=_w("Как|Что такое|Почему|Можешь объяснить|В чём разница между|Правда ли, что"),
-        instructions=_w("Объясни|Напиши короткий текст про|Дай список|Кратко перескажи|Опиши|Сравни"),
-        labels=_w("Ответ|Кратко|Обзор|Итог"),
-    ),
-    "Chinese": _Lang(
-        words=_w(
-            "时间|数据|模型|例如|简单的|方法|结果|人们|世界|系统|重要的|语言|水|城市|历史|能源|健康|金钱|"
-            "学校|音乐|电脑|网络|旅行|食物|科学|解决方案|未来|市场|设计|项目|家庭|自然|书|练习|很快|更好|"
-            "不同的|通常|因为|过程|价值|想法|我们可以|首先|然后|需要|可以|非常"
-        ),
-        sep="",
-        stop="。",
-        qmark="？",
-        caps=False,
-        questions=_w("如何|什么是|为什么|你能解释一下|有什么区别|是不是"),
-        instructions=_w("请解释|写一段关于|列出|总结一下|描述|比较"),
-        labels=_w("答案|总结|概述|简要回答"),
-    ),
-    "Vietnamese": _Lang(
-        words=_w(
-            "thời gian|dữ liệu|mô hình|ví dụ|đơn giản|phương pháp|kết quả|mọi người|thế giới|hệ thống|"
-            "quan trọng|ngôn ngữ|nước|thành phố|lịch sử|năng lượng|sức khỏe|tiền|trường học|âm nhạc|máy tính|"
-            "mạng|du lịch|đồ ăn|khoa học|vấn đề|giải pháp|tương lai|thị trường|thiết kế|dự án|gia đình|"
-            "thiên nhiên|sách|luyện tập|nhanh chóng|tốt hơn|khác nhau|thường|bởi vì|quá trình|giá trị|"
-            "ý tưởng|và|với|cho|của"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=True,
-        questions=_w("Làm thế nào để|Tại sao|Bạn có thể giải thích|Sự khác biệt giữa|Có đúng là|Cái gì là"),
-        instructions=_w("Hãy giải thích|Viết một đoạn văn ngắn về|Liệt kê|Tóm tắt|Mô tả|So sánh"),
-        labels=_w("Trả lời|Tóm tắt|Tổng quan|Câu trả lời ngắn"),
-    ),
-    "German": _Lang(
-        words=_w(
-            "Zeit|Daten|Modell|Beispiel|einfach|Methode|Ergebnis|Menschen|Welt|System|wichtig|Sprache|Wasser|"
-            "Stadt|Geschichte|Energie|Gesundheit|Geld|Schule|Musik|Computer|Netzwerk|Reise|Essen|Wissenschaft|"
-            "Problem|Lösung|Zukunft|Markt|Gestaltung|Projekt|Familie|Natur|Buch|Übung|schnell|besser|"
-            "verschieden|normalerweise|weil|Prozess|Größe|Idee|für|über|schön|Straße|Gemüse|und|mit"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=True,
-        questions=_w("Wie kann ich|Was ist|Warum|Kannst du erklären|Was ist der Unterschied zwischen|Stimmt es, dass"),
-        instructions=_w("Erkläre|Schreibe einen kurzen Text über|Gib mir eine Liste mit|Fasse zusammen|Beschreibe"),
-        labels=_w("Antwort|Zusammenfassung|Überblick|Kurze Antwort"),
-    ),
-    "Japanese": _Lang(
-        words=_w(
-            "時間|データ|モデル|例えば|簡単な|方法|結果|人々|世界|システム|重要な|言語|水|都市|歴史|エネルギー|"
-            "健康|お金|学校|音楽|コンピューター|ネットワーク|旅行|食べ物|科学|問題|解決策|未来|市場|デザイン|"
-            "プロジェクト|家族|自然|本|練習|すぐに|もっと良い|違う|普通は|なぜなら|過程|価値|アイデア|"
-            "について|そして|です|ます|の"
-        ),
-        sep="",
-        stop="。",
-        qmark="？",
-        caps=False,
-        questions=_w("どうやって|なぜ|教えてください、|違いは何ですか、|本当ですか、|何ですか、"),
-        instructions=_w("説明してください：|短い文章を書いてください：|リストを作ってください：|まとめてください："),
-        labels=_w("回答|まとめ|概要|簡単な答え"),
-    ),
-    "Korean": _Lang(
-        words=_w(
-            "시간|데이터|모델|예를 들어|간단한|방법|결과|사람들|세계|시스템|중요한|언어|물|도시|역사|에너지|"
-            "건강|돈|학교|음악|컴퓨터|네트워크|여행|음식|과학|문제|해결책|미래|시장|디자인|프로젝트|가족|"
-            "자연|책|연습|빠르게|더 좋은|다른|보통|왜냐하면|과정|가치|아이디어|그리고|입니다|위해"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=False,
-        questions=_w("어떻게|무엇이|왜|설명해 줄 수 있나요|차이점은 무엇인가요|사실인가요"),
-        instructions=_w("설명해 주세요:|다음에 대해 짧은 글을 써 주세요:|목록을 만들어 주세요:|요약해 주세요:"),
-        labels=_w("답변|요약|개요|짧은 답변"),
-    ),
-    "Spanish": _Lang(
-        words=_w(
-            "tiempo|datos|modelo|ejemplo|sencillo|método|resultado|personas|mundo|sistema|importante|idioma|"
-            "agua|ciudad|historia|energía|salud|dinero|escuela|música|ordenador|red|viaje|comida|ciencia|"
-            "problema|solución|futuro|mercado|diseño|proyecto|familia|naturaleza|libro|práctica|rápidamente|"
-            "mejor|diferente|normalmente|porque|proceso|valor|idea|también|niño|año|y|con|para"
-        ),
-        sep=" ",
-        stop=".",
-        qmark="?",
-        caps=True,
-        questions=_w("Cómo puedo|Qué es|Por qué|Puedes explicar|Cuál es la diferencia entre|Es cierto que"),
-        instructions=_w("Explica|Escribe un texto corto sobre|Dame una lista de|Resume|Describe|Compara"),
-        labels=_w("Respuesta|Resumen|Visión general|Respuesta corta"),
-        qopen="¿",
-    ),
-    "French": _Lang(
-        words=_w(
-            "temps|données|modèle|exemple|simple|méthode|résultat|personnes|monde|système|important|langue|"
-            "eau|ville|histoire|énergie|santé|argent|école|musique|ordinateur|réseau|voyage|nourriture|science|"
-            "problème|solution|avenir|marché|conception|projet|famille|nature|livre|pratique|rapidement|"
-            "meilleur|différent|généralement|parce que|processus|valeur|idée|très|déjà|être|et|avec|pour"
-        ),
-        sep=" ",
-        stop=".",
-        qmark=" ?",
-        caps=True,
-        questions=_w("Comment puis-je|Qu'est-ce que|Pourquoi|Peux-tu expliquer|Quelle est la différence entre"),
-        instructions=_w("Explique|Écris un court texte sur|Donne-moi une liste de|Résume|Décris|Compare"),
-        labels=_w("Réponse|Résumé|Aperçu|Réponse courte"),
-    ),
-}
+def _lang(table: dict) -> _Lang:
+    """One language's table of demo_words.toml: its |-joined lists split (the flaws go to FLAW_MARKERS)."""
+    lists = ("words", "questions", "instructions", "labels")
+    return _Lang(**{k: _w(v) if k in lists else v for k, v in table.items() if k != "flaws"})
+
+
+_LANGS: dict[str, _Lang] = {lang: _lang(table) for lang, table in _WORDS.items()}
 _LANGS["unknown"] = _LANGS["English"]
 
 _LANG_NAMES: tuple[str, ...] = tuple(LANGUAGE_WEIGHTS)
