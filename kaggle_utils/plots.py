@@ -150,7 +150,7 @@ def training_and_validation(history: pd.DataFrame, evals: pd.DataFrame, best_ste
 
 
 def side_by_side(table: pd.DataFrame, fewshot: pd.DataFrame | None = None, title: str = "Same held-out rows"):
-    """Every system's accuracy on the same rows (``scoring.side_by_side.compare``'s table), the share of its answers
+    """Every system's accuracy on the same rows (``side_by_side.compare``'s table), the share of its answers
     that were invalid beside it; with ``fewshot`` (the few-shot stage's table, one row per k), its row accuracy against
     k with the other systems (kind other than "few-shot judge") as horizontal lines.
 

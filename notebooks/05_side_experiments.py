@@ -62,10 +62,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-from kaggle_utils import multiple_choice, plots
+from kaggle_utils import multiple_choice, plots, side_by_side
 from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import env
-from kaggle_utils.scoring import side_by_side
 
 where = env.detect()
 systems = []  # side_by_side.Verdicts of every system that ran, for the table at the end

@@ -1,8 +1,9 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
 store → config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
-multiple_choice, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the OpenAI-compatible
-client and what calls it (generation, translation, judges).
+multiple_choice, side_by_side, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the
+OpenAI-compatible client and what calls it (generation, translation, judges); ``api`` and ``scoring`` do not import
+each other.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
 LAYERS = ["store", "config", "data", "inputs", "models", "api", "scoring", "stages", "kaggle"]
-STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "parallel"}
+STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "parallel", "side_by_side"}
 
 
 def layer_of(module: str) -> str:
@@ -81,3 +82,13 @@ def test_no_module_imports_itself_back_through_others():
         if module not in done:
             visit(module, [module])
     assert circles == []
+
+
+def test_api_and_scoring_are_siblings():
+    """The API stages and the batch engine do not import each other: what compares their results sits above both."""
+    crossing = []
+    for path in MODULES:
+        module = "kaggle_utils." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        other = {"api": "scoring", "scoring": "api"}.get(layer_of(module))
+        crossing += [f"{module} -> {m}" for m in imported_modules(path) if other and layer_of(m) == other]
+    assert crossing == []

@@ -16,13 +16,13 @@ import openai
 import pandas as pd
 import pytest
 
+from kaggle_utils import side_by_side
 from kaggle_utils.api import demo_server, fewshot, judge
 from kaggle_utils.api.demo_server import BASE_MODEL, DemoEndpoint, OpeningTable, opening, read_pair
 from kaggle_utils.api.fewshot import FewShotConfig
 from kaggle_utils.api.judge import JudgeConfig, judge_messages
 from kaggle_utils.config import recipes
 from kaggle_utils.data import schema
-from kaggle_utils.scoring import side_by_side
 
 # runs the judge and few-shot stages: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -211,7 +211,7 @@ def test_local_predictions_compare_without_the_openai_package(prepared, tmp_path
     probe = (
         "import sys; sys.modules['openai'] = None\n"  # any `import openai` now raises ImportError
         "import pandas as pd\n"
-        "from kaggle_utils.scoring import side_by_side as s\n"
+        "from kaggle_utils import side_by_side as s\n"
         f"t = s.compare([s.from_predictions('m', {str(path)!r})], s.heldout_rows({str(prepared['train'])!r}, 0))\n"
         "print(round(float(t['accuracy'][0]), 6), 'openai' in sys.modules and sys.modules['openai'] is not None)\n"
     )
