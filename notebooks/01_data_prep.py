@@ -22,26 +22,12 @@
 # Settings come from recipes (kaggle_utils/recipes/*.toml; `python -m kaggle_utils.prepare --help` lists them).
 # `make push` replaces this cell's values with the Kaggle profile's recipes (recipes/profiles.toml) and their
 # resolved fields, so what runs on Kaggle is what the recipe says. Overrides: field -> value over the recipe.
+# After this cell it adds the one that finds this package and its wheels on Kaggle (kaggle_utils/kaggle/bootstrap.py).
 prepare_recipe = "demo-prepare"
 prepare_overrides = {}
 # the extra labelled set and the unlabelled pool from the public sources (kaggle_utils.data.pool); "" skips it
 pool_recipe = "demo-pool"
 pool_overrides = {}
-
-# %%
-# On Kaggle the package comes from its dataset under /kaggle/input (found by search); locally it is installed.
-# The internet is off there: the pinned dependencies Kaggle's image lacks come from the wheels dataset
-# (`make wheels`); pip installs only what is missing or at another version. Locally this cell does nothing.
-import subprocess
-import sys
-from pathlib import Path
-
-kaggle_input = Path("/kaggle/input")
-if kaggle_input.is_dir() and not any((Path(p) / "kaggle_utils").is_dir() for p in sys.path):
-    sys.path += sorted(str(p.parent.parent) for p in kaggle_input.rglob("kaggle_utils/__init__.py"))[:1]
-for pins in sorted(kaggle_input.rglob("kaggle_utils-wheels.txt"))[:1]:
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(pins.parent)]
-    subprocess.run([*pip, "-r", str(pins)], check=True)
 
 # %%
 from dataclasses import replace

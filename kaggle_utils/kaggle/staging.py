@@ -3,7 +3,9 @@
 ``make push`` stages each notebook with a cell after its ``parameters`` cell (tagged ``injected-parameters``, as
 papermill does) that sets ``<role>_recipe`` and ``<role>_overrides`` to the recipe of the ``kaggle`` profile and
 every field it resolves to. The notebook then runs exactly what the recipe said at push time, whatever version of
-the package dataset it finds. Before anything is sent, staging refuses:
+the package dataset it finds. After it comes the bootstrap cell (tagged ``injected-bootstrap``): the text of
+``kaggle/bootstrap.py``, one source for every notebook, which finds the package and installs the wheels on Kaggle.
+Before anything is sent, staging refuses:
 
 * a recipe path ``/kaggle/input/<slug>/...`` that no source of the kernel attaches;
 * an inference recipe whose input settings (``max_length``, template, truncation, ...) differ from the training
@@ -33,6 +35,8 @@ INPUT_CONTRACT = ("max_length", "template", "truncation", "prompt_fraction", "he
 # the inference fields that name an adapter
 ADAPTER_FIELDS = ("primary_adapter", "secondary_adapter")
 INJECTED_TAG = "injected-parameters"
+BOOTSTRAP_TAG = "injected-bootstrap"
+BOOTSTRAP_FILE = Path(__file__).with_name("bootstrap.py")
 
 
 class StagingError(ValueError):
@@ -65,20 +69,25 @@ def parameters_source(roles: Mapping[str, str], resolved: Mapping[str, dict]) ->
     return "\n".join(lines) + "\n"
 
 
+def bootstrap_source() -> str:
+    """The bootstrap cell: the text of ``kaggle/bootstrap.py``."""
+    return BOOTSTRAP_FILE.read_text()
+
+
+def _cell(source: str, tag: str) -> dict:
+    return {"cell_type": "code", "execution_count": None, "metadata": {"tags": [tag]}, "outputs": [], "source": source}
+
+
 def inject(notebook: dict, source: str) -> dict:
-    """``notebook`` (nbformat JSON) with the injected cell after its ``parameters`` cell (replacing an old one)."""
-    cells = [c for c in notebook["cells"] if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
+    """``notebook`` (nbformat JSON) with the injected parameters ``source`` and then the bootstrap cell after its
+    ``parameters`` cell (replacing ones injected before)."""
+    injected = (INJECTED_TAG, BOOTSTRAP_TAG)
+    cells = [c for c in notebook["cells"] if not set(injected) & set(c.get("metadata", {}).get("tags", []))]
     where = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(where) != 1:
         raise StagingError(f"the notebook needs exactly one cell tagged 'parameters', found {len(where)}")
-    cell = {
-        "cell_type": "code",
-        "execution_count": None,
-        "metadata": {"tags": [INJECTED_TAG]},
-        "outputs": [],
-        "source": source,
-    }
-    return {**notebook, "cells": [*cells[: where[0] + 1], cell, *cells[where[0] + 1 :]]}
+    new = [_cell(source, INJECTED_TAG), _cell(bootstrap_source(), BOOTSTRAP_TAG)]
+    return {**notebook, "cells": [*cells[: where[0] + 1], *new, *cells[where[0] + 1 :]]}
 
 
 def attached_slugs(meta: Mapping) -> set[str]:

@@ -25,6 +25,7 @@ import pytest
 
 from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import publish as kc
+from kaggle_utils.kaggle import staging
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.py"))
@@ -274,12 +275,6 @@ def test_credentials_are_found_without_reading_them_out(creds, monkeypatch):
 # ---------------------------------------------------------------------------------- the notebooks' bootstrap
 
 
-def _bootstrap_cell(path: Path) -> str:
-    cells = [c.source for c in jupytext.read(path).cells if c.source.startswith("# On Kaggle the package comes")]
-    assert len(cells) == 1, f"{path}: expected one bootstrap cell"
-    return cells[0]
-
-
 def _tiny_wheel(folder: Path) -> Path:
     """A real, minimal pure-Python wheel (``tinydep 0.1``) with a correct RECORD."""
     files = {
@@ -299,8 +294,20 @@ def _tiny_wheel(folder: Path) -> Path:
     return wheel
 
 
-def test_bootstrap_cell_is_the_same_in_every_kaggle_notebook():
-    assert len({_bootstrap_cell(p) for p in KAGGLE_NOTEBOOKS}) == 1
+def test_the_bootstrap_has_one_source_which_staging_adds_to_every_kaggle_notebook(models_dir):
+    """kaggle/bootstrap.py, right after the injected parameters; no notebook source carries a copy of its own."""
+    cell = staging.bootstrap_source()
+    assert cell.startswith("# On Kaggle the package comes") and kc.WHEELS_PINS in cell
+    for meta_file in sorted(ROOT.glob("kernel-metadata/*/" + kc.KERNEL_METADATA)):
+        meta = kc.load_kernel_metadata(meta_file, OWNER)
+        path = ROOT / "notebooks" / Path(meta["code_file"]).with_suffix(".py").name
+        assert "kaggle_input" not in path.read_text(), f"{path} holds its own bootstrap code"
+        built = json.loads(jupytext.writes(jupytext.read(path), fmt="ipynb"))
+        nb = staging.stage_notebook(built, path.stem, meta, models_dir)
+        tags = [c["metadata"].get("tags", []) for c in nb["cells"]]
+        at = tags.index([staging.INJECTED_TAG])
+        assert tags[at + 1] == [staging.BOOTSTRAP_TAG] and tags.count([staging.BOOTSTRAP_TAG]) == 1
+        assert nb["cells"][at + 1]["source"] == cell
 
 
 def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kaggle_input(tmp_path, creds):
@@ -313,7 +320,7 @@ def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kagg
     wheels.mkdir()
     _tiny_wheel(wheels)
     (wheels / kc.WHEELS_PINS).write_text("tinydep==0.1\n")
-    cell = _bootstrap_cell(NOTEBOOKS[0])
+    cell = staging.bootstrap_source()
     assert cell.count('Path("/kaggle/input")') == 1
     probe = "\n".join(
         [
@@ -339,7 +346,7 @@ def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kagg
 
 
 def test_bootstrap_is_a_no_op_off_kaggle(tmp_path):
-    probe = _bootstrap_cell(NOTEBOOKS[0]) + "\nprint(len(sys.path))"
+    probe = staging.bootstrap_source() + "\nprint(len(sys.path))"
     before = subprocess.run(
         [sys.executable, "-c", "import sys; print(len(sys.path))"],
         capture_output=True,
@@ -373,7 +380,7 @@ def test_wheels_command_targets_kaggles_platform_with_the_package_pins(tmp_path,
     printed = capsys.readouterr().out
     assert "--abi cp310" in printed and "bitsandbytes==0.50.2" in printed and " torch==" not in printed
     # the pins file is what the notebooks' bootstrap searches for
-    assert all(kc.WHEELS_PINS in _bootstrap_cell(p) for p in KAGGLE_NOTEBOOKS)
+    assert kc.WHEELS_PINS in staging.bootstrap_source()
 
 
 @pytest.mark.slow  # a subprocess

@@ -77,9 +77,10 @@ def test_every_kernel_carries_its_kaggle_profile_recipes(kernel_dir, tmp_path, m
     for role, recipe in recipes.profile("kaggle")[stem].items():
         assert params[f"{role}_recipe"] == recipe
         assert params[f"{role}_overrides"] == (staging.resolve(recipe)[1] if recipe else {})
-    # staging twice replaces the injected cell rather than adding a second one
+    # staging twice replaces the injected cells rather than adding second ones
     again = staging.stage_notebook(staged, stem, meta, models_dir)
-    assert sum(staging.INJECTED_TAG in c["metadata"].get("tags", []) for c in again["cells"]) == 1
+    for tag in (staging.INJECTED_TAG, staging.BOOTSTRAP_TAG):
+        assert sum(tag in c["metadata"].get("tags", []) for c in again["cells"]) == 1
 
 
 def test_a_recipe_input_the_kernel_does_not_attach_is_named(models_dir):
