@@ -21,7 +21,7 @@ stand-ins, with their behaviour stated here so every number they produce can be 
   kind, chosen by a hash of (model, messages), so a rerun gives the same answers. The judge and few-shot stages must
   count them invalid, never drop them.
 * Usage is ``ceil(chars / 4)`` tokens per text (the judge stage's own approximation,
-  :data:`kaggle_utils.api.judge.APPROX_CHARS_PER_TOKEN`); the demo recipes price those tokens at gpt-4o-mini's list
+  :data:`kaggle_utils.api.tokens.APPROX_CHARS_PER_TOKEN`); the demo recipes price those tokens at gpt-4o-mini's list
   prices, to show what the same run would cost there.
 
 Any other model name is a 404 ``model_not_found``; a fine-tuning job may start only from ``demo-judge``. Keys are not
@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kaggle_utils.api.judge import APPROX_CHARS_PER_TOKEN, parse_choice
+from kaggle_utils.api.judge import parse_choice
 from kaggle_utils.api.local_server import (
     CHAT_PATH,
     FineTuneService,
@@ -56,6 +56,7 @@ from kaggle_utils.api.local_server import (
     Reply,
     chat_completions,
 )
+from kaggle_utils.api.tokens import APPROX_CHARS_PER_TOKEN
 from kaggle_utils.inputs.formatter import CHAT_USER
 
 # The base model's name; fine-tuned ones are ``ft:demo-judge:demo:<suffix>:<id>``.

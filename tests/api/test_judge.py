@@ -17,17 +17,9 @@ import pytest
 from loopback import Fault, FineTuneService, LoopbackServer, client_settings, judging
 
 from kaggle_utils.api import judge
-from kaggle_utils.api.judge import (
-    JUDGE_SYSTEM,
-    JobFailed,
-    JobState,
-    JudgeConfig,
-    TokenCounter,
-    approximation_error,
-    chat_examples,
-    clip,
-    parse_choice,
-)
+from kaggle_utils.api.finetune import FineTuneClient, JobFailed, JobState
+from kaggle_utils.api.judge import JUDGE_SYSTEM, JudgeConfig, chat_examples, clip, parse_choice
+from kaggle_utils.api.tokens import TokenCounter, reference_encoding
 from kaggle_utils.config import recipes
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import CHAT_SYSTEM
@@ -143,34 +135,6 @@ def test_examples_use_the_judge_templates_and_the_label_letter(tmp_path):
     assert clip("x" * 10, 10) == "x" * 10 and clip("abcdefghij" * 3, 10) == "abcde … fghij"
 
 
-def test_token_counts_are_exact_where_tiktoken_loads_else_chars_over_four():
-    counter = TokenCounter(BASE)
-    if counter.exact:  # tiktoken's files are cached on this machine
-        assert counter.method.startswith("tiktoken:")
-    else:  # no download here: the stated approximation, and why
-        assert counter.method == "approx:chars/4" and counter.unavailable
-        assert counter.count("x" * 9) == 3
-        # two messages of 8 characters: 2 + 3 framing each, 3 for the reply's priming
-        assert counter.messages([{"role": "user", "content": "y" * 8}] * 2) == 13
-
-
-class HalfCharEncoding:
-    """A tokenizer with one token per two characters: chars/4 is then exactly half of it."""
-
-    def encode(self, text: str, disallowed_special=()):
-        return [0] * (len(text) // 2)
-
-
-def test_the_approximation_error_is_measured_against_a_tokenizer():
-    err = approximation_error(["ab" * 8, "cd" * 40], HalfCharEncoding())
-    assert err == {"n": 2, "mean_abs_pct": 50.0, "total_pct": -50.0}
-    table = judge.approximation_table(["ab" * 8, "cd" * 40, "e" * 8], ["en", "en", "ru"], HalfCharEncoding())
-    assert table["language"].tolist() == ["all", "en", "ru"] and table["n"].tolist() == [3, 2, 1]
-    real = approximation_error(["Hello, world! This is a sentence in English.", "Привет, мир! Это предложение."])
-    if judge.reference_encoding() is not None:  # the offline Qwen2.5 tokenizer
-        assert real["n"] == 2 and 0 <= real["mean_abs_pct"] < 200
-
-
 def test_prepare_writes_disjoint_chat_files_and_a_cost_table(server, tmp_path):
     cfg = config(server, tmp_path, swap_train=True, training_prices={BASE: 3.0, "gpt-4.1-nano-2025-04-14": 1.5})
     prepared = judge.prepare(cfg)
@@ -189,7 +153,7 @@ def test_prepare_writes_disjoint_chat_files_and_a_cost_table(server, tmp_path):
     assert table.loc[BASE, "billed_tokens"] == 3 * table.loc[BASE, "train_tokens"]
     assert table.loc[BASE, "training_cost_usd"] == pytest.approx(table.loc[BASE, "billed_tokens"] * 3.0 / 1e6)
     assert (cfg.path("tokens.csv")).is_file() and "training examples: 40" in str(prepared)
-    if not counter.exact and judge.reference_encoding() is not None:  # the error of chars/4, measured per language
+    if not counter.exact and reference_encoding() is not None:  # the error of chars/4, measured per language
         assert set(prepared.approximation["language"]) == {"all", "English", "Russian"}
         assert cfg.path("tokens_approximation.csv").is_file() and "Qwen2.5" in str(prepared)
     assert not server.received  # prepare is offline
@@ -242,7 +206,7 @@ def test_prepare_train_test_compare_cleanup_end_to_end(server, service, tmp_path
     assert judge.cleanup(cfg) == {}  # nothing left to delete, nothing asked
     # the key went to the server, and nowhere else
     assert all(r.headers["authorization"] == f"Bearer {SECRET}" for r in server.received)
-    assert_no_secret(tmp_path, capsys.readouterr().out, str(result), repr(judge.FineTuneClient(cfg)))
+    assert_no_secret(tmp_path, capsys.readouterr().out, str(result), repr(FineTuneClient(cfg)))
 
 
 def test_malformed_answers_of_the_job_endpoints_are_asked_again_then_fail_clearly(server, service, tmp_path):
@@ -251,7 +215,7 @@ def test_malformed_answers_of_the_job_endpoints_are_asked_again_then_fail_clearl
     job_get = lambda r: r.method == "GET" and r.path.startswith(JOBS + "/") and r.path.count("/") == 4  # noqa: E731
     # a 200 that is not JSON (the openai client fails in its parser), and JSON of the wrong shape
     server.add_faults(Fault.not_json(match=job_get), Fault.no_choices(match=lambda r: r.path.endswith("/events")))
-    client = judge.FineTuneClient(cfg, sleep=lambda s: None)
+    client = FineTuneClient(cfg, sleep=lambda s: None)
     judge.start_job(cfg, client, JobState())
     state = judge.train(cfg, sleep=lambda s: None)
     assert state.status == "succeeded" and len(service.jobs) == 1
