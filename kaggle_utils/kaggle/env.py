@@ -48,8 +48,9 @@ def detect(environ: Mapping[str, str] | None = None, local_root: Path = Path("."
 
 
 def _search(root: Path, marker: str, hint: str | None) -> list[Path]:
-    """Folders under ``root`` containing ``marker`` whose path contains ``hint`` (case-insensitive)."""
-    hits = sorted(p.parent for p in Path(root).rglob(marker))
+    """Folders under ``root`` containing ``marker`` whose path contains ``hint`` (case-insensitive). Symlinked
+    folders are entered: Kaggle can mount an input as a link, and ``Path.rglob`` does not follow links."""
+    hits = sorted(Path(folder) for folder, _, files in os.walk(root, followlinks=True) if marker in files)
     if hint:
         hits = [h for h in hits if hint.lower() in str(h).lower()]
     return hits
@@ -81,12 +82,6 @@ def find_model_dir(root: Path, hint: str) -> Path:
 def find_adapter_dir(root: Path, hint: str) -> Path:
     """A peft adapter folder (``adapter_config.json``) whose path contains ``hint``."""
     return _one(_search(root, "adapter_config.json", hint), "LoRA adapter folder", root, hint)
-
-
-def find_package_dir(root: Path) -> Path:
-    """The folder to put on ``sys.path`` so that ``import kaggle_utils`` finds this package's dataset copy."""
-    hits = [p.parent.parent for p in Path(root).rglob("kaggle_utils/__init__.py")]
-    return _one(sorted(hits), "kaggle_utils package", root, None)
 
 
 def find_dir(root: Path, marker: str, hint: str | None = None) -> Path:

@@ -50,6 +50,17 @@ def test_search_finds_each_input_by_what_identifies_it(kaggle_input):
         env.find_model_dir(kaggle_input, "llama")
 
 
+def test_search_enters_a_mount_that_is_a_symlink(kaggle_input, tmp_path_factory):
+    """The 2026 layout (/kaggle/input/models/<owner>/<model>/...) as a link to the files, which rglob skips."""
+    elsewhere = tmp_path_factory.mktemp("mounted") / "llama-3.3/transformers/70b/1"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("{}")
+    (elsewhere / "model.safetensors").write_bytes(b"x")
+    (kaggle_input / "models" / "meta").mkdir(parents=True)
+    (kaggle_input / "models" / "meta" / "llama-3.3").symlink_to(elsewhere.parents[2], target_is_directory=True)
+    assert env.find_model_dir(kaggle_input, "llama") == kaggle_input / "models/meta/llama-3.3/transformers/70b/1"
+
+
 def test_locate_prefers_an_existing_path_then_searches_on_kaggle_only(kaggle_input, tmp_path):
     on_kaggle = env.Environment("kaggle-batch", kaggle_input, tmp_path)
     local = env.Environment("local", tmp_path, tmp_path)

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -310,39 +311,65 @@ def test_the_bootstrap_has_one_source_which_staging_adds_to_every_kaggle_noteboo
         assert nb["cells"][at + 1]["source"] == cell
 
 
-def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kaggle_input(tmp_path, creds):
-    """/kaggle/input as Kaggle mounts it: the package dataset (extracted archive) and the wheels dataset."""
-    root = tmp_path / "input"
-    dataset = root / "wsdm-arena-kaggle-utils"
-    staged = kc.stage_dataset(ROOT / "kaggle_utils", ROOT / kc.DATASET_METADATA, OWNER, dataset)
-    (staged / kc.DATASET_METADATA).unlink()
-    wheels = root / "wsdm-arena-wheels"
-    wheels.mkdir()
-    _tiny_wheel(wheels)
-    (wheels / kc.WHEELS_PINS).write_text("tinydep==0.1\n")
+def _run_bootstrap(root: Path, tmp_path: Path, then: str = "") -> subprocess.CompletedProcess:
+    """The bootstrap cell with ``root`` as /kaggle/input, in a Python that cannot see the installed package."""
     cell = staging.bootstrap_source()
     assert cell.count('Path("/kaggle/input")') == 1
-    probe = "\n".join(
-        [
-            cell.replace('Path("/kaggle/input")', f"Path({str(root)!r})"),
-            "import kaggle_utils, kaggle_utils.kaggle.env, tinydep",
-            "print(kaggle_utils.__file__); print(tinydep.VALUE)",
-            "print(kaggle_utils.kaggle.env.find_package_dir(kaggle_input))",
-        ]
-    )
+    probe = cell.replace('Path("/kaggle/input")', f"Path({str(root)!r})") + "\n" + then
     site = tmp_path / "site"
-    site.mkdir()  # before start-up, or Python caches "no such folder" for it
+    site.mkdir(exist_ok=True)  # before start-up, or Python caches "no such folder" for it
     # -S: no site-packages, so the installed kaggle_utils is out of sight and only the dataset copy can be found;
-    # pip (a child with its normal site) installs into PIP_TARGET instead of the venv
+    # pip (a child with its normal site) installs into PIP_TARGET instead of the venv; TMPDIR: where a zip unpacks
     env = {**os.environ, "PIP_TARGET": str(site), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": str(site)}
-    proc = subprocess.run(
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return subprocess.run(
         [sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
+
+
+@pytest.mark.parametrize("layout", ["mounted", "symlinked", "packed"])
+def test_bootstrap_imports_the_package_and_installs_wheels_from_a_simulated_kaggle_input(tmp_path, creds, layout):
+    """/kaggle/input as Kaggle mounts it: the package dataset (extracted, behind a symlinked mount as the 2026
+    layout's datasets/<owner>/<slug> can be, or left as a zip) and the wheels dataset."""
+    root = tmp_path / "input"
+    real = tmp_path / "elsewhere" if layout == "symlinked" else root / "datasets" / OWNER
+    staged = kc.stage_dataset(
+        ROOT / "kaggle_utils", ROOT / kc.DATASET_METADATA, OWNER, real / "wsdm-arena-kaggle-utils"
+    )
+    (staged / kc.DATASET_METADATA).unlink()
+    if layout == "symlinked":
+        (root / "datasets").mkdir(parents=True)
+        (root / "datasets" / OWNER).symlink_to(real, target_is_directory=True)
+    if layout == "packed":
+        shutil.make_archive(str(staged / "package"), "zip", staged / "package")
+        shutil.rmtree(staged / "package")
+    wheels = root / "wsdm-arena-wheels"
+    wheels.mkdir(parents=True)
+    _tiny_wheel(wheels)
+    (wheels / kc.WHEELS_PINS).write_text("tinydep==0.1\n")
+    then = "import kaggle_utils, kaggle_utils.kaggle.env, tinydep\nprint(kaggle_utils.__file__, tinydep.VALUE)"
+    proc = _run_bootstrap(root, tmp_path, then)
     assert proc.returncode == 0, proc.stderr
-    package_file, value, found = proc.stdout.split()
-    assert Path(package_file) == staged / "package/kaggle_utils/__init__.py"
-    assert value == "42" and Path(found) == staged / "package"
-    assert (site / "tinydep/__init__.py").is_file()
+    said, (package_file, value) = proc.stdout.splitlines()[:-1], proc.stdout.splitlines()[-1].split()
+    where = {"mounted": staged, "symlinked": root / "datasets" / OWNER / staged.name, "packed": tmp_path / "tmp"}
+    assert Path(package_file).is_relative_to(where[layout]) and package_file.endswith("kaggle_utils/__init__.py")
+    assert value == "42" and (tmp_path / "site" / "tinydep/__init__.py").is_file()
+    # it says what it found and installed
+    assert any(line.startswith("kaggle_utils: ") for line in said) and any(line.startswith("wheels: ") for line in said)
+
+
+@pytest.mark.parametrize("missing", ["package", "wheels"])
+def test_bootstrap_stops_naming_the_dataset_to_attach(tmp_path, missing):
+    root = tmp_path / "input"
+    if missing == "wheels":
+        kc.stage_dataset(ROOT / "kaggle_utils", ROOT / kc.DATASET_METADATA, OWNER, root / "wsdm-arena-kaggle-utils")
+    else:
+        root.mkdir()
+    proc = _run_bootstrap(root, tmp_path)
+    assert proc.returncode != 0
+    expected = {"package": "attach the package dataset", "wheels": "attach the wheels dataset"}[missing]
+    assert "FileNotFoundError" in proc.stderr and expected in proc.stderr
 
 
 def test_bootstrap_is_a_no_op_off_kaggle(tmp_path):
