@@ -47,16 +47,17 @@ from kaggle_utils.config import recipes
 from kaggle_utils.infer import InferConfig, infer, pass_table
 from kaggle_utils.kaggle import env
 
-# on Kaggle the test file, the base models and the uploaded adapters are found wherever they are mounted
+# on Kaggle the test file, the base models and the uploaded adapters are found wherever they are mounted; a model or
+# adapter that is not attached is reported by the stage, which then runs without it (no primary: the fallback)
 where = env.detect()
 cfg = recipes.load(infer_recipe, InferConfig, infer_overrides)
 cfg = replace(
     cfg,
     test_file=env.locate_file(cfg.test_file, where),
-    primary_model=env.locate_model(cfg.primary_model, where),
-    primary_adapter=env.locate_adapter(cfg.primary_adapter, where),
-    secondary_model=env.locate_model(cfg.secondary_model, where),
-    secondary_adapter=env.locate_adapter(cfg.secondary_adapter, where),
+    primary_model=env.locate_soft(cfg.primary_model, where, env.locate_model),
+    primary_adapter=env.locate_soft(cfg.primary_adapter, where, env.locate_adapter),
+    secondary_model=env.locate_soft(cfg.secondary_model, where, env.locate_model),
+    secondary_adapter=env.locate_soft(cfg.secondary_adapter, where, env.locate_adapter),
     labels_file=cfg.labels_file if cfg.labels_file and cfg.labels_file.is_file() else None,
     started_at=started_at,
 )

@@ -16,6 +16,7 @@ import torch
 
 from kaggle_utils import infer as infer_module
 from kaggle_utils.infer import InferConfig, InferenceError, check_started_at, infer
+from kaggle_utils.kaggle import env
 from kaggle_utils.models.loading import ModelFilesError, check_model_dir
 
 # runs the inference stage: make test runs these, make test-fast does not
@@ -142,6 +143,32 @@ def test_a_broken_secondary_still_gives_the_primarys_submission(
     with pytest.raises(InferenceError, match="unreadable weights"):
         infer(_cfg(demo_files["test"], tmp_path / "out2", qwen_path, adapter, secondary_model=broken, fail_soft=False))
     assert len(pd.read_csv(tmp_path / "out2" / "submission.csv")) == len(reference)
+
+
+@pytest.mark.parametrize("missing", ["secondary", "primary"])
+def test_a_model_that_is_not_attached_costs_its_rows_not_the_submission(
+    reference, demo_files, qwen_path, gemma_path, adapter, tmp_path, capsys, missing
+) -> None:
+    """Notebook 04 on Kaggle with a model not attached (Gemma is consent-gated): the recipe's path is kept when the
+    search finds nothing (kaggle.env.locate_soft), and the stage reports it and goes on without that model."""
+    where = env.Environment("kaggle-batch", tmp_path / "input", tmp_path / "working")
+    (tmp_path / "input").mkdir()
+    absent = env.locate_soft("/kaggle/input/gemma-2/transformers/9b/2", where, env.locate_model)
+    assert (
+        absent == Path("/kaggle/input/gemma-2/transformers/9b/2")
+        and "WARNING: no model folder" in capsys.readouterr().out
+    )
+    models = {"primary_model": qwen_path, "secondary_model": gemma_path} | {f"{missing}_model": absent}
+    pred = infer(_cfg(demo_files["test"], tmp_path / "out", qwen_path, adapter, **models))
+    report = _report(tmp_path / "out")
+    assert any(str(absent) in e and "does not exist" in e for e in report["errors"])
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert submission["id"].tolist() == reference["id"].tolist()
+    if missing == "secondary":  # primary-only, as if no secondary had been asked for
+        assert (pred["source"] == "primary").all()
+        np.testing.assert_array_equal(pred[["p_a", "p_b"]].to_numpy(), reference[["p_a", "p_b"]].to_numpy())
+    else:  # no model at all: the stated fallback for every row, a complete submission all the same
+        assert (pred["source"] == "fallback").all() and report["fallback_rows"] == len(reference)
 
 
 def test_model_folders_are_checked_with_the_path_and_the_fix(qwen_path, tmp_path) -> None:

@@ -8,7 +8,7 @@ hard-codes those paths: files are found by searching the input root for what ide
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,17 @@ def locate_adapter(path: str | Path | None, env: Environment) -> Path | None:
     if not path:
         return None
     return locate(path, env, lambda root: find_adapter_dir(root, input_slug(path) or Path(path).name))
+
+
+def locate_soft(path: str | Path | None, env: Environment, locate_one: Callable) -> Path | None:
+    """``locate_one(path, env)`` (:func:`locate_model`, :func:`locate_adapter`), or ``path`` as written when nothing
+    is found, said in one line: the stage's own checks then report it where it fails soft. So a model that is not
+    attached (Gemma is consent-gated on Kaggle) costs its own rows, never the submission."""
+    try:
+        return locate_one(path, env)
+    except FileNotFoundError as err:
+        print(f"WARNING: {err}", flush=True)
+        return Path(path)
 
 
 def locate_file(path: str | Path, env: Environment) -> Path:
