@@ -52,8 +52,15 @@ KERNEL_TYPES = ("script", "notebook")
 LANGUAGES = ("python", "r", "rmarkdown")
 PINNING_TYPES = ("original", "latest")
 BOOLEAN_FIELDS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
-# Lines the CLI prints for a failed call while exiting 0.
-CLI_ERRORS = ("Kernel push error", "Dataset version creation error", "Dataset creation error")
+# Lines the CLI prints for a failed call while exiting 0. "The following are not valid ... sources": the kernel was
+# saved without those inputs (competition rules or a model's terms not accepted by the account, a dataset still
+# processing) and would fail on Kaggle; invalid model sources the CLI does not print at all (docs/kaggle.md).
+CLI_ERRORS = (
+    "Kernel push error",
+    "Dataset version creation error",
+    "Dataset creation error",
+    "The following are not valid",
+)
 # Not shipped as wheels: Kaggle's image has its own CUDA build of torch (and what comes with it).
 NOT_SHIPPED = re.compile(r"^(torch|triton|nvidia-.*|setuptools|pip)$")
 
@@ -301,7 +308,7 @@ def run_kaggle(args: Sequence[str], kaggle: str | None = None) -> str:
     print(output)
     errors = [line for line in output.splitlines() if line.startswith(CLI_ERRORS)]
     if proc.returncode != 0 or errors:
-        why = errors[0] if errors else f"exit status {proc.returncode}"
+        why = "; ".join(errors) if errors else f"exit status {proc.returncode}"
         raise KaggleCommandError(f"`kaggle {' '.join(args)}` failed: {why}")
     return output
 

@@ -188,6 +188,19 @@ def test_a_push_error_in_the_response_fails_make_push(kaggle, models_dir, make):
     assert [r.body["slug"] for r in kaggle.calls("SaveKernel")] == [f"{OWNER}/wsdm-arena-04-inference"]
 
 
+def test_sources_the_server_calls_invalid_fail_make_push_naming_each(kaggle, models_dir, make):
+    """kaggle 2.2.5 prints them and exits 0; the kernel would then run without its model or data."""
+    saved = {"ref": "/code/o/s", "url": "http://localhost/code/o/s", "versionNumber": 8}
+    bad = {"invalidDatasetSources": [f"{OWNER}/wsdm-gemma2-9b-student"], "invalidCompetitionSources": ["wsdm-cup"]}
+    kaggle.replies["SaveKernel"] = {**saved, **bad}
+    proc = make("push", "KERNEL=04_inference", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
+    assert proc.returncode != 0
+    assert f"not valid dataset sources and could not be added to the kernel: ['{OWNER}/wsdm-gemma2-9b-student']" in (
+        proc.stderr
+    )
+    assert "not valid competition sources and could not be added to the kernel: ['wsdm-cup']" in proc.stderr
+
+
 def test_push_stops_before_any_upload_when_one_kernel_is_invalid(kaggle, tmp_path, built_notebooks):
     root = tmp_path / "repo"
     for d in KERNEL_DIRS:
