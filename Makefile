@@ -77,7 +77,7 @@ KAGGLE_USERNAME ?=
 # one kernel (slug or notebook name, e.g. KERNEL=04_inference); empty: every kernel under kernel-metadata/
 KERNEL ?=
 # Kaggle's image: its Python and its glibc (which manylinux wheels its pip accepts)
-KAGGLE_PYTHON ?= 3.11
+KAGGLE_PYTHON ?= 3.12
 KAGGLE_GLIBC ?= 2.35
 # the adapters `make upload-model` staged: `make push` checks the inference recipe against their training configs
 MODELS_DIR ?= build/kaggle/models

@@ -5,6 +5,7 @@
 # never imported, since it runs before kaggle_utils can be.) The search follows symlinked mounts (Kaggle mounts
 # inputs under /kaggle/input/<slug> and, in newer kernels, competitions/, datasets/<owner>/, models/...), and a
 # package left packed as a .zip is unpacked to a temporary folder.
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,14 @@ if kaggle_input.is_dir():
         raise FileNotFoundError(
             f"kaggle_utils-wheels.txt not found under {kaggle_input}: attach the wheels dataset (`make wheels-dataset` "
             "publishes <owner>/wsdm-arena-wheels) to this notebook with Add input"
+        )
+    target = pins[0].with_name("kaggle_utils-wheels-target.json")  # absent in wheels datasets made before it existed
+    built_for = json.loads(target.read_text())["python"] if target.is_file() else None
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if built_for not in (None, running):
+        raise RuntimeError(
+            f"the wheels in {pins[0].parent} are for Python {built_for}, this image runs {running}: "
+            f"`make wheels KAGGLE_PYTHON={running}`, then `make wheels-dataset`"
         )
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(pins[0].parent)]
     subprocess.run([*pip, "-r", str(pins[0])], check=True)

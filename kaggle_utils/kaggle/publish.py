@@ -41,6 +41,8 @@ MODELS_DIR = ROOT / "build/kaggle/models"
 DATASET_METADATA = "dataset-metadata.json"
 # the pins file the notebooks' bootstrap cell searches for under /kaggle/input
 WHEELS_PINS = "kaggle_utils-wheels.txt"
+# beside it: the Python and glibc the wheels were downloaded for (the bootstrap stops on another Python)
+WHEELS_TARGET = "kaggle_utils-wheels-target.json"
 WHEELS_DATASET = {
     "id": f"{OWNER}/wsdm-arena-wheels",
     "title": "WSDM Arena offline wheels",
@@ -355,8 +357,9 @@ def publish_dataset(folder: Path, message: str, kaggle: str | None = None) -> st
 class WheelsTarget:
     """Kaggle's platform, for ``pip download``; check it against ``!python -V`` in a Kaggle notebook."""
 
-    # Kaggle image's Python, e.g. 3.11
-    python_version: str = "3.11"
+    # Kaggle image's Python: 3.12 since the image moved to it (Kaggle/docker-python "Upgrade to Python 3.12"); a
+    # kernel pinned to an older image may still run 3.11
+    python_version: str = "3.12"
     # Kaggle image's glibc (Ubuntu 22.04: 2.35): every manylinux_2_N tag with N up to it is accepted
     glibc: str = "2.35"
     arch: str = "x86_64"
@@ -446,17 +449,43 @@ def wheels_command(requirements: Sequence[str], dest: Path, target: WheelsTarget
     return cmd + list(requirements)
 
 
+def resolution_command(dest: Path, target: WheelsTarget) -> list[str]:
+    """``pip install --dry-run`` of the pins file from ``dest`` alone, for ``target``'s Python and platform (no such
+    interpreter needed): what the bootstrap's install will do offline on Kaggle, checked before the upload."""
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "--quiet"]
+    cmd += ["--target", str(dest / ".resolve-check"), "--find-links", str(dest), "--only-binary=:all:"]
+    cmd += ["--python-version", target.python_version, "--implementation", "cp", "--abi", target.abi]
+    for platform in target.platforms:
+        cmd += ["--platform", platform]
+    return cmd + ["-r", str(dest / WHEELS_PINS)]
+
+
+def check_resolution(dest: Path, target: WheelsTarget) -> None:
+    """Raise, naming what pip could not find, when the pins do not resolve from ``dest`` for ``target``."""
+    proc = subprocess.run(resolution_command(dest, target), capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or [proc.stderr.strip()]
+        raise MetadataError(
+            f"{dest}: the pins do not install offline on Python {target.python_version}: {'; '.join(why)} "
+            f"(run make wheels again with KAGGLE_PYTHON / KAGGLE_GLIBC as the kernel's image has them)"
+        )
+
+
 def build_wheels(dest: Path, target: WheelsTarget, extra: str = "train", download: bool = True) -> list[str]:
-    """``dest`` = the wheels, the pins file the notebooks install from, and the dataset's metadata."""
+    """``dest`` = the wheels, the pins file the notebooks install from, the target they were built for and the
+    dataset's metadata; after the download, the pins are resolved offline from ``dest`` for the target."""
     pins = wheel_requirements(extra=extra)
     closure = dependency_closure(pins)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / WHEELS_PINS).write_text("\n".join(pins) + "\n")
+    (dest / WHEELS_TARGET).write_text(json.dumps({"python": target.python_version, "glibc": target.glibc}) + "\n")
     (dest / DATASET_METADATA).write_text(json.dumps(WHEELS_DATASET, indent=2) + "\n")
     cmd = wheels_command(closure, dest, target)
     print(" ".join(cmd))
     if download:
         subprocess.run(cmd, check=True)
+        check_resolution(dest, target)
+        print(f"the pins resolve offline from {dest} for Python {target.python_version}")
     return cmd
 
 

@@ -385,6 +385,40 @@ def test_bootstrap_stops_naming_the_dataset_to_attach(tmp_path, missing):
     assert "FileNotFoundError" in proc.stderr and expected in proc.stderr
 
 
+@pytest.mark.parametrize("built_for", ["this", "another"])
+def test_bootstrap_checks_the_python_the_wheels_were_built_for(tmp_path, built_for):
+    root = tmp_path / "input"
+    kc.stage_dataset(ROOT / "kaggle_utils", ROOT / kc.DATASET_METADATA, OWNER, root / "wsdm-arena-kaggle-utils")
+    wheels = root / "wsdm-arena-wheels"
+    wheels.mkdir()
+    _tiny_wheel(wheels)
+    (wheels / kc.WHEELS_PINS).write_text("tinydep==0.1\n")
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python = running if built_for == "this" else "3.9"
+    (wheels / kc.WHEELS_TARGET).write_text(json.dumps({"python": python, "glibc": "2.35"}))
+    proc = _run_bootstrap(root, tmp_path)
+    if built_for == "this":
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0
+        assert f"are for Python 3.9, this image runs {running}: `make wheels KAGGLE_PYTHON={running}`" in proc.stderr
+
+
+def test_the_wheels_check_resolves_the_pins_offline_for_the_target_python(tmp_path):
+    """pip's dry run from the folder alone, for the target's Python (here this one): a missing wheel is named."""
+    dest = tmp_path / "wheels"
+    dest.mkdir()
+    _tiny_wheel(dest)
+    target = kc.WheelsTarget(f"{sys.version_info.major}.{sys.version_info.minor}")
+    (dest / kc.WHEELS_PINS).write_text("tinydep==0.1\n")
+    kc.check_resolution(dest, target)
+    (dest / kc.WHEELS_PINS).write_text("tinydep==0.1\nnot-shipped-dep==1.0\n")
+    with pytest.raises(kc.MetadataError, match=r"do not install offline on Python .*not-shipped-dep"):
+        kc.check_resolution(dest, target)
+    assert kc.WheelsTarget().python_version == "3.12", "Kaggle's image runs Python 3.12"
+    assert "KAGGLE_PYTHON ?= 3.12" in (ROOT / "Makefile").read_text()
+
+
 def test_bootstrap_is_a_no_op_off_kaggle(tmp_path):
     probe = staging.bootstrap_source() + "\nprint(len(sys.path))"
     before = subprocess.run(
