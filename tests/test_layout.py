@@ -1,7 +1,8 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
-store → config → data → inputs → models → api → scoring → stages (prepare, train, pseudo_label, infer, plots,
-multiple_choice, side_by_side, and parallel: the train stage's multi-process launch) → kaggle. ``api`` is the
+store → config → data → inputs → models → api → scoring → training (the train stage's loop in parts: rows,
+schedule, precision, step, evaluation, checkpoints, the memory probe, the multi-process launch) → stages (prepare,
+train, pseudo_label, infer, plots, multiple_choice, side_by_side) → kaggle. ``api`` is the
 OpenAI-compatible client and what calls it (generation, translation, judges); ``api`` and ``scoring`` do not import
 each other.
 """
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
-LAYERS = ["store", "config", "data", "inputs", "models", "api", "scoring", "stages", "kaggle"]
-STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "parallel", "side_by_side"}
+LAYERS = ["store", "config", "data", "inputs", "models", "api", "scoring", "training", "stages", "kaggle"]
+STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "side_by_side"}
 
 
 def layer_of(module: str) -> str:

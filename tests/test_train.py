@@ -19,10 +19,17 @@ from safetensors.torch import load_file
 from kaggle_utils import train as train_module
 from kaggle_utils.config.cli import config_to_dict
 from kaggle_utils.data import schema
-from kaggle_utils.inputs.batching import pad
+from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
 from kaggle_utils.train import TrainConfig, train
+from kaggle_utils.training import evaluation
+from kaggle_utils.training import schedule as schedule_module
+from kaggle_utils.training import step as step_module
+from kaggle_utils.training.errors import NonFiniteLossError, TrainMemoryError
+from kaggle_utils.training.outputs import save_adapter
+from kaggle_utils.training.precision import Precision, trainable_in_fp32
+from kaggle_utils.training.rows import row_weights, split
 
 # every test here trains or steps the train stage: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -131,8 +138,8 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, mon
     shutil.copytree(trained.cfg.out_dir, out)
     shutil.rmtree(out / "adapter")
     calls = []
-    original = train_module.preference_loss
-    monkeypatch.setattr(train_module, "preference_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = step_module.preference_loss
+    monkeypatch.setattr(step_module, "preference_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     cfg = TrainConfig(**{**config_to_dict(trained.cfg), "out_dir": out})
     result, stdout = _run(cfg)
     assert f"resuming from {out / 'checkpoint.pt'} at step 90/90" in stdout
@@ -192,7 +199,7 @@ def reference_run(prepared, qwen_path: Path, tmp_path_factory):
 def _counting_loss(monkeypatch, fail_at: int | None = None) -> list[int]:
     """Wrap the training loss: count its calls (one per step here), and raise ``Killed`` on call ``fail_at``."""
     calls: list[int] = []
-    original = train_module.preference_loss
+    original = step_module.preference_loss
 
     def wrapped(*args, **kwargs):
         calls.append(1)
@@ -200,7 +207,7 @@ def _counting_loss(monkeypatch, fail_at: int | None = None) -> list[int]:
             raise Killed
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "preference_loss", wrapped)
+    monkeypatch.setattr(step_module, "preference_loss", wrapped)
     return calls
 
 
@@ -376,15 +383,15 @@ def test_precision_follows_the_compute_capability(monkeypatch, capability, reque
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     # not torch.cuda.is_bf16_supported(): it reports emulated bf16 on a T4
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    got = train_module.Precision.choose(torch.device("cuda:0"), requested)
+    got = Precision.choose(torch.device("cuda:0"), requested)
     assert (got.autocast, got.scale_loss) == (autocast, scaled)
-    assert train_module.Precision.choose(torch.device("cpu"), "auto") == train_module.Precision(None, False)
+    assert Precision.choose(torch.device("cpu"), "auto") == Precision(None, False)
 
 
 def test_trainable_parameters_are_kept_in_fp32() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).half())
     model[0].requires_grad_(False)
-    params = train_module._trainable_in_fp32(model)
+    params = trainable_in_fp32(model)
     assert [p.dtype for p in params] == [torch.float32, torch.float32]
     assert model[0].weight.dtype == torch.float16  # the frozen base stays in half precision
 
@@ -395,7 +402,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path,
     setup, step = train_module.setup, train_module.train_step
     monkeypatch.setattr(train_module, "setup", lambda c: runs.append(setup(c)) or runs[-1])
     monkeypatch.setattr(train_module, "train_step", lambda run, e, mb, sw: steps.append(mb) or step(run, e, mb, sw))
-    original = train_module.preference_loss
+    original = step_module.preference_loss
     calls: list[int] = []
 
     def poisoned(*args, **kwargs):
@@ -403,8 +410,8 @@ def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path,
         loss = original(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss  # one micro-batch per step: step 2 is poisoned
 
-    monkeypatch.setattr(train_module, "preference_loss", poisoned)
-    with pytest.raises(train_module.NonFiniteLossError) as err:
+    monkeypatch.setattr(step_module, "preference_loss", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
         _run(cfg)
     msg = str(err.value)
     expected_ids = [str(i) for i in runs[0].data.row_ids[steps[1][0]]]
@@ -416,8 +423,8 @@ def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path,
     # a model whose weights did go non-finite is never saved as an adapter
     with torch.no_grad():
         run.params[0][0, 0] = float("inf")
-    with pytest.raises(train_module.NonFiniteLossError, match="no adapter saved"):
-        train_module.save_adapter(run)
+    with pytest.raises(NonFiniteLossError, match="no adapter saved"):
+        save_adapter(run)
     assert not (cfg.out_dir / "adapter").exists()
 
 
@@ -439,14 +446,14 @@ def test_evaluation_every_n_steps_keeps_the_best_adapter(prepared, qwen_path, tm
     """Evaluations at steps 5, 10, 15 and the last (16); the log loss is forged so that step 5 is the best."""
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, eval_every_steps=5, save_every=0)
     forged = {5: 0.1, 10: 0.5, 15: 0.6, 16: 0.7}
-    original = train_module.validate
+    original = evaluation.validate
 
     def validate(run, val_df):
         record = original(run, val_df)
         record["metrics"]["log_loss"] = forged[run.step]
         return record
 
-    monkeypatch.setattr(train_module, "validate", validate)
+    monkeypatch.setattr(evaluation, "validate", validate)
     result, stdout = _run(cfg)
     out = cfg.out_dir
     assert result.metrics["total_steps"] == 16
@@ -474,11 +481,11 @@ def _saved_key(key: str, saved: dict) -> str:
 def test_row_weights_from_sources_and_a_weight_column() -> None:
     cfg = TrainConfig(source_weights={"lmsys": 0.5, "pseudo": 2.0})
     df = pd.DataFrame({"source": ["lmsys", "pseudo", "wsdm", None]})
-    np.testing.assert_allclose(train_module._row_weights(cfg, df), [0.5, 2.0, 1.0, 1.0])
+    np.testing.assert_allclose(row_weights(cfg, df), [0.5, 2.0, 1.0, 1.0])
     # a weight column wins where it is given
     df["weight"] = [np.nan, 0.25, 3.0, np.nan]
-    np.testing.assert_allclose(train_module._row_weights(cfg, df), [0.5, 0.25, 3.0, 1.0])
-    np.testing.assert_allclose(train_module._row_weights(TrainConfig(), df.drop(columns="weight")), [1.0] * 4)
+    np.testing.assert_allclose(row_weights(cfg, df), [0.5, 0.25, 3.0, 1.0])
+    np.testing.assert_allclose(row_weights(TrainConfig(), df.drop(columns="weight")), [1.0] * 4)
 
 
 # --- configuration errors --------------------------------------------------------------------------------
@@ -506,9 +513,9 @@ def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_pat
     # in a launch of 2 processes a step needs grad_accum x 2 micro-batches
     lengths = np.full(8, 100)
     one_row_batches = TrainConfig(max_length=256, batch_tokens=256, max_rows=1, grad_accum=3)
-    assert train_module._steps_per_epoch(one_row_batches, lengths) == 2
+    assert schedule_module.steps_per_epoch(one_row_batches, lengths) == 2
     with pytest.raises(ValueError, match="grad_accum=3 x 3 processes = 9 one optimiser step needs.*fewer processes"):
-        train_module._steps_per_epoch(one_row_batches, lengths, world=3)
+        schedule_module.steps_per_epoch(one_row_batches, lengths, world=3)
 
 
 def test_val_fold_without_rows_or_of_another_type_is_an_error(prepared, qwen_path, tmp_path) -> None:
@@ -518,15 +525,15 @@ def test_val_fold_without_rows_or_of_another_type_is_an_error(prepared, qwen_pat
     with pytest.raises(
         schema.DataError, match=r"--val-fold 7 selects no rows; the 'fold' column holds \[0, 1, 2, 3, 4\]"
     ):
-        train_module.split(cfg)
+        split(cfg)
     df.assign(fold=df["fold"].astype(str)).to_parquet(tmp_path / "text_folds.parquet", index=False)
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, train_file=tmp_path / "text_folds.parquet")
     with pytest.raises(schema.DataError, match=r"holds \w+ values \['0', '1', '2', '3', '4'\], not numbers"):
-        train_module.split(cfg)
+        split(cfg)
     # folds written as floats (a column with gaps) still select their rows
     df.assign(fold=df["fold"].astype(float)).to_parquet(tmp_path / "float_folds.parquet", index=False)
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, train_file=tmp_path / "float_folds.parquet")
-    assert len(train_module.split(cfg)[1]) == int((df["fold"] == 0).sum()) > 0
+    assert len(split(cfg)[1]) == int((df["fold"] == 0).sum()) > 0
 
 
 def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
@@ -534,8 +541,8 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
         model_path=qwen_path, train_file=demo_files["train"], out_dir=tmp_path, max_length=256, batch_tokens=1024
     )
     with pytest.raises(schema.DataError, match="no 'fold' column"):
-        train_module.split(cfg)
-    train_df, val_df = train_module.split(TrainConfig(**{**config_to_dict(cfg), "val_fold": -1}))
+        split(cfg)
+    train_df, val_df = split(TrainConfig(**{**config_to_dict(cfg), "val_fold": -1}))
     assert len(train_df) == 600 and len(val_df) == 0
 
 
@@ -563,21 +570,21 @@ def test_first_step_holds_the_largest_micro_batches() -> None:
     """A run that does not fit fails in its first step; the epochs after keep their plain shuffled order."""
     cfg = TrainConfig(max_length=256, batch_tokens=1024, max_rows=8, seed=3)
     lengths = np.random.default_rng(0).integers(20, 256, size=300)
-    _, batches = train_module._epoch_batches(cfg, lengths, 0, per_step=3)
+    _, batches = schedule_module.epoch_batches(cfg, lengths, 0, per_step=3)
     padded = [len(b) * int(lengths[b].max()) for b in batches]
     assert padded[:3] == sorted(padded, reverse=True)[:3]
     # the same batches, every row once, as the plain shuffle had them apart from the three moved to the front
-    plain = train_module.token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed)
+    plain = token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed)
     assert sorted(map(tuple, batches)) == sorted(map(tuple, plain))
     rest = [tuple(b) for b in batches[3:]]
     assert rest == [tuple(b) for b in plain if tuple(b) not in set(map(tuple, batches[:3]))]
-    _, later = train_module._epoch_batches(cfg, lengths, 1, per_step=3)
+    _, later = schedule_module.epoch_batches(cfg, lengths, 1, per_step=3)
     assert [tuple(b) for b in later] == [
-        tuple(b) for b in train_module.token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed + 1)
+        tuple(b) for b in token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed + 1)
     ]
     # the schedule is deterministic: a resumed run replays the same steps
-    first = list(itertools.islice(train_module._schedule(cfg, lengths, world=1), 5))
-    again = list(itertools.islice(train_module._schedule(cfg, lengths, world=1), 5))
+    first = list(itertools.islice(schedule_module.schedule(cfg, lengths, world=1), 5))
+    again = list(itertools.islice(schedule_module.schedule(cfg, lengths, world=1), 5))
     assert all(np.array_equal(a, b) for x, y in zip(first, again, strict=True) for a, b in zip(x[2], y[2], strict=True))
 
 
@@ -625,7 +632,7 @@ def _first_step(cfg: TrainConfig, limit: int | None = None, where: str = "forwar
     with contextlib.redirect_stdout(io.StringIO()):
         run = train_module.setup(cfg)
     fake = OutOfMemoryAbove(run.model, limit, where) if limit else None
-    epoch, swapped, micro_batches = next(train_module._schedule(cfg, run.data.lengths))
+    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg, run.data.lengths))
     run.initial = [p.detach().clone() for p in run.params]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -665,7 +672,7 @@ def test_out_of_memory_micro_batches_are_split_and_the_step_is_unchanged(
 
 def test_a_row_that_does_not_fit_alone_stops_the_run(prepared, qwen_path, tmp_path) -> None:
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
-    with pytest.raises(train_module.TrainMemoryError) as err:
+    with pytest.raises(TrainMemoryError) as err:
         _first_step(cfg, limit=10, where="backward")
     msg = str(err.value)
     assert "step 1: out of memory in the backward of 1 row(s) x" in msg and "one row alone does not fit" in msg

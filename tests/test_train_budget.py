@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from kaggle_utils import train as train_module
-from kaggle_utils.parallel import Parallel
 from kaggle_utils.scoring.memory import GiB, MiB
-from kaggle_utils.train import TrainConfig, probe_batch_tokens, train
+from kaggle_utils.train import TrainConfig, train
+from kaggle_utils.training import memory as train_memory
+from kaggle_utils.training.checkpoints import resumed_batch_tokens
+from kaggle_utils.training.memory import probe_batch_tokens
+from kaggle_utils.training.parallel import Parallel
 
 # every test here probes or runs the train stage: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -175,7 +179,7 @@ def test_probing_leaves_weights_gradients_mode_and_random_state_alone(tiny_run) 
 def test_zero_on_the_cpu_trains_with_the_fallback_and_a_resume_keeps_the_budget(
     prepared, qwen_path, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(train_module, "FALLBACK_BATCH_TOKENS", 1024)
+    monkeypatch.setattr(train_memory, "FALLBACK_BATCH_TOKENS", 1024)
     cfg = _cfg(prepared, qwen_path, tmp_path / "run", batch_tokens=0, max_rows=8)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -187,7 +191,7 @@ def test_zero_on_the_cpu_trains_with_the_fallback_and_a_resume_keeps_the_budget(
         assert json.loads(path.read_text())["batch_tokens"] == 1024, path
     assert result.metrics["steps"] == result.metrics["total_steps"] == 15  # 1,024-token micro-batches
     # a rerun with batch_tokens=0 resumes with the checkpoint's budget, not the fallback it would measure now
-    monkeypatch.setattr(train_module, "FALLBACK_BATCH_TOKENS", 8192)
+    monkeypatch.setattr(train_memory, "FALLBACK_BATCH_TOKENS", 8192)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         again = train(cfg)
@@ -200,11 +204,11 @@ def test_every_process_takes_the_smallest_budget(tiny_run, monkeypatch) -> None:
         def min(self, value: int) -> int:
             return min(value, 300)  # the other process measured 300
 
-    monkeypatch.setattr(train_module, "FALLBACK_BATCH_TOKENS", 1024)
+    monkeypatch.setattr(train_memory, "FALLBACK_BATCH_TOKENS", 1024)
     run = tiny_run
     with contextlib.redirect_stdout(io.StringIO()):
-        cfg = train_module._measured_batch_tokens(
-            train_module.replace(run.cfg, batch_tokens=0),
+        cfg = train_memory.measured_batch_tokens(
+            replace(run.cfg, batch_tokens=0),
             run.model,
             run.data,
             0,
@@ -222,13 +226,13 @@ def test_zero_is_refused_where_it_cannot_be_measured(tmp_path) -> None:
     with pytest.raises(ValueError, match="not available with packing=True: give batch_tokens"):
         TrainConfig(batch_tokens=0, packing=True)
     with pytest.raises(ValueError, match="not available under FSDP: give batch_tokens"):
-        train_module._refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=0), Parallel(fsdp=True))
-    train_module._refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=4096), Parallel(fsdp=True))
+        train_memory.refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=0), Parallel(fsdp=True))
+    train_memory.refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=4096), Parallel(fsdp=True))
 
 
 def test_a_checkpoint_without_a_budget_is_not_resumed_with_zero(tmp_path) -> None:
     cfg = TrainConfig(batch_tokens=0, out_dir=tmp_path)
     torch.save({"config": {"batch_tokens": None}}, tmp_path / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="records no batch_tokens to resume with"):
-        train_module._resumed_batch_tokens(cfg, Parallel())
-    assert train_module._resumed_batch_tokens(TrainConfig(out_dir=tmp_path), Parallel()).batch_tokens == 8192
+        resumed_batch_tokens(cfg, Parallel())
+    assert resumed_batch_tokens(TrainConfig(out_dir=tmp_path), Parallel()).batch_tokens == 8192

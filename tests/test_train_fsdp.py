@@ -1,6 +1,7 @@
 """kaggle_utils.train under ``accelerate launch`` with the shipped fsdp.yaml: 2 sharded processes (FSDP2, gloo,
-CPU) train what 1 process trains. accelerate shards only on accelerators; on the CPU kaggle_utils.parallel shards
-with the same fsdp2_prepare_model (full precision here: bitsandbytes 4-bit is not tested on the CPU)."""
+CPU) train what 1 process trains. accelerate shards only on accelerators; on the CPU
+kaggle_utils.training.parallel shards with the same fsdp2_prepare_model (full precision here: bitsandbytes
+4-bit is not tested on the CPU)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from safetensors.torch import load_file
 
 from kaggle_utils.config.cli import config_to_argv
 from kaggle_utils.inputs.formatter import PromptFormatter
-from kaggle_utils.parallel import Parallel, check_fsdp_dtypes
 from kaggle_utils.train import TrainConfig, train
+from kaggle_utils.training.parallel import Parallel, check_fsdp_dtypes
 
 # launches processes: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -161,7 +162,7 @@ def test_one_process_is_a_pass_through() -> None:
 def test_launches_this_loop_does_not_train_are_refused(kind, version, message) -> None:
     from types import SimpleNamespace
 
-    from kaggle_utils.parallel import _check_launch
+    from kaggle_utils.training.parallel import _check_launch
 
     plugin = None if version is None else SimpleNamespace(fsdp_version=version)
     with pytest.raises(RuntimeError, match=message):

@@ -16,7 +16,10 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from kaggle_utils.config import recipes
-from kaggle_utils.train import TrainConfig, _schedule, setup, split, train, train_step
+from kaggle_utils.train import TrainConfig, setup, train
+from kaggle_utils.training.rows import split
+from kaggle_utils.training.schedule import schedule
+from kaggle_utils.training.step import train_step
 
 # trains: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -53,7 +56,7 @@ def _state(run) -> dict[str, torch.Tensor]:
 
 
 def _take_steps(run, n: int) -> None:
-    for epoch, swapped, micro_batches in itertools.islice(_schedule(run.cfg, run.data.lengths), n):  # endless
+    for epoch, swapped, micro_batches in itertools.islice(schedule(run.cfg, run.data.lengths), n):  # endless
         _quiet(train_step, run, epoch, micro_batches, swapped)
 
 

@@ -1,0 +1,100 @@
+"""The training and validation rows of a run: the split by fold, the pseudo-labelled extras, targets and weights.
+
+``split`` reads the prepared file and the extras; ``encode_rows`` tokenises the training rows once and keeps their
+human labels, teacher logits and row weights beside the tokens (:class:`TrainRows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from kaggle_utils.data import schema
+from kaggle_utils.data.mixing import mix_extras, read_extras
+from kaggle_utils.inputs.formatter import PromptFormatter
+from kaggle_utils.inputs.tokens import PairTokens
+from kaggle_utils.training.config import TrainConfig
+
+
+def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
+    """``val_fold`` selects rows of a numeric ``fold`` column: anything else would train with no validation."""
+    found = sorted(pd.unique(folds.dropna()).tolist(), key=str)
+    shown = f"{found[:12]!r}{' ...' if len(found) > 12 else ''}"
+    if not pd.api.types.is_numeric_dtype(folds):
+        # strings "0", "1" never equal the number 0: every row would train and none validate
+        raise schema.DataError(
+            f"{cfg.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write the folds "
+            f"as integers (the prepare stage does), or pass --val-fold -1 to train on every row"
+        )
+    if not (folds == cfg.val_fold).any():
+        raise schema.DataError(
+            f"{cfg.train_file}: --val-fold {cfg.val_fold} selects no rows; the 'fold' column holds {shown}: pass "
+            "one of them, or --val-fold -1 to train on every row"
+        )
+
+
+def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training rows (labelled folds + pseudo-labelled extras) and validation rows."""
+    df = schema.load(cfg.train_file, "train")
+    if cfg.val_fold >= 0:
+        if "fold" not in df.columns:
+            raise schema.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
+        _check_val_fold(cfg, df["fold"])
+        train_df, val_df = df[df["fold"] != cfg.val_fold], df[df["fold"] == cfg.val_fold]
+    else:
+        train_df, val_df = df, df.iloc[:0]
+    extras = []
+    if cfg.extra_files:
+        # one file per teacher over the same pool: one row per id, the teachers' logits averaged; then the mixing
+        # settings (confidence, agreement with a human label, per-source caps) choose the rows, and say so
+        extras = [mix_extras(cfg, read_extras(cfg.extra_files), cfg.seed)[0]]
+    kept = [] if cfg.extras_only else [train_df]  # extras_only: the labelled rows only validate
+    train_df = pd.concat([*kept, *extras], ignore_index=True)
+    if cfg.max_train_rows:
+        train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
+    return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+
+
+def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Human labels (N,) int64, -1 where a row has none, and teacher logits (N, 2), NaN where it has none."""
+    hard = np.full(len(df), -1, dtype=np.int64)
+    if "winner" in df.columns:
+        known = df["winner"].isin(schema.WINNERS).to_numpy()
+        hard[known] = schema.labels(df[known])
+    return hard, schema.teacher_logits(df)
+
+
+def row_weights(cfg: TrainConfig, df: pd.DataFrame) -> np.ndarray:
+    """(N,) float32: the ``weight`` column where given, else ``source_weights[source]``, else 1."""
+    w = np.ones(len(df), dtype=np.float32)
+    if cfg.source_weights and "source" in df.columns:
+        w = df["source"].map(cfg.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
+    if "weight" in df.columns:
+        given = df["weight"].to_numpy(dtype=np.float32)
+        w = np.where(np.isfinite(given), given, w)
+    if (w < 0).any() or w.sum() <= 0:
+        raise schema.DataError(f"row weights must be >= 0 and not all 0; got min {w.min()}, sum {w.sum()}")
+    return w
+
+
+@dataclass
+class TrainRows:
+    """The training rows, encoded once; each epoch shows every row in one A/B orientation, built per batch."""
+
+    tokens: PairTokens  # token ids of every row in one flat int32 array; ``rows(idx, swapped)`` builds a batch
+    hard: np.ndarray  # (N,) int64: 0 if A wins, 1 if B wins, -1 without a human label
+    teacher: np.ndarray  # (N, 2) float32: the teacher's logits of A and B winning, NaN without a teacher
+    weight: np.ndarray  # (N,) float32: the row's weight in the loss
+    row_ids: np.ndarray  # (N,) the rows' ``id`` values, named when a batch's loss is not finite
+    lengths: np.ndarray  # (N,) tokens per row (the same in both orientations); batches are formed on these
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def encode_rows(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> TrainRows:
+    hard, teacher = _targets(df)
+    tokens = fmt.encode_pairs(df)
+    return TrainRows(tokens, hard, teacher, row_weights(cfg, df), df["id"].to_numpy(), tokens.lengths)
