@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -69,27 +70,7 @@ def probe_batch_tokens(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     reserve = 2 * sum(p.numel() * p.element_size() for p in params)
-    unswapped = np.zeros(len(data), dtype=bool)  # (N,): memory is the same in either orientation
-
-    def fits(idx: np.ndarray) -> bool:
-        grads = [None if p.grad is None else p.grad.clone() for p in params]
-        try:
-            enc, _, hard, teacher, weight = micro_batch(cfg, data, pad_id, device, idx, unswapped)
-            with precision.context(device):
-                logits = model(**enc).logits  # (B, 2)
-            loss = preference_loss(
-                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
-            )
-            loss.backward()  # unscaled: loss scaling changes the gradients' values, not their memory
-            return True
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err):
-                raise
-            return False  # the failed batch's activations are freed with this frame, before the gauge clears
-        finally:
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-
+    fits = _probe_step(cfg, model, data, pad_id, device, precision, params)
     if gauge is None and device.type == "cuda":
         gauge = CudaGauge(device)
     was_training = model.training
@@ -112,3 +93,40 @@ def probe_batch_tokens(
             )
     finally:
         model.train(was_training)
+
+
+def _probe_step(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    data: TrainRows,
+    pad_id: int,
+    device: torch.device,
+    precision: Precision,
+    params: list[torch.nn.Parameter],
+) -> Callable[[np.ndarray], bool]:
+    """The probe's test of a micro-batch: a training forward and backward of rows ``idx``; False if out of memory.
+
+    The gradients are put back as they were after every probe.
+    """
+    unswapped = np.zeros(len(data), dtype=bool)  # (N,): memory is the same in either orientation
+
+    def fits(idx: np.ndarray) -> bool:
+        grads = [None if p.grad is None else p.grad.clone() for p in params]
+        try:
+            enc, _, hard, teacher, weight = micro_batch(cfg, data, pad_id, device, idx, unswapped)
+            with precision.context(device):
+                logits = model(**enc).logits  # (B, 2)
+            loss = preference_loss(
+                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+            )
+            loss.backward()  # unscaled: loss scaling changes the gradients' values, not their memory
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            return False  # the failed batch's activations are freed with this frame, before the gauge clears
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+
+    return fits

@@ -98,3 +98,11 @@ def encode_rows(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> Tra
     hard, teacher = _targets(df)
     tokens = fmt.encode_pairs(df)
     return TrainRows(tokens, hard, teacher, row_weights(cfg, df), df["id"].to_numpy(), tokens.lengths)
+
+
+def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd.DataFrame]:
+    """What the loop trains and validates on: the training rows (the folds not held out, the extras mixed in,
+    sampled to ``max_train_rows``) encoded with their targets and weights, and the held-out rows as a frame
+    (evaluation encodes them in both A/B orientations)."""
+    train_df, val_df = split(cfg)
+    return encode_rows(cfg, fmt, train_df), val_df

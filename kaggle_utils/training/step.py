@@ -100,6 +100,16 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     where = f"step {run.step + 1}: out of memory in the {'backward' if in_backward else 'forward'} of {shape}"
+    _refuse_retry(run, idx, where, in_backward and sync)
+    half = (len(idx) + 1) // 2
+    print(f"{where}; retrying it as {half} + {len(idx) - half} rows (lower batch_tokens to avoid the retries)")
+    first = _backward(run, idx[:half], swapped, step_weight, sync=False)
+    return first + _backward(run, idx[half:], swapped, step_weight, sync=sync)
+
+
+def _refuse_retry(run: Run, idx: np.ndarray, where: str, syncing: bool) -> None:
+    """Stop the run where a micro-batch that ran out of memory cannot be split and retried, naming what to change."""
+    cfg, par = run.cfg, run.parallel
     if len(idx) == 1:
         raise TrainMemoryError(
             f"{where} (the row with id {run.data.row_ids[idx[0]]}): one row alone does not fit. Set "
@@ -111,16 +121,12 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
             f"{where} under FSDP, where a micro-batch cannot be split and retried: lower batch_tokens (now "
             f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
         )
-    if in_backward and sync and par.world > 1:
+    if syncing and par.world > 1:
         # the gradient all-reduce had started with the other processes: it cannot be taken back and redone
         raise TrainMemoryError(
             f"{where}, while its gradients were being synchronised across processes: lower batch_tokens (now "
             f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
         )
-    half = (len(idx) + 1) // 2
-    print(f"{where}; retrying it as {half} + {len(idx) - half} rows (lower batch_tokens to avoid the retries)")
-    first = _backward(run, idx[:half], swapped, step_weight, sync=False)
-    return first + _backward(run, idx[half:], swapped, step_weight, sync=sync)
 
 
 def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: np.ndarray) -> dict:
