@@ -52,12 +52,12 @@ from kaggle_utils.models.loading import (
     DTYPES,
     LOAD_LOCK,
     check_model_dir,
-    compute_dtype,
     load_tokenizer,
     pick_device,
 )
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.training.precision import Precision
 
 # mDeBERTa-v3 was pretrained at 512 tokens; its relative positions are bucketed for that length
 MAX_ENCODER_LENGTH = 512
@@ -483,24 +483,6 @@ class AWP:
 
 
 @dataclass
-class Precision:
-    """Autocast dtype and loss scaling: fp32 on the CPU, fp16 + GradScaler before sm_80, bf16 from sm_80."""
-
-    device: torch.device
-    dtype: torch.dtype
-    scaler: torch.amp.GradScaler
-
-    @classmethod
-    def pick(cls, device: torch.device, requested: str) -> Precision:
-        dtype = compute_dtype(device, requested)
-        # fp16's 5-bit exponent underflows small gradients: scale the loss; bf16 and fp32 need no scaling
-        return cls(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-
-@dataclass
 class Run:
     """One training run, built by :func:`setup` and advanced by :func:`train_step`."""
 
@@ -510,7 +492,9 @@ class Run:
     val: Choices
     val_df: pd.DataFrame
     model: torch.nn.Module
+    device: torch.device
     precision: Precision
+    scaler: torch.amp.GradScaler  # loss scaling for fp16; a pass-through otherwise
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     awp: AWP | None
@@ -521,10 +505,6 @@ class Run:
     step: int = 0
     history: list[dict] = field(default_factory=list)  # one row per step: what history.csv holds
     evals: list[dict] = field(default_factory=list)  # one entry per validation: step and metrics
-
-    @property
-    def device(self) -> torch.device:
-        return self.precision.device
 
 
 def load_model(cfg: MultipleChoiceConfig, device: torch.device) -> torch.nn.Module:
@@ -576,7 +556,7 @@ def setup(cfg: MultipleChoiceConfig) -> Run:
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    precision = Precision.pick(device, cfg.dtype)
+    precision = Precision.choose(device, cfg.dtype, weights_in_dtype=False)  # fp32 weights
     model = load_model(cfg, device)
     # fused: one kernel for all tensors (4x faster than the per-tensor loop on the CPU, fastest on GPUs)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
@@ -600,7 +580,9 @@ def setup(cfg: MultipleChoiceConfig) -> Run:
         val=val,
         val_df=val_df,
         model=model,
+        device=device,
         precision=precision,
+        scaler=precision.scaler(device),
         optimizer=optimizer,
         scheduler=scheduler,
         awp=awp,
@@ -613,7 +595,7 @@ def setup(cfg: MultipleChoiceConfig) -> Run:
 
 def choice_logits(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, 2) float32 scores of the two choices of each row."""
-    with run.precision.autocast():
+    with run.precision.context(run.device):
         logits = run.model(**batch).logits  # (B, 2): one score per choice
     return logits.float()
 
@@ -629,7 +611,7 @@ def micro_batch(run: Run, idx: np.ndarray, swapped: np.ndarray) -> tuple[dict[st
 def backward(run: Run, batch: dict[str, torch.Tensor], y: torch.Tensor, weight: float, adversarial: bool):
     """Accumulate ``weight`` x the micro-batch's loss gradient into ``.grad`` (at AWP-perturbed weights when
     ``adversarial``); returns (loss, adversarial loss or NaN) as floats."""
-    scaler = run.precision.scaler
+    scaler = run.scaler
 
     def loss_fn() -> torch.Tensor:
         return F.cross_entropy(choice_logits(run, batch), y)
@@ -646,7 +628,7 @@ def backward(run: Run, batch: dict[str, torch.Tensor], y: torch.Tensor, weight: 
 
 def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: np.ndarray) -> dict:
     """One optimiser step over ``grad_accum`` micro-batches; its history row is appended to ``run.history``."""
-    t0, scaler = time.monotonic(), run.precision.scaler
+    t0, scaler = time.monotonic(), run.scaler
     step_rows = sum(len(idx) for idx in micro_batches)
     adversarial = run.awp is not None and run.step >= run.awp_start_step
     loss_sum = adv_sum = 0.0

@@ -68,7 +68,7 @@ from kaggle_utils.training.memory import measured_batch_tokens, refuse_measured_
 from kaggle_utils.training.outputs import save_adapter, save_outputs
 from kaggle_utils.training.parallel import Parallel
 from kaggle_utils.training.precision import Precision, trainable_in_fp32
-from kaggle_utils.training.rows import encode_rows, split
+from kaggle_utils.training.rows import training_rows
 from kaggle_utils.training.run import Run
 from kaggle_utils.training.schedule import lr_lambda, schedule, steps_per_epoch
 from kaggle_utils.training.step import train_step
@@ -99,49 +99,26 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
-    train_df, val_df = split(cfg)
-    data = encode_rows(cfg, fmt, train_df)
+    data, val_df = training_rows(cfg, fmt)
     cfg = resumed_batch_tokens(cfg, parallel)
     if cfg.batch_tokens:  # checked before the model loads, so a bad config fails fast; 0 is measured after it
-        per_epoch = steps_per_epoch(cfg, data.lengths, parallel.world)
+        steps_per_epoch(cfg, data.lengths, parallel.world)
     refuse_fsdp_resume(cfg, parallel)
 
-    here = parallel.shard.device(cfg.device, torch.cuda.is_available())  # cuda:LOCAL_RANK
-    model = load_classifier(
-        replace(cfg, device=here),
-        tok.pad_token_id,
-        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        packing=cfg.packing,
-        # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
-        quant_storage=compute_dtype(pick_device(here), cfg.dtype) if parallel.fsdp else None,
-    )
+    model = _load_model(cfg, parallel, tok.pad_token_id)
     device = model_device(model)
     precision = Precision.choose(device, cfg.dtype)
     params = trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
     if not cfg.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
         cfg = measured_batch_tokens(cfg, model, data, tok.pad_token_id, device, precision, parallel)
-        per_epoch = steps_per_epoch(cfg, data.lengths, parallel.world)
     wrapped = parallel.wrap(model)
     if parallel.fsdp:  # fully_shard replaced every parameter by a sharded one (a DTensor): optimise those
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = steps_per_epoch(cfg, data.lengths, parallel.world)
     total_steps = max(1, math.ceil(cfg.epochs * per_epoch))
     warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
-    n_trainable = sum(p.numel() for p in params)
-    n_taught = int(np.isfinite(data.teacher).all(1).sum())
-    per_step = cfg.grad_accum * parallel.world
-    processes = f" · {parallel.world} processes x {cfg.grad_accum} micro-batch(es)/step" if parallel.world > 1 else ""
-    if parallel.is_main:
-        print(
-            f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(val_df):,} · "
-            f"tokens/epoch {int(data.lengths.sum()):,} · steps {total_steps} ({per_epoch}/epoch) · "
-            f"≤{cfg.batch_tokens * per_step:,} {'packed' if cfg.packing else 'padded'} tokens/step{processes} · "
-            f"trainable params {n_trainable:,} · "
-            f"device {device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
-        )
     run = Run(
         cfg=cfg,
         tok=tok,
@@ -154,16 +131,49 @@ def setup(cfg: TrainConfig) -> Run:
         params=params,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=scaler,
+        scaler=precision.scaler(device),
         total_steps=total_steps,
         parallel=parallel,
         wrapped=wrapped,
     )
+    _describe(run, per_epoch)
     load_checkpoint(run)
     # written only once the checkpoint's config guard passed: a refused rerun leaves the run's record intact
     if parallel.is_main:
         save_config(cfg, cfg.out_dir / "train_config.json")
     return run
+
+
+def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.Module:
+    """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device."""
+    here = parallel.shard.device(cfg.device, torch.cuda.is_available())  # cuda:LOCAL_RANK
+    return load_classifier(
+        replace(cfg, device=here),
+        pad_id,
+        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        packing=cfg.packing,
+        # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
+        quant_storage=compute_dtype(pick_device(here), cfg.dtype) if parallel.fsdp else None,
+    )
+
+
+def _describe(run: Run, per_epoch: int) -> None:
+    """One line of the run's derived numbers (rank 0 only)."""
+    cfg, parallel, data, precision = run.cfg, run.parallel, run.data, run.precision
+    if not parallel.is_main:
+        return
+    n_trainable = sum(p.numel() for p in run.params)
+    n_taught = int(np.isfinite(data.teacher).all(1).sum())
+    per_step = cfg.grad_accum * parallel.world
+    processes = f" · {parallel.world} processes x {cfg.grad_accum} micro-batch(es)/step" if parallel.world > 1 else ""
+    print(
+        f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(run.val_df):,} · "
+        f"tokens/epoch {int(data.lengths.sum()):,} · steps {run.total_steps} ({per_epoch}/epoch) · "
+        f"≤{cfg.batch_tokens * per_step:,} {'packed' if cfg.packing else 'padded'} tokens/step{processes} · "
+        f"trainable params {n_trainable:,} · "
+        f"device {run.device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
+    )
 
 
 def train(cfg: TrainConfig) -> TrainResult | None:

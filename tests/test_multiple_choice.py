@@ -21,6 +21,7 @@ from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import SNIP_MARKER
 from kaggle_utils.models.demo_encoder import DemoEncoderConfig, build_demo_encoder
 from kaggle_utils.models.loading import load_tokenizer
+from kaggle_utils.training.precision import Precision
 
 # trains the encoder: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -356,7 +357,11 @@ def test_an_unknown_recipe_key_names_the_file_and_the_key(tmp_path: Path) -> Non
 
 
 def test_cpu_precision_is_fp32_without_loss_scaling() -> None:
+    """The baseline's weights are fp32: on the CPU "auto" computes in fp32, a requested bf16 is an autocast."""
     cpu = torch.device("cpu")
-    auto = mc.Precision.pick(cpu, "auto")
-    assert auto.dtype == torch.float32 and not auto.scaler.is_enabled()
-    assert mc.Precision.pick(cpu, "bf16").dtype == torch.bfloat16
+    auto = Precision.choose(cpu, "auto", weights_in_dtype=False)
+    assert auto.dtype == torch.float32 and not auto.scaler(cpu).is_enabled()
+    bf16 = Precision.choose(cpu, "bf16", weights_in_dtype=False)
+    assert bf16.autocast == torch.bfloat16 and not bf16.scale_loss
+    # the train stage loads its weights in the compute dtype: off the GPU they compute as they are
+    assert Precision.choose(cpu, "bf16") == Precision(None, False)
