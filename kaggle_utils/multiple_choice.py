@@ -16,8 +16,9 @@ predictions compare and blend with the students' row for row.
   head and its tail around a snip marker. Fields are tokenised alone and joined as ids: nothing is decoded.
 * Training (:func:`train_step`): AdamW with a linear warm-up and linear decay; weights stay fp32 and the forward runs
   in fp32 on the CPU, fp16 autocast with loss scaling on GPUs before sm_80 (T4), bf16 autocast from sm_80. Each
-  epoch shows ``swap_fraction`` of the rows A/B-swapped (``schema.swap_ab``). Optional adversarial weight
-  perturbation (:class:`AWP`) from ``awp_start_epoch`` on.
+  epoch shows ``swap_fraction`` of the rows A/B-swapped (``schema.swap_ab``), in the train stage's schedule
+  (``training.schedule``: the first step holds the epoch's largest micro-batches, so a run that does not fit fails at
+  once). Optional adversarial weight perturbation (``training.awp.AWP``) from ``awp_start_epoch`` on.
 * Outputs in ``out_dir``: ``model/`` (weights, tokenizer, this config), ``val_predictions.parquet``,
   ``metrics.json``, ``history.csv`` and ``multiple_choice_config.json``.
 
@@ -33,7 +34,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +58,9 @@ from kaggle_utils.models.loading import (
 )
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.training.awp import AWP
 from kaggle_utils.training.precision import Precision
+from kaggle_utils.training.schedule import schedule, steps_per_epoch
 
 # mDeBERTa-v3 was pretrained at 512 tokens; its relative positions are bucketed for that length
 MAX_ENCODER_LENGTH = 512
@@ -71,6 +74,8 @@ class MultipleChoiceConfig:
 
     # the stage its recipes name (``stage = "multiple-choice"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "multiple-choice"
+    # rows are padded, never packed (the shared schedule, training.schedule.Batching, asks)
+    packing: ClassVar[bool] = False
 
     # local folder of an encoder saved by save_pretrained (config.json + weights + tokenizer), e.g. mdeberta-v3-base
     model_path: Path = Path("demo/models/mdeberta-tiny")
@@ -385,100 +390,6 @@ class TrainRows:
         return [(self.swapped if swapped[i] else self.plain, i) for i in idx]
 
 
-def epoch_plan(cfg: MultipleChoiceConfig, lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Which rows are swapped, and the shuffled micro-batches, of one epoch (deterministic in seed and epoch)."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    swapped = rng.random(len(lengths)) < cfg.swap_fraction
-    # both choices are padded to the row's longer one, so a row costs 2 x its length
-    batches = token_budget_batches(2 * lengths, cfg.batch_tokens, cfg.max_rows, shuffle=True, seed=cfg.seed + epoch)
-    return swapped, batches
-
-
-def steps_per_epoch(cfg: MultipleChoiceConfig, lengths: np.ndarray) -> int:
-    """Optimiser steps in one epoch (the batches are the same every epoch, only their order changes)."""
-    n_batches = len(epoch_plan(cfg, lengths, 0)[1])
-    if n_batches < cfg.grad_accum:
-        raise ValueError(
-            f"{len(lengths)} training rows make {n_batches} micro-batch(es) under batch_tokens={cfg.batch_tokens}, "
-            f"fewer than grad_accum={cfg.grad_accum}; lower grad_accum or batch_tokens"
-        )
-    return n_batches // cfg.grad_accum
-
-
-def schedule(cfg: MultipleChoiceConfig, lengths: np.ndarray) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
-    """``(epoch, swapped, micro_batches)`` of every optimiser step, epoch after epoch without end.
-
-    An epoch's last micro-batches that cannot fill a step of ``grad_accum`` are left out (shuffled: others each epoch).
-    """
-    epoch = 0
-    while True:
-        swapped, batches = epoch_plan(cfg, lengths, epoch)
-        for i in range(0, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
-            yield epoch, swapped, batches[i : i + cfg.grad_accum]
-        epoch += 1
-
-
-# --- adversarial weight perturbation ---------------------------------------------------------------------------------
-
-
-class AWP:
-    """Adversarial weight perturbation, the form Kaggle NLP solutions use (after Wu et al., 2020).
-
-    For a micro-batch: the clean loss's gradient g gives each chosen weight tensor w a step
-    ``lr * ||w|| * g / ||g||``, clipped elementwise to ``w ± eps * |w|``; the loss at the perturbed weights is
-    backpropagated into ``.grad``; then every weight is restored bit for bit. The optimiser so steps with the
-    gradient taken at the worst nearby weights, which favours flat minima.
-
-    Unlike the widely copied Kaggle class (``attack_backward`` calling ``optimizer.zero_grad()``), the clean gradient
-    is taken with ``torch.autograd.grad`` and never touches ``.grad``, so the attack cannot wipe the micro-batches
-    accumulated before it; the restore runs in a ``finally`` (an exception, an out-of-memory error, cannot leave the
-    model perturbed) and copies the originals back in place, bit for bit, so the optimiser's references stay valid.
-    A non-finite clean gradient (an fp16 overflow) gives its tensor no step; an overflow in the adversarial gradient
-    is the GradScaler's to catch, as in any step.
-    """
-
-    def __init__(self, model: torch.nn.Module, lr: float, eps: float, steps: int = 1, name_filter: str = "weight"):
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad and name_filter in n}
-        if not self.params:
-            raise ValueError(f"AWP: no trainable parameter name contains {name_filter!r}; check awp_params")
-        self.lr, self.eps, self.steps = lr, eps, steps
-
-    @torch.no_grad()
-    def _attack(self, grads: tuple[torch.Tensor | None, ...], originals: list[torch.Tensor]) -> None:
-        for p, g, w in zip(self.params.values(), grads, originals, strict=True):
-            if g is None:  # a weight the loss does not reach
-                continue
-            g_norm = torch.linalg.vector_norm(g.float())
-            # no .item(): a host sync per tensor would stall the GPU; a zero or non-finite norm gives no step
-            ok = torch.isfinite(g_norm) & (g_norm > 0)
-            step = torch.where(ok, self.lr * torch.linalg.vector_norm(w.float()) / g_norm.clamp_min(1e-12), 0.0)
-            p.add_(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) * step.to(p.dtype))
-            bound = self.eps * w.abs()
-            torch.clamp(p, w - bound, w + bound, out=p)
-
-    def backward(self, loss_fn: Callable[[], torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor]):
-        """Perturb, backpropagate ``scale(loss_fn())`` at the perturbed weights into ``.grad``, restore.
-
-        ``loss_fn`` runs the forward pass and returns the loss; ``scale`` weights it for accumulation and loss scaling
-        (the clean gradient's scale cancels in g / ||g||). Returns (clean loss, adversarial loss) as floats.
-        """
-        params = list(self.params.values())
-        originals = [p.detach().clone() for p in params]
-        clean = None
-        try:
-            for _ in range(self.steps):
-                loss = loss_fn()
-                clean = loss.detach() if clean is None else clean
-                self._attack(torch.autograd.grad(scale(loss), params, allow_unused=True), originals)
-            adversarial = loss_fn()
-            scale(adversarial).backward()
-        finally:
-            with torch.no_grad():
-                for p, w in zip(params, originals, strict=True):
-                    p.copy_(w)
-        return float(clean), float(adversarial.detach())
-
-
 # --- the run ---------------------------------------------------------------------------------------------------------
 
 
@@ -551,7 +462,7 @@ def setup(cfg: MultipleChoiceConfig) -> Run:
     data, val = encode_rows(
         ChoiceEncoder(tok, cfg.max_length, cfg.prompt_fraction, cfg.head_fraction), train_df, val_df
     )
-    per_epoch = steps_per_epoch(cfg, data.plain.lengths)  # before the model loads, so a bad config fails fast
+    per_epoch = steps_per_epoch(cfg, 2 * data.plain.lengths)  # before the model loads, so a bad config fails fast
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_threads:
@@ -700,7 +611,7 @@ def _loop(run: Run) -> bool:
     step_seconds = 0.0
     bar = tqdm(total=run.total_steps, desc="train", unit="step")
     run.model.train()
-    for epoch, swapped, micro_batches in itertools.islice(schedule(cfg, run.data.plain.lengths), run.total_steps):
+    for epoch, swapped, micro_batches in itertools.islice(schedule(cfg, 2 * run.data.plain.lengths), run.total_steps):
         # start a step only if it should end in time: the last step's duration plus 50% estimates it
         if not deadline.allows(step_seconds * 1.5):
             bar.close()

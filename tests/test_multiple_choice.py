@@ -21,6 +21,7 @@ from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import SNIP_MARKER
 from kaggle_utils.models.demo_encoder import DemoEncoderConfig, build_demo_encoder
 from kaggle_utils.models.loading import load_tokenizer
+from kaggle_utils.training.awp import AWP
 from kaggle_utils.training.precision import Precision
 
 # trains the encoder: make test runs these, make test-fast does not
@@ -253,7 +254,7 @@ def test_awp_restores_the_weights_exactly_and_changes_the_gradient(encoder_path:
     model.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    awp = mc.AWP(model, lr=1.0, eps=0.01)
+    awp = AWP(model, lr=1.0, eps=0.01)
     moved: dict[str, float] = {}
 
     def watched() -> torch.Tensor:  # records how far each weight sits from its original during the forward
@@ -296,7 +297,7 @@ def test_awp_restores_the_weights_when_the_forward_fails(encoder_path: Path, enc
         return loss_fn()
 
     with pytest.raises(RuntimeError, match="simulated"):
-        mc.AWP(model, lr=1.0, eps=0.01).backward(failing, lambda loss: loss)
+        AWP(model, lr=1.0, eps=0.01).backward(failing, lambda loss: loss)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -305,7 +306,7 @@ def test_awp_needs_weights_to_perturb(encoder_path: Path) -> None:
 
     model = AutoModelForMultipleChoice.from_pretrained(encoder_path, local_files_only=True)
     with pytest.raises(ValueError, match="no trainable parameter name contains 'nothing'"):
-        mc.AWP(model, lr=1.0, eps=0.01, name_filter="nothing")
+        AWP(model, lr=1.0, eps=0.01, name_filter="nothing")
 
 
 # --- config, recipes, command line -----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The order of training: token-budget micro-batches per epoch, optimiser steps, and the learning-rate curve.
 
 Everything here depends on the config, the row lengths and the world size alone, so a resumed run replays the
-schedule up to its checkpoint and goes on with the very batches the uninterrupted run would have seen.
+schedule up to its checkpoint and goes on with the very batches the uninterrupted run would have seen. The train
+stage and the multiple-choice baseline share it (:class:`Batching`: the fields it reads of their configs).
 """
 
 from __future__ import annotations
@@ -9,11 +10,24 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from kaggle_utils.inputs.batching import packed_batches, token_budget_batches
-from kaggle_utils.training.config import TrainConfig
+
+
+class Batching(Protocol):
+    """What the schedule reads of a stage's config (``TrainConfig``, ``MultipleChoiceConfig``)."""
+
+    train_file: Path  # named when the rows cannot fill a step
+    seed: int  # the shuffles and the A/B swaps
+    swap_fraction: float  # share of rows shown A/B-swapped each epoch
+    batch_tokens: int  # padded (or packed) tokens per micro-batch
+    max_rows: int  # most rows in one micro-batch
+    grad_accum: int  # micro-batches per optimiser step and process
+    packing: bool  # rows packed end to end instead of padded
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -27,7 +41,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def epoch_batches(
-    cfg: TrainConfig, lengths: np.ndarray, epoch: int, per_step: int = 1
+    cfg: Batching, lengths: np.ndarray, epoch: int, per_step: int = 1
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Which rows are swapped, and the shuffled token-budget batches, for one epoch (deterministic).
 
@@ -50,7 +64,7 @@ def epoch_batches(
     return swapped, batches
 
 
-def steps_per_epoch(cfg: TrainConfig, lengths: np.ndarray, world: int = 1) -> int:
+def steps_per_epoch(cfg: Batching, lengths: np.ndarray, world: int = 1) -> int:
     """Optimiser steps in one epoch; the same every epoch, since shuffling reorders batches but never regroups them."""
     n_batches = len(epoch_batches(cfg, lengths, 0)[1])
     per_step = cfg.grad_accum * world
@@ -66,9 +80,7 @@ def steps_per_epoch(cfg: TrainConfig, lengths: np.ndarray, world: int = 1) -> in
     return n_batches // per_step
 
 
-def schedule(
-    cfg: TrainConfig, lengths: np.ndarray, world: int = 1
-) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
+def schedule(cfg: Batching, lengths: np.ndarray, world: int = 1) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
     """``(epoch, swapped, micro_batches)`` of every optimiser step in order, epoch after epoch without end.
 
     A step is ``grad_accum x world`` micro-batches, which the ``world`` processes of a data-parallel launch share
