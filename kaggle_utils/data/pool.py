@@ -500,8 +500,6 @@ def source_summary(report: Report, specs: list[SourceSpec]) -> pd.DataFrame:
 
 def assemble(cfg: PoolConfig, progress: bool = False) -> PoolResult:
     """Run the stage (see the module docstring); a bad manifest entry fails before any file is read."""
-    from tqdm.auto import tqdm
-
     specs = check_inputs(cfg)
     holdout = holdout_prompts(cfg.holdout_files)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -509,33 +507,9 @@ def assemble(cfg: PoolConfig, progress: bool = False) -> PoolResult:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     report = Report()
-    slims, languages, shards = [], [], []
-    # MinHash and language detection read the prompt's head only: the slim frame keeps that much of it
-    head = max(100, 4 * cfg.leak.near_max_chars)
-    quality = clean.QualityConfig(min_response_chars=cfg.min_response_chars)
-
-    for spec in tqdm(specs, desc="sources", disable=not progress):
-        for df, rep in read_chunks(spec, cfg.seed, cfg.chunk_rows):
-            report.extend(rep)
-            df = clean.add_keys(df)
-            keep, rep = clean.quality_mask(df, quality)
-            report.extend(rep)
-            df = df[keep].reset_index(drop=True)
-            df, rep = clean.fill_language(df)
-            report.extend(rep)
-            df, rep = _language_filter(df, spec)
-            report.extend(rep)
-            languages.append(_language_counts(df, "quality"))
-            shards.append((spec, work / f"{len(shards):05d}.parquet"))
-            df[list(sources.COLUMNS)].to_parquet(shards[-1][1], index=False, row_group_size=WRITE_BATCH)
-            slim = df[["id", "source", "winner", "language", *clean.KEY_COLUMNS]].assign(
-                prompt=df["prompt"].str.slice(0, head), _shard=len(shards) - 1, _shard_row=np.arange(len(df))
-            )
-            slims.append(slim)
-            del df
-
-    slim = pd.concat(slims, ignore_index=True)  # manifest order: dedup keeps the first source's copy
-    del slims
+    languages: list[pd.DataFrame] = []  # rows per source and language after each step, from quality on
+    # steps normalise to source_languages, a chunk at a time; the rest on the slim frame of all sources
+    slim, shards = _read_sources(cfg, specs, work, report, languages, progress)
     # ids are unique within a chunk (the normaliser drops repeats); across a source's chunks, here
     slim, rep = _drop(slim, "ids", {"duplicate_id": slim["id"].duplicated().to_numpy()})
     report.extend(rep)
@@ -571,6 +545,48 @@ def assemble(cfg: PoolConfig, progress: bool = False) -> PoolResult:
     result = PoolResult({k: cfg.out_dir / v for k, v in OUTPUT_FILES.items()}, rows, report, lang_table, specs)
     _write_reports(cfg, result, leaks)
     return result
+
+
+def _read_sources(
+    cfg: PoolConfig,
+    specs: list[SourceSpec],
+    work: Path,
+    report: Report,
+    languages: list[pd.DataFrame],
+    progress: bool,
+) -> tuple[pd.DataFrame, list[tuple[SourceSpec, Path]]]:
+    """Each source a chunk at a time through the per-chunk steps, its rows written to a shard under ``work``.
+
+    Returns the slim frame of every row kept (manifest order: dedup keeps the first source's copy) and the shards
+    (source, path) in the order written; counts go to ``report``, language counts to ``languages``.
+    """
+    from tqdm.auto import tqdm
+
+    slims, shards = [], []
+    # MinHash and language detection read the prompt's head only: the slim frame keeps that much of it
+    head = max(100, 4 * cfg.leak.near_max_chars)
+    quality = clean.QualityConfig(min_response_chars=cfg.min_response_chars)
+
+    for spec in tqdm(specs, desc="sources", disable=not progress):
+        for df, rep in read_chunks(spec, cfg.seed, cfg.chunk_rows):
+            report.extend(rep)
+            df = clean.add_keys(df)
+            keep, rep = clean.quality_mask(df, quality)
+            report.extend(rep)
+            df = df[keep].reset_index(drop=True)
+            df, rep = clean.fill_language(df)
+            report.extend(rep)
+            df, rep = _language_filter(df, spec)
+            report.extend(rep)
+            languages.append(_language_counts(df, "quality"))
+            shards.append((spec, work / f"{len(shards):05d}.parquet"))
+            df[list(sources.COLUMNS)].to_parquet(shards[-1][1], index=False, row_group_size=WRITE_BATCH)
+            slim = df[["id", "source", "winner", "language", *clean.KEY_COLUMNS]].assign(
+                prompt=df["prompt"].str.slice(0, head), _shard=len(shards) - 1, _shard_row=np.arange(len(df))
+            )
+            slims.append(slim)
+            del df
+    return pd.concat(slims, ignore_index=True), shards
 
 
 def _write_outputs(cfg: PoolConfig, shards: list[tuple[SourceSpec, Path]], slim: pd.DataFrame) -> dict[str, int]:
