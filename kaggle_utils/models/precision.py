@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -142,83 +142,124 @@ def fp32_compute(model: nn.Module) -> Iterator[Fp32Compute]:
     Yields a :class:`Fp32Compute` saying what was switched. Everything is put back exactly on exit, also when
     the block raises. See the module docstring for the mechanism and why it computes in fp32 throughout.
     """
-    linear4bit = _linear4bit_class()
-    report = Fp32Compute()
-    adapter_ids = _adapter_module_ids(model)
     embeddings = model.get_input_embeddings()
     hook_embeddings = embeddings.weight.dtype in HALF
     scale = _embedding_scale(embeddings) if hook_embeddings else None
-
     # classify first, change nothing yet: an unsupported parameter fails before the model is touched
-    quantized: list[nn.Module] = []
-    streamed: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = {}
-    whole: dict[nn.Parameter, torch.Tensor] = {}
-    buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+    plan = _plan_fp32(model, embeddings)
+    saved_4bit = [(m, m.compute_dtype, m.compute_type_is_set) for m in plan.quantized]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        _switch_to_fp32(plan, handles)
+        if hook_embeddings:
+            handles.append(embeddings.register_forward_hook(_embeddings_in_fp32(scale), with_kwargs=True))
+        yield plan.report(embeddings_hooked=hook_embeddings)
+    finally:
+        _put_back(plan, saved_4bit, handles)
+
+
+@dataclass
+class _Fp32Plan:
+    """What :func:`fp32_compute` switches, each tensor with its original (kept to be put back)."""
+
+    # bitsandbytes Linear4bit layers whose compute dtype is not fp32 yet
+    quantized: list[nn.Module] = field(default_factory=list)
+    # unquantised half-precision nn.Linear layers -> {parameter: original data}, upcast one call at a time
+    streamed: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    # small half-precision parameters -> original data, upcast for the whole context
+    whole: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    # half-precision buffers (module, name, original), upcast for the whole context
+    buffers: list[tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list)
+
+    def report(self, embeddings_hooked: bool) -> Fp32Compute:
+        """The counts and the fp32 copies' bytes of this plan."""
+        whole, buffers, streamed = self.whole, self.buffers, self.streamed
+        return Fp32Compute(
+            quantized_layers=len(self.quantized),
+            streamed_linears=len(streamed),
+            upcast_tensors=len(whole) + len(buffers),
+            upcast_bytes=4 * (sum(d.numel() for d in whole.values()) + sum(b.numel() for *_, b in buffers)),
+            largest_streamed_bytes=4 * max((d.numel() for o in streamed.values() for d in o.values()), default=0),
+            embeddings_hooked=embeddings_hooked,
+        )
+
+
+def _plan_fp32(model: nn.Module, embeddings: nn.Module) -> _Fp32Plan:
+    """Sort every half-precision tensor of ``model`` into how it is switched; refuse one that cannot be."""
+    linear4bit = _linear4bit_class()
+    adapter_ids = _adapter_module_ids(model)
+    plan = _Fp32Plan()
     seen: set[int] = set()
     for name, module in model.named_modules():
         is_4bit = linear4bit is not None and isinstance(module, linear4bit)
         if is_4bit and module.compute_dtype != torch.float32:
-            quantized.append(module)
+            plan.quantized.append(module)
         stream = type(module) is nn.Linear and id(module) not in adapter_ids and module.weight.dtype in HALF
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:  # tied / shared parameters: once
                 continue
             seen.add(id(param))
-            if not param.is_floating_point():
-                if is_4bit and pname == "weight":
-                    continue  # packed 4-bit codes: dequantised to fp32 by the compute dtype switch
-                raise TypeError(
-                    f"fp32_compute: {name}.{pname} is {param.dtype} in a {type(module).__name__}; only "
-                    "bitsandbytes 4-bit and unquantised weights can be switched to fp32 compute"
-                )
-            if param.device.type == "meta":
-                raise TypeError(f"fp32_compute: {name}.{pname} is offloaded (meta device); load it onto the device")
-            if param.dtype not in HALF or module is embeddings and pname == "weight":
+            if not _upcast_param(f"{name}.{pname}", module, pname, param, is_4bit, embeddings):
                 continue
             if stream:
-                streamed.setdefault(module, {})[param] = param.data
+                plan.streamed.setdefault(module, {})[param] = param.data
             else:
-                whole[param] = param.data
+                plan.whole[param] = param.data
         for bname, buf in module.named_buffers(recurse=False):
             if buf is not None and buf.dtype in HALF:
-                buffers.append((module, bname, buf))
+                plan.buffers.append((module, bname, buf))
+    return plan
 
-    saved_4bit = [(m, m.compute_dtype, m.compute_type_is_set) for m in quantized]
-    handles = []
-    try:
-        for module in quantized:
-            module.compute_dtype = torch.float32
-            module.compute_type_is_set = True  # else its first call picks the input dtype and keeps it
-        for param, data in whole.items():
-            param.data = data.float()
-        for module, bname, buf in buffers:
-            module._buffers[bname] = buf.float()
-        for module, originals in streamed.items():
-            handles.append(module.register_forward_pre_hook(_swap(originals, upcast=True)))
-            handles.append(module.register_forward_hook(_swap(originals, upcast=False), always_call=True))
-        if hook_embeddings:
-            handles.append(embeddings.register_forward_hook(_embeddings_in_fp32(scale), with_kwargs=True))
 
-        report.quantized_layers = len(quantized)
-        report.streamed_linears = len(streamed)
-        report.upcast_tensors = len(whole) + len(buffers)
-        report.upcast_bytes = 4 * (sum(d.numel() for d in whole.values()) + sum(b.numel() for *_, b in buffers))
-        report.largest_streamed_bytes = 4 * max((d.numel() for o in streamed.values() for d in o.values()), default=0)
-        report.embeddings_hooked = hook_embeddings
-        yield report
-    finally:
-        for handle in handles:
-            handle.remove()
-        for originals in streamed.values():
-            for param, data in originals.items():
-                param.data = data
-        for param, data in whole.items():
+def _upcast_param(
+    qualname: str, module: nn.Module, pname: str, param: nn.Parameter, is_4bit: bool, embeddings: nn.Module
+) -> bool:
+    """Whether ``param`` is upcast; raises TypeError for a parameter fp32 compute cannot handle."""
+    if not param.is_floating_point():
+        if is_4bit and pname == "weight":
+            return False  # packed 4-bit codes: dequantised to fp32 by the compute dtype switch
+        raise TypeError(
+            f"fp32_compute: {qualname} is {param.dtype} in a {type(module).__name__}; only "
+            "bitsandbytes 4-bit and unquantised weights can be switched to fp32 compute"
+        )
+    if param.device.type == "meta":
+        raise TypeError(f"fp32_compute: {qualname} is offloaded (meta device); load it onto the device")
+    # the embedding matrix is never upcast: its output is (the forward hook)
+    return param.dtype in HALF and not (module is embeddings and pname == "weight")
+
+
+def _switch_to_fp32(plan: _Fp32Plan, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Apply ``plan``; each hook's handle goes to ``handles`` as it is added, so a failure half-way is undone too."""
+    for module in plan.quantized:
+        module.compute_dtype = torch.float32
+        module.compute_type_is_set = True  # else its first call picks the input dtype and keeps it
+    for param, data in plan.whole.items():
+        param.data = data.float()
+    for module, bname, buf in plan.buffers:
+        module._buffers[bname] = buf.float()
+    for module, originals in plan.streamed.items():
+        handles.append(module.register_forward_pre_hook(_swap(originals, upcast=True)))
+        handles.append(module.register_forward_hook(_swap(originals, upcast=False), always_call=True))
+
+
+def _put_back(
+    plan: _Fp32Plan,
+    saved_4bit: list[tuple[nn.Module, torch.dtype, bool]],
+    handles: list[torch.utils.hooks.RemovableHandle],
+) -> None:
+    """Undo :func:`_switch_to_fp32` exactly: hooks removed, the original tensors and 4-bit settings back."""
+    for handle in handles:
+        handle.remove()
+    for originals in plan.streamed.values():
+        for param, data in originals.items():
             param.data = data
-        for module, bname, buf in buffers:
-            module._buffers[bname] = buf
-        for module, dtype, is_set in saved_4bit:
-            module.compute_dtype = dtype
-            module.compute_type_is_set = is_set
+    for param, data in plan.whole.items():
+        param.data = data
+    for module, bname, buf in plan.buffers:
+        module._buffers[bname] = buf
+    for module, dtype, is_set in saved_4bit:
+        module.compute_dtype = dtype
+        module.compute_type_is_set = is_set
 
 
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:
