@@ -219,28 +219,13 @@ def load_classifier(
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
 
     if not (cfg.model_path / "config.json").is_file():
         raise FileNotFoundError(f"{cfg.model_path}: no config.json; expected a model folder saved by save_pretrained")
     device = pick_device(cfg.device)
-    dtype = compute_dtype(device, cfg.dtype)
-    attention = packed_name(_attn_impl(cfg)) if packing else _attn_impl(cfg)
-    kwargs = {"dtype": dtype, "num_labels": 2, "attn_implementation": attention}
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # the 2-way head is new and tiny: keep it in full precision so it can be trained
-            llm_int8_skip_modules=["score"],
-            **({} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}),
-        )
-        kwargs["device_map"] = {"": str(device)}
+    kwargs = _from_pretrained_kwargs(cfg, device, packing, quant_storage)
     split = "+" in cfg.device
-    if split:
-        kwargs["device_map"], kwargs["max_memory"] = "auto", split_max_memory(cfg.device, cfg.split_reserve_gib)
     with LOAD_LOCK:
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
         if not (cfg.load_in_4bit or split):
@@ -260,7 +245,36 @@ def load_classifier(
     if lora is None:
         model.eval()
         return model
+    return _attach_lora(model, cfg, lora, gradient_checkpointing)
 
+
+def _from_pretrained_kwargs(
+    cfg: ModelConfig, device: torch.device, packing: bool, quant_storage: torch.dtype | None
+) -> dict:
+    """``from_pretrained``'s keyword arguments: dtype, 2 labels, attention; nf4 quantisation and where the layers go."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype(device, cfg.dtype)
+    attention = packed_name(_attn_impl(cfg)) if packing else _attn_impl(cfg)
+    kwargs = {"dtype": dtype, "num_labels": 2, "attn_implementation": attention}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # the 2-way head is new and tiny: keep it in full precision so it can be trained
+            llm_int8_skip_modules=["score"],
+            **({} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}),
+        )
+        kwargs["device_map"] = {"": str(device)}
+    if "+" in cfg.device:  # a layer split: accelerate places the layers within each GPU's limit
+        kwargs["device_map"], kwargs["max_memory"] = "auto", split_max_memory(cfg.device, cfg.split_reserve_gib)
+    return kwargs
+
+
+def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool):
+    """A trainable LoRA on ``model``: new on every linear layer, or continued from ``lora.init_adapter``."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
