@@ -512,14 +512,35 @@ def write_public_formats(
     cfg = DemoDataConfig(out_dir=out, seed=seed, length_scale=length_scale)
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, 1]).spawn(len(PUBLIC_FILES))]
     lm, ar, dp, ms, un = (_make_rows(rng, n_rows, cfg) for rng in rngs)
+    _plant_quality_cases(un, ms)
+    _plant_leaks(lm, un, test_file)
+    _plant_copies(lm, ar, dp)
+    return {
+        "lmsys_55k": _write_lmsys(lm, out / PUBLIC_FILES["lmsys_55k"]),
+        "arena_conversations": _write_arena(ar, out / PUBLIC_FILES["arena_conversations"]),
+        "dpo": _write_dpo(dp, out / PUBLIC_FILES["dpo"]),
+        "messages": _write_messages(ms, out / PUBLIC_FILES["messages"]),
+        "unlabelled": _write_unlabelled(un, out / PUBLIC_FILES["unlabelled"]),
+    }
+
+
+def _plant_quality_cases(un: pd.DataFrame, ms: pd.DataFrame) -> None:
+    """What the quality filter drops: a too-short response (unlabelled row 2), identical responses (messages 6)."""
     un.loc[2, "response_b"] = "ok"  # too short
     ms.loc[6, "response_b"] = ms.loc[6, "response_a"]  # identical responses
+
+
+def _plant_leaks(lm: pd.DataFrame, un: pd.DataFrame, test_file: Path | None) -> None:
+    """Given ``test_file`` (3+ prompts): its prompts leaked into lmsys row 18 (respaced) and unlabelled rows 0-1."""
     test_prompts = pd.read_parquet(test_file, columns=["prompt"])["prompt"].tolist() if test_file else []
     if len(test_prompts) >= 3:
         variant = "  " + "   ".join(test_prompts[0].split()) + " "  # other spacing; other case where it round-trips
         lm.loc[18, "prompt"] = variant.upper() if variant.upper().lower() == variant.lower() else variant
         un.loc[[0, 1], "prompt"] = test_prompts[1:3]
-    # copies across sources: the arena repeats lmsys pairs (A/B swapped on even rows), the DPO file others
+
+
+def _plant_copies(lm: pd.DataFrame, ar: pd.DataFrame, dp: pd.DataFrame) -> None:
+    """Copies across sources: the arena repeats lmsys pairs (A/B swapped on even rows), the DPO file others."""
     for k in range(5):
         src = lm.loc[10 + k]
         swap = k % 2 == 0
@@ -535,8 +556,13 @@ def write_public_formats(
             15 + k, ["prompt", "response_a", "response_b", "winner"]
         ]
 
+
+def _write_lmsys(lm: pd.DataFrame, path: Path) -> Path:
+    """lmsys 55k's CSV: JSON lists of turns, one-hot winner columns; ties on rows 5, 15, ..., row 1 multi-turn,
+    row 9's prompt a truncated JSON list."""
     import json
 
+    n_rows = len(lm)
     turns = [[p] for p in lm["prompt"]]
     resp_a, resp_b = [[r] for r in lm["response_a"]], [[r] for r in lm["response_b"]]
     turns[1], resp_a[1], resp_b[1] = turns[1] + ["Tell me more."], resp_a[1] + ["More."], resp_b[1] + [None]
@@ -556,9 +582,13 @@ def write_public_formats(
         }
     )
     lmsys.loc[9, "prompt"] = lmsys.loc[9, "prompt"][:-3]  # a truncated JSON list
-    paths = {"lmsys_55k": out / PUBLIC_FILES["lmsys_55k"]}
-    lmsys.to_csv(paths["lmsys_55k"], index=False)
+    lmsys.to_csv(path, index=False)
+    return path
 
+
+def _write_arena(ar: pd.DataFrame, path: Path) -> Path:
+    """Arena conversations as JSON lines: {role, content} turn lists, language given; ties on rows 9 and 10, row 6
+    multi-turn."""
     arena = []
     for i, r in ar.iterrows():
         prompts, answers_a, answers_b = [r["prompt"]], [r["response_a"]], [r["response_b"]]
@@ -572,8 +602,11 @@ def write_public_formats(
                 "turn": len(prompts), "anony": True, "language": r["language"], "tstamp": 1.7e9 + i,
             }
         )  # fmt: skip
-    paths["arena_conversations"] = _write_jsonl(arena, out / PUBLIC_FILES["arena_conversations"])
+    return _write_jsonl(arena, path)
 
+
+def _write_dpo(dp: pd.DataFrame, folder: Path) -> Path:
+    """A DPO folder of two parquet parts (prompt, chosen, rejected): the rows' first half, then the rest."""
     chosen_a = (dp["winner"] == "model_a").to_numpy()
     dpo = pd.DataFrame(
         {
@@ -582,12 +615,15 @@ def write_public_formats(
             "rejected": np.where(chosen_a, dp["response_b"], dp["response_a"]),
         }
     )
-    half = n_rows // 2
+    half = len(dp) // 2
     schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
     for k, part in enumerate((dpo.iloc[:half], dpo.iloc[half:])):
-        _write_parquet(part.reset_index(drop=True), schema, out / "dpo" / f"part-{k}.parquet")
-    paths["dpo"] = out / PUBLIC_FILES["dpo"]
+        _write_parquet(part.reset_index(drop=True), schema, folder / f"part-{k}.parquet")
+    return folder
 
+
+def _write_messages(ms: pd.DataFrame, path: Path) -> Path:
+    """Message pairs as JSON lines: messages_a / messages_b, label A or B; a tie on row 3."""
     labels = np.where(ms["winner"] == "model_a", "A", "B").astype(object)
     labels[3] = "tie"
     messages = [
@@ -599,12 +635,14 @@ def write_public_formats(
         }
         for i, r in ms.iterrows()
     ]
-    paths["messages"] = _write_jsonl(messages, out / PUBLIC_FILES["messages"])
+    return _write_jsonl(messages, path)
 
-    un.insert(0, "id", [f"syn-u{i:05d}" for i in range(n_rows)])
+
+def _write_unlabelled(un: pd.DataFrame, path: Path) -> Path:
+    """Unlabelled pairs as parquet: ids ``syn-u00000``..., no winner column."""
+    un.insert(0, "id", [f"syn-u{i:05d}" for i in range(len(un))])
     schema = pa.schema([(c, pa.string()) for c in ("id", "prompt", "response_a", "response_b", "model_a", "model_b")])
-    paths["unlabelled"] = _write_parquet(un, schema, out / PUBLIC_FILES["unlabelled"])
-    return paths
+    return _write_parquet(un, schema, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
