@@ -211,6 +211,37 @@ def probe_token_budget(
     ``reserve`` bytes are taken off the limit for what no probed batch holds yet (training: the optimiser's state,
     allocated at the first step).
     """
+    lengths = _check_probe_inputs(rows, lengths, headroom, max_rows, ceiling, fallback, reserve, probe_rows)
+    device = torch.device(device)
+    if gauge is None:
+        if device.type != "cuda":
+            return TokenBudget(str(device), fallback, f"fallback: no GPU memory to measure on {device.type}")
+        gauge = CudaGauge(device)
+    if len(rows) == 0:
+        return TokenBudget(str(device), fallback, "fallback: no rows to probe with")
+    if run_batch is None:
+        run_batch = _score_batch_runner(model, rows, pad_id, device)
+
+    probe = _Probe(str(device), lengths, gauge, run_batch, log, fallback=fallback, headroom=headroom)
+    probe.measure_static(reserve)
+    probe.measure_per_token(probe_rows, max_rows)  # steps 1 and 2
+    tokens, why = probe.first_budget(ceiling, max_rows)  # step 3
+    probe.confirm(tokens, why, max_rows)  # step 4: sets budget.tokens and budget.reason
+    log(probe.budget.describe())
+    return probe.budget
+
+
+def _check_probe_inputs(
+    rows: list[list[int]],
+    lengths: np.ndarray,
+    headroom: float,
+    max_rows: int,
+    ceiling: int,
+    fallback: int,
+    reserve: int,
+    probe_rows: int,
+) -> np.ndarray:
+    """``lengths`` as int64, one per row; settings no probe can run with are refused, naming their valid range."""
     if not 0 < headroom <= 1:
         raise ValueError(f"headroom={headroom} must be in (0, 1]")
     for name, value in (("max_rows", max_rows), ("ceiling", ceiling), ("fallback", fallback)):
@@ -223,120 +254,153 @@ def probe_token_budget(
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
-    device = torch.device(device)
-    where = str(device)
-    if gauge is None:
-        if device.type != "cuda":
-            return TokenBudget(where, fallback, f"fallback: no GPU memory to measure on {device.type}")
-        gauge = CudaGauge(device)
-    if len(rows) == 0:
-        return TokenBudget(where, fallback, "fallback: no rows to probe with")
+    return lengths
 
-    if run_batch is None:
 
-        def run_batch(idx: np.ndarray) -> bool:
-            stats: dict[str, int] = {}
-            # score_batch splits a batch that runs out of memory and counts the splits in ``stats``: any count
-            # means this batch, as a whole, did not fit. (Its other counters, rows with non-finite fp16 logits
-            # rescored alone in fp32, say nothing about the batch's fit; their fp32 peak only makes this one larger.)
-            score_batch(model, rows, idx, pad_id, device, stats)
-            return not (stats.get("oom_splits") or stats.get("oom_rows"))
+def _score_batch_runner(
+    model, rows: list[list[int]], pad_id: int, device: torch.device
+) -> Callable[[np.ndarray], bool]:
+    """The default ``run_batch``: the engine's own :func:`score_batch` of ``model`` on rows ``idx``; did it fit?"""
 
-    order = np.argsort(-lengths, kind="stable")
-    longest = int(lengths[order[0]])
-    budget = TokenBudget(where, fallback, "", longest=longest, headroom=headroom)
-    fitted: dict[tuple[int, int], bool] = {}  # (rows, padded width) -> whether that batch shape fitted
+    def run_batch(idx: np.ndarray) -> bool:
+        stats: dict[str, int] = {}
+        # score_batch splits a batch that runs out of memory and counts the splits in ``stats``: any count
+        # means this batch, as a whole, did not fit. (Its other counters, rows with non-finite fp16 logits
+        # rescored alone in fp32, say nothing about the batch's fit; their fp32 peak only makes this one larger.)
+        score_batch(model, rows, idx, pad_id, device, stats)
+        return not (stats.get("oom_splits") or stats.get("oom_rows"))
 
-    def longest_rows(n: int) -> np.ndarray:
+    return run_batch
+
+
+class _Probe:
+    """One probe's state: the rows' lengths (longest first), the batch shapes run so far, the budget being filled."""
+
+    def __init__(
+        self,
+        where: str,
+        lengths: np.ndarray,
+        gauge: MemoryGauge,
+        run_batch: Callable[[np.ndarray], bool],
+        log: Callable[[str], None],
+        *,
+        fallback: int,
+        headroom: float,
+    ) -> None:
+        self.where, self.lengths, self.gauge, self.run_batch, self.log = where, lengths, gauge, run_batch, log
+        self.order = np.argsort(-lengths, kind="stable")
+        self.longest = int(lengths[self.order[0]])
+        self.budget = TokenBudget(where, fallback, "", longest=self.longest, headroom=headroom)
+        self.fitted: dict[tuple[int, int], bool] = {}  # (rows, padded width) -> whether that batch shape fitted
+
+    def longest_rows(self, n: int) -> np.ndarray:
         """The ``n`` longest rows (cycled when there are fewer): padded to ``longest``, like the first batch."""
-        return order[np.arange(n) % len(order)]
+        return self.order[np.arange(n) % len(self.order)]
 
-    def fits(idx: np.ndarray, what: str) -> bool:
+    def fits(self, idx: np.ndarray, what: str) -> bool:
         """Run ``idx`` as one batch through ``run_batch`` (once per batch shape): did it fit?"""
-        shape = (len(idx), int(lengths[idx].max()))
-        if shape in fitted:
-            return fitted[shape]
-        padded = shape[0] * shape[1]
-        gauge.reset_peak()
+        shape = (len(idx), int(self.lengths[idx].max()))
+        if shape in self.fitted:
+            return self.fitted[shape]
+        padded, budget = shape[0] * shape[1], self.budget
+        self.gauge.reset_peak()
         t0 = time.monotonic()
-        ok, peak = run_batch(idx), gauge.peak()
-        fitted[shape] = ok
+        ok, peak = self.run_batch(idx), self.gauge.peak()
+        self.fitted[shape] = ok
         budget.probes.append((padded, peak, ok))
-        head = f"{where}: {what}: {shape[0]} x {shape[1]:,} = {padded:,} padded tokens"
+        head = f"{self.where}: {what}: {shape[0]} x {shape[1]:,} = {padded:,} padded tokens"
         if ok:
             budget.peak = max(budget.peak, peak)
-            log(f"{head} fit, peak {peak / GiB:.2f} of {budget.limit / GiB:.2f} GiB ({time.monotonic() - t0:.1f} s)")
+            self.log(
+                f"{head} fit, peak {peak / GiB:.2f} of {budget.limit / GiB:.2f} GiB ({time.monotonic() - t0:.1f} s)"
+            )
         else:
-            gauge.clear()
-            log(f"{head} ran out of memory")
+            self.gauge.clear()
+            self.log(f"{head} ran out of memory")
         return ok
 
-    gauge.clear()
-    budget.limit, budget.static = gauge.limit() - reserve, gauge.allocated()
-    allocator = ""
-    if isinstance(gauge, CudaGauge):
-        allocator = "; expandable segments" if expandable_segments() else "; fixed segments (fragmentation: headroom)"
-    if reserve:
-        allocator += f"; {reserve / GiB:.2f} GiB of the limit kept for the optimiser's state"
-    log(
-        f"{where}: {budget.limit / GiB:.2f} GiB limit, {budget.static / GiB:.2f} GiB held after load{allocator}; "
-        f"probing with the longest rows ({longest:,} tokens)"
-    )
-    if budget.limit <= budget.static or not fits(longest_rows(1), "longest row alone"):
-        raise MemoryBudgetError(_too_long(budget))
-    # what the first forward keeps (cuBLAS workspace, lazily built buffers) is no longer free for batches
-    budget.static = max(budget.static, gauge.allocated())
-    free = budget.limit - budget.static
-    spare = free * headroom
-    per_token = max(budget.probes[0][1] - budget.static, 1) / longest
-    # one row's cost includes every forward's fixed share (dequantised weight tiles, workspaces), so it
-    # over-estimates a row in a batch: k rows predicted by it fit if memory grows linearly with the rows
-    k = min(probe_rows, max_rows, int(spare // (per_token * longest)))
-    if k >= 2:
-        if fits(longest_rows(k), "probe"):
-            per_token = max(budget.probes[-1][1] - budget.static, 1) / (k * longest)
-        else:
-            # memory grew faster than the rows: k rows cost more than all that was free
-            per_token = max(per_token, free / (k * longest))
-    # Bytes per padded token measured at the longest length are the worst per token: attention's share grows
-    # with the length (quadratically with eager attention), so batches of shorter rows under the same token
-    # budget take less per token. The fixed per-forward share averaged into ``per_token`` makes larger
-    # batches cheaper per token too. Both err on the side of fitting.
-    budget.bytes_per_token = per_token
-    tokens, why = min(
-        (int(spare / per_token), "set by memory"),
-        (ceiling, f"capped at ceiling={ceiling:,}"),
-        (max_rows * longest, f"capped at max_rows={max_rows} x {longest:,}"),
-    )
-    if tokens < longest:
-        tokens, why = longest, "one longest row per batch"
-    log(f"{where}: budget {tokens:,} padded tokens ({why}); confirming on the heaviest batches")
+    def measure_static(self, reserve: int) -> None:
+        """The limit (less ``reserve``) and the bytes held after load, before any batch; stated through ``log``."""
+        budget = self.budget
+        self.gauge.clear()
+        budget.limit, budget.static = self.gauge.limit() - reserve, self.gauge.allocated()
+        allocator = ""
+        if isinstance(self.gauge, CudaGauge):
+            allocator = (
+                "; expandable segments" if expandable_segments() else "; fixed segments (fragmentation: headroom)"
+            )
+        if reserve:
+            allocator += f"; {reserve / GiB:.2f} GiB of the limit kept for the optimiser's state"
+        self.log(
+            f"{self.where}: {budget.limit / GiB:.2f} GiB limit, {budget.static / GiB:.2f} GiB held after load"
+            f"{allocator}; probing with the longest rows ({self.longest:,} tokens)"
+        )
 
-    def confirmed(tokens: int) -> bool:
+    def measure_per_token(self, probe_rows: int, max_rows: int) -> None:
+        """Steps 1 and 2: the longest row alone must fit; then a few longest rows give ``budget.bytes_per_token``."""
+        budget, longest = self.budget, self.longest
+        if budget.limit <= budget.static or not self.fits(self.longest_rows(1), "longest row alone"):
+            raise MemoryBudgetError(_too_long(budget))
+        # what the first forward keeps (cuBLAS workspace, lazily built buffers) is no longer free for batches
+        budget.static = max(budget.static, self.gauge.allocated())
+        free = budget.limit - budget.static
+        spare = free * budget.headroom
+        per_token = max(budget.probes[0][1] - budget.static, 1) / longest
+        # one row's cost includes every forward's fixed share (dequantised weight tiles, workspaces), so it
+        # over-estimates a row in a batch: k rows predicted by it fit if memory grows linearly with the rows
+        k = min(probe_rows, max_rows, int(spare // (per_token * longest)))
+        if k >= 2:
+            if self.fits(self.longest_rows(k), "probe"):
+                per_token = max(budget.probes[-1][1] - budget.static, 1) / (k * longest)
+            else:
+                # memory grew faster than the rows: k rows cost more than all that was free
+                per_token = max(per_token, free / (k * longest))
+        # Bytes per padded token measured at the longest length are the worst per token: attention's share grows
+        # with the length (quadratically with eager attention), so batches of shorter rows under the same token
+        # budget take less per token. The fixed per-forward share averaged into ``per_token`` makes larger
+        # batches cheaper per token too. Both err on the side of fitting.
+        budget.bytes_per_token = per_token
+
+    def first_budget(self, ceiling: int, max_rows: int) -> tuple[int, str]:
+        """Step 3: the padded tokens the measured cost per token fits in the headroom, capped and floored; and why."""
+        budget, longest = self.budget, self.longest
+        spare = (budget.limit - budget.static) * budget.headroom
+        tokens, why = min(
+            (int(spare / budget.bytes_per_token), "set by memory"),
+            (ceiling, f"capped at ceiling={ceiling:,}"),
+            (max_rows * longest, f"capped at max_rows={max_rows} x {longest:,}"),
+        )
+        if tokens < longest:
+            tokens, why = longest, "one longest row per batch"
+        self.log(f"{self.where}: budget {tokens:,} padded tokens ({why}); confirming on the heaviest batches")
+        return tokens, why
+
+    def confirmed(self, tokens: int, max_rows: int) -> bool:
         """Whether the heaviest batches of ``rows`` under ``tokens`` fit: the longest rows, the most tokens."""
+        lengths, longest = self.lengths, self.longest
         n = max(1, min(max_rows, tokens // longest))
-        if not fits(longest_rows(n), "confirm, longest rows"):
+        if not self.fits(self.longest_rows(n), "confirm, longest rows"):
             return False
         # the engine's own plan of these rows: its fullest batch packs more, shorter rows closer to the budget.
         # Run it even when its padded tokens are no more than the longest rows': other tensor shapes fragment the
         # caching allocator differently (H200 capped at 15 GiB, fixed segments: 62 x 714 tokens ran out of memory
         # right after 17 x 2,500 fit, with 0.3 GiB more allocated). Only a batch of no more rows is surely lighter.
         fullest = max(token_budget_batches(lengths, tokens, max_rows), key=lambda b: len(b) * int(lengths[b].max()))
-        return len(fullest) <= n or fits(fullest, "confirm, most tokens")
+        return len(fullest) <= n or self.fits(fullest, "confirm, most tokens")
 
-    lowered = 0
-    while not confirmed(tokens):
-        if tokens == longest:  # the floor: one longest row per batch, which fitted alone in step 1
-            why += "; shorter rows packed to this budget ran out of memory (score_batch will split them)"
-            break
-        # halve, but not below a batch already seen to fit: it is confirmed again at the smaller budget
-        seen = [t for t, _, ok in budget.probes if ok and t < tokens]
-        tokens, lowered = max(longest, tokens // 2, *seen), lowered + 1
-        log(f"{where}: out of memory at the chosen budget; lowered to {tokens:,} padded tokens")
-    budget.tokens = tokens
-    budget.reason = f"{why}, lowered {lowered}x after out-of-memory" if lowered else why
-    log(budget.describe())
-    return budget
+    def confirm(self, tokens: int, why: str, max_rows: int) -> None:
+        """Step 4: lower ``tokens`` until :meth:`confirmed`; the result goes to ``budget.tokens`` and ``.reason``."""
+        longest, lowered = self.longest, 0
+        while not self.confirmed(tokens, max_rows):
+            if tokens == longest:  # the floor: one longest row per batch, which fitted alone in step 1
+                why += "; shorter rows packed to this budget ran out of memory (score_batch will split them)"
+                break
+            # halve, but not below a batch already seen to fit: it is confirmed again at the smaller budget
+            seen = [t for t, _, ok in self.budget.probes if ok and t < tokens]
+            tokens, lowered = max(longest, tokens // 2, *seen), lowered + 1
+            self.log(f"{self.where}: out of memory at the chosen budget; lowered to {tokens:,} padded tokens")
+        self.budget.tokens = tokens
+        self.budget.reason = f"{why}, lowered {lowered}x after out-of-memory" if lowered else why
 
 
 def _too_long(budget: TokenBudget) -> str:
