@@ -80,17 +80,24 @@ def _parse_bool(text: str) -> bool:
 
 
 def build_parser(
-    cls: type, description: str | None = None, defaults: Mapping[str, Any] | None = None, epilog: str | None = None
+    cls: type,
+    description: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    epilog: str | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per field of the dataclass ``cls``.
 
     ``defaults`` (a recipe's values) replace the dataclass defaults; a required field they set is no longer required.
+    ``sections`` (section → fields, a stage's recipe sections) group the options in ``--help``.
     """
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip(),
         epilog=epilog,
         formatter_class=_HelpFormatter,
     )
+    groups = {name: parser.add_argument_group(f"[{name}]") for name in (sections or {})}
+    group_of = {field: groups[name] for name, fields in (sections or {}).items() for field in fields}
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     defaults = defaults or {}
@@ -101,7 +108,7 @@ def build_parser(
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if f.name in defaults:
             required, default = False, defaults[f.name]
-        parser.add_argument(
+        group_of.get(f.name, parser).add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=_converter(hints[f.name]),
@@ -131,7 +138,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
     values = recipes.recipe_values(known.recipe, cls) if known.recipe else {}
     lines = [f"  {r.name:<28} {r.summary}" for r in recipes.available(cls.STAGE)]
     epilog = "recipes for this stage (--recipe NAME, or a path to a .toml file):\n" + "\n".join(lines)
-    parser = build_parser(cls, defaults=values, epilog=epilog)
+    parser = build_parser(cls, defaults=values, epilog=epilog, sections=recipes.sections(cls.STAGE))
     parser.add_argument("--recipe", default=known.recipe, help="recipe name or .toml path; flags override it")
     args = vars(parser.parse_args(rest))
     args.pop("recipe")

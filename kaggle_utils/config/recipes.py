@@ -8,8 +8,12 @@ is a :class:`RecipeError` naming the file and the key. Layout of a recipe (``kag
     stage = "train"                 # which stage's dataclass it fills
     extends = "student-base"        # optional: a recipe (name, or path relative to this file) it overrides
 
-    [inputs]                        # sections group the fields for the reader; they are flattened
+    [inputs]                        # the section the field belongs to (recipes/sections.toml)
     max_length = 2500
+
+Sections are flattened into the config's fields, and each field has one section (``recipes/sections.toml``,
+per stage): a key under another section is an error naming the file, the section and the key; a key at the top
+of the file is allowed. ``--help`` groups a stage's flags by the same sections.
 
 A variant ``extends`` its base and writes only what differs, so no two files drift apart. Empty strings stand
 for ``None`` in optional fields (TOML has no null), as on the command line.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -48,6 +53,7 @@ def base_type(tp: Any) -> Any:
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 PROFILES_FILE = RECIPES_DIR / "profiles.toml"
+SECTIONS_FILE = RECIPES_DIR / "sections.toml"
 PROFILES = ("demo", "kaggle", "shell")
 # keys of a recipe that are not config fields
 META_KEYS = ("stage", "extends")
@@ -166,6 +172,30 @@ def check_values(values: Mapping[str, Any], cls: type, where: str) -> None:
             raise RecipeError(f"{where}: key {key!r} = {value!r} should be {want}")
 
 
+@functools.cache
+def sections(stage: str) -> dict[str, tuple[str, ...]]:
+    """The sections of a stage's recipes, in order: section → the fields written under it (``sections.toml``)."""
+    table = tomllib.loads(SECTIONS_FILE.read_text()).get(stage, {})
+    return {name: tuple(fields) for name, fields in table.items()}
+
+
+def check_sections(raw: Mapping[str, Any], path: Path, stage: str, dict_fields: frozenset[str]) -> None:
+    """Every key under a ``[section]`` belongs to that section; else RecipeError naming file, section and key.
+
+    A key that is no field at all is left to :func:`check_values` (it names the closest field).
+    """
+    layout = sections(stage)
+    owner = {field: name for name, fields in layout.items() for field in fields}
+    for name, value in raw.items():
+        if name in META_KEYS or not isinstance(value, dict) or name in dict_fields or not layout:
+            continue
+        if name not in layout:
+            raise RecipeError(f"{path}: unknown section [{name}]; {stage!r} recipes have {', '.join(layout)}")
+        for key in value:
+            if key in owner and owner[key] != name:
+                raise RecipeError(f"{path}: key {key!r} is under [{name}]; it belongs in [{owner[key]}]")
+
+
 def _dict_fields(cls: type) -> frozenset[str]:
     hints = typing.get_type_hints(cls)
     return frozenset(f.name for f in dataclasses.fields(cls) if typing.get_origin(base_type(hints[f.name])) is dict)
@@ -188,7 +218,9 @@ def recipe_values(name_or_path: str | Path, cls: type) -> dict[str, Any]:
             f"recipes for {stage_name(cls)!r}: {', '.join(r.name for r in available(stage_name(cls)))}"
         )
     for path in recipe.chain:  # name the file that holds a bad key, not the last of the chain
-        check_values(_flatten(tomllib.loads(path.read_text()), path, _dict_fields(cls)), cls, str(path))
+        raw = tomllib.loads(path.read_text())
+        check_sections(raw, path, stage_name(cls), _dict_fields(cls))
+        check_values(_flatten(raw, path, _dict_fields(cls)), cls, str(path))
     return recipe.values
 
 
@@ -208,7 +240,7 @@ def available(stage: str | None = None) -> list[Recipe]:
     """Every recipe in the package (for one stage), sorted by name."""
     out = []
     for path in sorted(RECIPES_DIR.glob("*.toml")):
-        if path == PROFILES_FILE:
+        if path in (PROFILES_FILE, SECTIONS_FILE):
             continue
         recipe = read(path)
         if stage is None or recipe.stage == stage:

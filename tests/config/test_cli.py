@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,13 @@ def test_config_to_argv_writes_each_kind_of_value() -> None:
     cfg = parse_config(TrainConfig, config_to_argv(values))
     assert cfg.packing is True and cfg.init_adapter is None
     assert cfg.extra_files == ["a.parquet"] and cfg.source_weights == {"x": 0.5}
+
+
+def test_help_groups_a_stage_flags_by_recipe_section(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_module.main(["--help"])
+    out = capsys.readouterr().out
+    headers = re.findall(r"^\[(\w+)\]:$", out, flags=re.M)
+    assert headers == ["model", "inputs", "data", "mix", "loss", "lora", "optim", "schedule"]
+    optim = out.split("[optim]:")[1].split("[schedule]:")[0]
+    assert "--lr LR" in optim and "--lora-r" not in optim

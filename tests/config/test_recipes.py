@@ -19,7 +19,9 @@ from kaggle_utils.kaggle.staging import STAGE_CONFIGS
 from kaggle_utils.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE_FILES = sorted(p for p in recipes.RECIPES_DIR.glob("*.toml") if p != recipes.PROFILES_FILE)
+RECIPE_FILES = sorted(
+    p for p in recipes.RECIPES_DIR.glob("*.toml") if p not in (recipes.PROFILES_FILE, recipes.SECTIONS_FILE)
+)
 
 
 # stages without a notebook of their own: "module:Class" of their configs
@@ -51,6 +53,18 @@ def test_every_recipe_loads_into_its_stage_config(path):
     for key, value in recipe.values.items():
         got = getattr(cfg, key)
         assert (str(got) if isinstance(got, Path) else got) == value or (value == "" and got is None), key
+
+
+STAGES = sorted({*OTHER_STAGES, *STAGE_CONFIGS})
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_field_of_a_stage_has_exactly_one_section(stage):
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(config_class(stage)) if f.init]
+    placed = [field for names in recipes.sections(stage).values() for field in names]
+    assert sorted(placed) == sorted(fields), "recipes/sections.toml and the config's fields differ"
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -181,3 +195,18 @@ def test_a_stage_runs_from_a_recipe_in_a_shell(demo_files, tmp_path):
     saved = json.loads((out / "prepare_config.json").read_text())
     assert saved["n_folds"] == 3 and saved["clean"] is False and saved["out_dir"] == str(out)
     assert sorted(pd.read_parquet(out / "train.parquet")["fold"].unique()) == [0, 1, 2]
+
+
+def test_a_key_under_another_section_names_file_section_and_key(tmp_path):
+    bad = write(tmp_path, "misplaced", 'stage = "train"\nextends = "demo-student-qwen2"\n[lora]\nlr = 3e-4\n')
+    with pytest.raises(
+        recipes.RecipeError, match=r"misplaced\.toml: key 'lr' is under \[lora\]; it belongs in \[optim\]"
+    ):
+        recipes.load(bad, TrainConfig)
+    unknown = write(tmp_path, "unknown", 'stage = "train"\nextends = "demo-student-qwen2"\n[optimiser]\nlr = 3e-4\n')
+    with pytest.raises(recipes.RecipeError, match=r"unknown\.toml: unknown section \[optimiser\]"):
+        recipes.load(unknown, TrainConfig)
+    # the same key at the top of the file, or in its own section, is fine
+    for text in ("lr = 3e-4\n", "[optim]\nlr = 3e-4\n"):
+        ok = write(tmp_path, "fine", f'stage = "train"\nextends = "demo-student-qwen2"\n{text}')
+        assert recipes.load(ok, TrainConfig).lr == 3e-4
