@@ -222,6 +222,8 @@ def train(cfg: TrainConfig) -> TrainResult | None:
         "steps": run.step,
         "total_steps": run.total_steps,
         "stopped_by_budget": stopped_by_budget,
+        # steps whose gradient was not finite: not applied (fp16 loss scaling finding its scale skips a few)
+        "skipped_steps": sum(bool(row.get("skipped")) for row in run.history),
         "train_rows": len(run.data),
         "seconds": round(time.monotonic() - t_start, 1),
     }

@@ -21,7 +21,7 @@ from kaggle_utils.config.cli import config_to_dict
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import PromptFormatter
-from kaggle_utils.models.loading import ModelConfig, load_classifier
+from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
 from kaggle_utils.train import TrainConfig, train
 from kaggle_utils.training import evaluation
 from kaggle_utils.training import schedule as schedule_module
@@ -29,7 +29,7 @@ from kaggle_utils.training import step as step_module
 from kaggle_utils.training.errors import NonFiniteLossError, TrainMemoryError
 from kaggle_utils.training.outputs import save_adapter
 from kaggle_utils.training.precision import Precision, trainable_in_fp32
-from kaggle_utils.training.rows import row_weights, split
+from kaggle_utils.training.rows import row_weights, split, training_rows
 
 # every test here trains or steps the train stage: make test runs these, make test-fast does not
 pytestmark = pytest.mark.slow
@@ -703,3 +703,58 @@ def test_packs_fill_the_token_budget_without_padding(reference_run, prepared, qw
     assert len(hist) < len(ref.history)
     assert hist["tokens"].iloc[0] == hist["tokens"].max()  # the largest pack runs first
     assert np.isfinite(hist["loss"]).all()
+
+
+# --- numerics: a bad step is never applied, a weightless row never batched -------------------------------------------
+
+
+def _poison_gradients(run, steps: set[int]) -> None:
+    """Make the head's gradient NaN (the loss stays finite) during the backward of the given steps (1-based)."""
+    head = run.params[-1]
+    head.register_hook(lambda g: torch.full_like(g, float("nan")) if run.step + 1 in steps else g)
+
+
+def test_a_non_finite_gradient_is_skipped_and_never_applied(prepared, qwen_path, tmp_path) -> None:
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = train_module.setup(cfg)
+    _poison_gradients(run, {2})
+    steps = schedule_module.schedule(cfg, run.data.lengths)
+    rows, before = [], None
+    for _ in range(3):
+        epoch, swapped, micro_batches = next(steps)
+        if run.step == 1:
+            before = [p.detach().clone() for p in run.params]
+        rows.append(train_module.train_step(run, epoch, micro_batches, swapped))
+        if run.step == 2:  # the poisoned step left every weight as it was, and finite
+            for p, q in zip(run.params, before, strict=True):
+                assert torch.equal(p, q) and torch.isfinite(p).all()
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert all(np.isfinite(r["loss"]) for r in rows) and not np.isfinite(rows[1]["grad_norm"])
+    assert run.scheduler.last_epoch == 3  # the schedule went on through the skipped step
+
+
+def test_a_run_of_non_finite_gradients_stops_naming_the_step(prepared, qwen_path, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(step_module, "MAX_SKIPPED_IN_A_ROW", 3)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = train_module.setup(cfg)
+    _poison_gradients(run, {1, 2, 3, 4})
+    steps = schedule_module.schedule(cfg, run.data.lengths)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient was not finite at 3 steps in a row"):
+        for _ in range(4):
+            epoch, swapped, micro_batches = next(steps)
+            train_module.train_step(run, epoch, micro_batches, swapped)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_rows_of_weight_zero_are_left_out_before_batching(prepared, qwen_path, tmp_path, capsys) -> None:
+    df = pd.read_parquet(prepared["train"])
+    df["weight"] = np.where(np.arange(len(df)) % 3 == 0, 0.0, 1.0)
+    path = tmp_path / "weighted.parquet"
+    df.to_parquet(path, index=False)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", train_file=path, max_train_rows=0)
+    fmt = PromptFormatter(load_tokenizer(qwen_path), cfg)
+    data, _ = training_rows(cfg, fmt)
+    assert len(data) == int((df["weight"] > 0).sum()) and (data.weight > 0).all()
+    assert f"{int((df['weight'] == 0).sum()):,} training rows weigh 0" in capsys.readouterr().out

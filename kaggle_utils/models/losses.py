@@ -46,16 +46,19 @@ def preference_loss(
     temperature: float = 1.0,
     cos_weight: float = 0.0,
     row_weight: torch.Tensor | None = None,
+    totals: tuple[float, float, float] | None = None,
 ) -> torch.Tensor:
-    """Weighted mean loss of student ``logits`` (B, 2).
+    """Weighted loss of student ``logits`` (B, 2): ``ce_w * CE + kd_w * KD + cos_weight * (1 - cos)``.
 
     - ``hard`` (B,) int: the human label (0 = A, 1 = B), or -1 where the row has none (a pseudo-labelled row);
     - ``teacher_logits`` (B, 2): the teacher's raw logits, NaN where the row has no teacher;
-    - per row: ``ce_w * CE(s, hard) + kd_w * KD(s, t; T) + cos_weight * (1 - cos)``, with ``(ce_w, kd_w)``
-      from ``kind`` and ``kl_weight`` (:func:`term_weights`). CE counts only on rows with a human label and
-      KD / cosine only on rows with a teacher; a labelled row without a teacher takes CE in place of KD (the
-      KL to its one-hot label at T=1), so ``kl`` on human labels alone is plain cross-entropy;
-    - ``row_weight`` (B,): the mean over rows is weighted by it (1 for every row when None).
+    - ``(ce_w, kd_w)`` from ``kind`` and ``kl_weight`` (:func:`term_weights`). CE counts only on rows with a human
+      label and KD / cosine only on rows with a teacher; a labelled row without a teacher takes CE in place of KD
+      (the KL to its one-hot label at T=1), so ``kl`` on human labels alone is plain cross-entropy;
+    - each term is the ``row_weight``-weighted mean over the rows it counts on (:func:`term_totals`): with
+      ``loss = "ce"`` a teacher-only row neither adds to nor dilutes the CE. ``totals`` (the weight behind each
+      term across a whole optimiser step) makes the result this batch's share of the step's loss, so the
+      micro-batches of a step add up to it; None: the batch's own totals.
     """
     ce_w, kd_w = term_weights(kind, kl_weight)
     logits = logits.float()
@@ -67,11 +70,23 @@ def preference_loss(
     # NaN teacher rows replaced before any arithmetic: a NaN would reach the gradient even when masked afterwards
     teacher = torch.where(taught[:, None], teacher_logits.float(), torch.zeros_like(logits))
     kd, cos = distill_terms(logits, teacher, temperature)
+    w = torch.ones_like(ce) if row_weight is None else row_weight.to(ce)
     zero = torch.zeros_like(ce)
-    per_row = (
-        ce_w * torch.where(labelled, ce, zero)
-        + kd_w * torch.where(taught, kd, ce)
-        + cos_weight * torch.where(taught, cos, zero)
-    )  # (B,)
-    w = torch.ones_like(per_row) if row_weight is None else row_weight.to(per_row)
-    return (w * per_row).sum() / w.sum()
+    sums = (
+        (w * torch.where(labelled, ce, zero)).sum(),
+        (w * torch.where(taught, kd, ce)).sum(),
+        (w * torch.where(taught, cos, zero)).sum(),
+    )
+    if totals is None:
+        totals = term_totals(labelled, taught, w)
+    loss = zero.sum()
+    for coef, part, total in zip((ce_w, kd_w, cos_weight), sums, totals, strict=True):
+        if coef and float(total) > 0:  # a term no row counts on adds nothing (not 0 / 0)
+            loss = loss + coef * part / total
+    return loss
+
+
+def term_totals(labelled, taught, weight) -> tuple[float, float, float]:
+    """The row weight each loss term averages over, ``(ce, kd, cos)``: labelled rows, every row (KD, or CE in its
+    place), rows with a teacher. Takes numpy arrays or tensors of shape (N,)."""
+    return float((weight * labelled).sum()), float(weight.sum()), float((weight * taught).sum())

@@ -102,7 +102,11 @@ def encode_rows(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> Tra
 
 def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd.DataFrame]:
     """What the loop trains and validates on: the training rows (the folds not held out, the extras mixed in,
-    sampled to ``max_train_rows``) encoded with their targets and weights, and the held-out rows as a frame
-    (evaluation encodes them in both A/B orientations)."""
+    sampled to ``max_train_rows``, rows of weight 0 left out) encoded with their targets and weights, and the
+    held-out rows as a frame (evaluation encodes them in both A/B orientations)."""
     train_df, val_df = split(cfg)
+    weightless = row_weights(cfg, train_df) == 0
+    if weightless.any():  # they would add nothing but their forward's cost, and a step of them alone is 0 / 0
+        print(f"{int(weightless.sum()):,} training rows weigh 0 (source_weights or a weight column): left out")
+        train_df = train_df[~weightless].reset_index(drop=True)
     return encode_rows(cfg, fmt, train_df), val_df

@@ -6,13 +6,14 @@ single row that does not fit stops the run naming what to change; a non-finite l
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 
 from kaggle_utils.inputs.batching import pad
-from kaggle_utils.models.losses import preference_loss
+from kaggle_utils.models.losses import preference_loss, term_totals
 from kaggle_utils.models.packing import pack, packed_logits
 from kaggle_utils.scoring.predict import _is_oom
 from kaggle_utils.training.config import TrainConfig
@@ -58,11 +59,11 @@ def _check_finite(run: Run, loss: torch.Tensor, idx: np.ndarray) -> None:
     )
 
 
-def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float, sync: bool) -> float:
-    """Forward and backward of rows ``idx``, the loss weighted by their share of the step's row weight.
+def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, totals: tuple[float, float, float], sync: bool) -> float:
+    """Forward and backward of rows ``idx``: their share of the step's loss, each term over the step's ``totals``.
 
-    Returns the weighted loss. A micro-batch that runs out of memory is split in halves, each retried (its rows
-    keep their weights and the step its total, so the gradient is the unsplit one). Gradients are kept across
+    Returns that share. A micro-batch that runs out of memory is split in halves, each retried (its rows keep
+    their weights and the step its totals, so the gradient is the unsplit one). Gradients are kept across
     processes only where ``sync`` (the process's last micro-batch of the step).
     """
     cfg, par = run.cfg, run.parallel
@@ -81,15 +82,13 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
                     logits = run.wrapped(**enc).logits  # (B, 2)
             # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
             loss = preference_loss(
-                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, weight, totals
             )
             _check_finite(run, loss, idx)
-            # weight micro-batches by their rows' weight, so a step's loss is the weighted mean over its rows; x world
-            # since DDP averages the processes' gradients where the step's gradient is their sum
-            share = float(weight.sum()) / step_weight
             in_backward = True
-            run.scaler.scale(loss * (share * par.world)).backward()
-        return loss.item() * share
+            # x world: DDP averages the processes' gradients, where the step's gradient is their sum
+            run.scaler.scale(loss * par.world).backward()
+        return loss.item()
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise
@@ -103,8 +102,8 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, step_weight: float
     _refuse_retry(run, idx, where, in_backward and sync)
     half = (len(idx) + 1) // 2
     print(f"{where}; retrying it as {half} + {len(idx) - half} rows (lower batch_tokens to avoid the retries)")
-    first = _backward(run, idx[:half], swapped, step_weight, sync=False)
-    return first + _backward(run, idx[half:], swapped, step_weight, sync=sync)
+    first = _backward(run, idx[:half], swapped, totals, sync=False)
+    return first + _backward(run, idx[half:], swapped, totals, sync=sync)
 
 
 def _refuse_retry(run: Run, idx: np.ndarray, where: str, syncing: bool) -> None:
@@ -133,40 +132,68 @@ def train_step(run: Run, epoch: int, micro_batches: list[np.ndarray], swapped: n
     """One optimiser step over its micro-batches; its history row is appended to ``run.history``.
 
     A step is ``grad_accum`` micro-batches per process. Every process knows the whole step (the schedule is the
-    same everywhere) and takes micro-batches ``rank::world`` of it; each micro-batch's loss is weighted by its
-    rows' share of the whole step's weight, so the synchronised gradient is the one a single process would get
-    from all of them. The gradients are synchronised once, in the backward of the process's last micro-batch.
+    same everywhere) and takes micro-batches ``rank::world`` of it; each loss term of a micro-batch is divided by
+    the row weight behind that term in the whole step (:func:`~kaggle_utils.models.losses.term_totals`), so the
+    synchronised gradient is the one a single process would get from all of them. The gradients are synchronised
+    once, in the backward of the process's last micro-batch. A step whose gradient is not finite is skipped
+    (:func:`_update`); the schedule goes on.
     """
     par, t0 = run.parallel, time.monotonic()
-    step_rows = sum(len(idx) for idx in micro_batches)
-    step_weight = float(sum(run.data.weight[idx].sum() for idx in micro_batches))
-    step_tokens = int(sum(run.data.lengths[idx].sum() for idx in micro_batches))
-    # sum of squared row lengths: attention's share of the step's work (benchmarks/bench_train.py's FLOPs)
-    step_tokens_sq = int(sum((run.data.lengths[idx].astype(np.int64) ** 2).sum() for idx in micro_batches))
+    d, rows = run.data, np.concatenate(micro_batches)
+    totals = term_totals(d.hard[rows] >= 0, np.isfinite(d.teacher[rows]).all(1), d.weight[rows])
     mine = micro_batches[par.shard.rank :: par.world]
     if not mine:  # a process without a backward would never join the gradient all-reduce: the others would hang
         raise ValueError(f"a step of {len(micro_batches)} micro-batch(es) for {par.world} processes leaves one idle")
     loss_sum = 0.0
-    for i, idx in enumerate(mine):
-        loss_sum += _backward(run, idx, swapped, step_weight, sync=i == len(mine) - 1)
+    if totals[1] > 0:  # every process sees the same step: all of them skip a weightless one alike
+        for i, idx in enumerate(mine):
+            loss_sum += _backward(run, idx, swapped, totals, sync=i == len(mine) - 1)
     loss_sum = par.sum(loss_sum)  # the step's loss over every process's rows
-    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = par.clip_grad_norm(run.params, 1.0)  # under FSDP the norm of the whole, sharded gradient
-    run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
-    run.scaler.update()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    grad_norm, skipped = _update(run, weightless=totals[1] <= 0)
     row = {
         "step": run.step,
         "epoch": epoch,
         "loss": loss_sum,
         "lr": run.scheduler.get_last_lr()[0],
-        "rows": step_rows,
-        "tokens": step_tokens,
-        "tokens_sq": step_tokens_sq,
-        "grad_norm": float(grad_norm),
+        "rows": len(rows),
+        "tokens": int(d.lengths[rows].sum()),
+        # sum of squared row lengths: attention's share of the step's work (benchmarks/bench_train.py's FLOPs)
+        "tokens_sq": int((d.lengths[rows].astype(np.int64) ** 2).sum()),
+        "grad_norm": grad_norm,
+        "skipped": skipped,
         "seconds": time.monotonic() - t0,
     }
     run.history.append(row)
     return row
+
+
+# non-finite gradients in a row after which the run stops: a few are fp16 loss scaling finding its scale
+MAX_SKIPPED_IN_A_ROW = 20
+
+
+def _update(run: Run, weightless: bool = False) -> tuple[float, bool]:
+    """Clip and apply the step's gradient, unless it is not finite; advance the schedule either way.
+
+    Returns the gradient norm and whether the update was skipped. fp16 loss scaling skips an overflowing step
+    itself (and lowers the scale); in bf16/fp32 a non-finite gradient is never applied here, so no weight and no
+    checkpoint holds it. ``MAX_SKIPPED_IN_A_ROW`` skipped steps in a row stop the run naming the step.
+    """
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = float(run.parallel.clip_grad_norm(run.params, 1.0))  # under FSDP the whole, sharded gradient's
+    skipped = weightless or not math.isfinite(grad_norm)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
+        run.scaler.update()
+    elif not skipped:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if skipped and not weightless else 0
+    if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise NonFiniteLossError(
+            f"step {run.step}: the gradient was not finite at {run.skipped_in_a_row} steps in a row (skipped, "
+            f"nothing saved from them). Likely causes: lr too high (now {run.cfg.lr}), rows whose inputs overflow "
+            f"in {run.precision.autocast or 'the weights dtype'}; lower lr, or train in bf16/fp32 (--dtype)"
+        )
+    return grad_norm, skipped

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kaggle_utils.data import schema
-from kaggle_utils.models.losses import LOSSES, distill_terms, preference_loss, term_weights
+from kaggle_utils.models.losses import LOSSES, distill_terms, preference_loss, term_totals, term_weights
 
 NAN = float("nan")
 
@@ -84,17 +84,34 @@ def test_labelled_row_without_teacher_takes_ce_in_the_kd_term() -> None:
 
 
 def test_ce_counts_only_rows_with_a_human_label() -> None:
-    """A pseudo-labelled row (hard = -1) adds no CE: the mean over 2 rows holds one row's CE."""
+    """A pseudo-labelled row (hard = -1) adds no CE and does not dilute it: with ``ce`` the loss is the labelled
+    row's CE (a teacher-only row in the denominator would silently lower the learning rate)."""
     logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     hard = torch.tensor([0, -1])
     teacher = torch.tensor([[NAN, NAN], [0.0, 0.0]])
     ce0 = math.log(2.0)
     kd1 = _kl([0.5, 0.5], [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2))])
-    assert preference_loss(logits, hard, teacher, "ce").item() == pytest.approx(ce0 / 2, rel=1e-5)
-    # row 0 has no teacher: its KD term is its CE
+    assert preference_loss(logits, hard, teacher, "ce").item() == pytest.approx(ce0, rel=1e-5)
+    # row 0 has no teacher: its KD term is its CE; every row counts in the KD term
     assert preference_loss(logits, hard, teacher, "kl").item() == pytest.approx((ce0 + kd1) / 2, rel=1e-5)
     got = preference_loss(logits, hard, teacher, "mixed", kl_weight=0.25).item()
-    assert got == pytest.approx((0.75 * ce0 + 0.25 * (ce0 + kd1)) / 2, rel=1e-5)
+    assert got == pytest.approx(0.75 * ce0 + 0.25 * (ce0 + kd1) / 2, rel=1e-5)
+
+
+def test_micro_batch_shares_add_up_to_the_step_loss() -> None:
+    """With the step's term totals, the micro-batches' losses (and so their gradients) sum to the whole batch's."""
+    logits, hard, teacher = _batch(3)
+    hard[1], teacher[2:4] = -1, NAN  # one row teacher-only, two label-only
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    labelled, taught = hard >= 0, torch.isfinite(teacher).all(-1)
+    totals = term_totals(labelled, taught, w)
+    kwargs = {"kind": "mixed", "kl_weight": 0.4, "cos_weight": 0.2}
+    whole = preference_loss(logits, hard, teacher, row_weight=w, **kwargs)
+    parts = [
+        preference_loss(logits[s], hard[s], teacher[s], row_weight=w[s], totals=totals, **kwargs)
+        for s in (slice(0, 2), slice(2, 5), slice(5, 6))
+    ]
+    torch.testing.assert_close(sum(parts), whole)
 
 
 def test_row_weights_make_a_weighted_mean() -> None:
