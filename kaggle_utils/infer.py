@@ -23,7 +23,6 @@ the Kaggle T4 x2 shape).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -38,6 +37,15 @@ import torch
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.inference.outputs import (
+    budget_file,
+    read_budget,
+    save_budget,
+    write_predictions,
+    write_report,
+    write_submission,
+)
+from kaggle_utils.inference.report import finish_report, pass_report, pass_table, plan_entry, projection_report
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import (
     WEIGHT_PATTERNS,
@@ -52,12 +60,30 @@ from kaggle_utils.models.loading import (
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import Blend, Calibration, margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.memory import probe_token_budget
-from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.scoring.placement import choose_placement, device_limits, weights_bytes
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
 from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
-from kaggle_utils.store import write_atomic
+
+# the stage's public names: notebooks, tests and benchmarks import them from here, wherever they are defined
+__all__ = [
+    "CPU_BATCH_TOKENS",
+    "FALLBACK_LONGER_WINS",
+    "Cascade",
+    "InferConfig",
+    "InferenceError",
+    "Role",
+    "check_started_at",
+    "encode",
+    "fallback_probs",
+    "infer",
+    "main",
+    "pass_table",
+    "rehearse",
+    "resolve_devices",
+    "run_cascade",
+    "write_submission",
+]
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
@@ -256,19 +282,6 @@ class Role:
         return seconds
 
 
-def _pass_report(result: PassResult, rows: np.ndarray, planned: int | None = None, wall: float | None = None) -> dict:
-    """A pass in the report; ``wall``: seconds from the start of its load to its end (default: the pass's own)."""
-    report = {
-        "scored": int(rows.sum()),
-        "seconds": round(result.seconds if wall is None else wall, 1),
-        "load_seconds": result.load_seconds,
-        "stopped_by_deadline": result.stopped_by_deadline,
-        "resumed_batches": result.resumed_batches,
-        "oom": result.oom,
-    }
-    return report | ({} if planned is None else {"planned_rows": planned})
-
-
 class Cascade:
     """The run's state: probabilities and their source per row, the report, and the submission on disk.
 
@@ -313,7 +326,7 @@ class Cascade:
             if result is None:
                 return
             self.raw[:] = result.probs
-            self.report["primary"] = _pass_report(result, result.scored, wall=self.deadline.clock() - t0)
+            self.report["primary"] = pass_report(result, result.scored, wall=self.deadline.clock() - t0)
             self.write()  # the primary's submission as soon as it exists
             optional = self.plan_optional(primary, enc)
             if optional is not None and optional.tta_batches:
@@ -346,9 +359,10 @@ class Cascade:
             self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "configured"}
             return
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, self.devices, enc.lengths.max())
-        saved = cfg.out_dir / "parts" / f"budget-{role.name}-{key}.json"
-        if saved.is_file():
-            role.batch_tokens = json.loads(saved.read_text())["tokens"]
+        saved = budget_file(cfg.out_dir, role.name, key)
+        tokens = read_budget(saved)
+        if tokens is not None:
+            role.batch_tokens = tokens
             self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "read back"}
             return
         model = role.copies.wait(0, self.deadline)
@@ -373,8 +387,7 @@ class Cascade:
             return
         role.batch_tokens = budget.tokens
         self.report.setdefault("token_budget", {})[role.name] = {"tokens": budget.tokens, "how": budget.describe()}
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"tokens": budget.tokens, "describe": budget.describe()}) + "\n")
+        save_budget(saved, budget.tokens, budget.describe())
 
     def guarded(self, what: str, work: Callable, preflight_of: Role | None = None):
         """``work()``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
@@ -471,11 +484,7 @@ class Cascade:
     def plan(self, tta: PassWork | None, secondary: PassWork | None) -> Plan:
         """The shares that fit in the time left (the deadline already holds the reserve back), printed."""
         plan = plan_cascade(self.deadline.remaining(), 0.0, None, secondary, tta, devices=len(self.devices))
-        finish = time.strftime("%H:%M:%S", time.localtime(time.time() + plan.projected))
-        print(f"{plan.describe()}; projected finish {finish}", flush=True)
-        self.report["plans"].append(
-            {"elapsed_s": round(self.deadline.elapsed(), 1), "rows": plan.rows, "seconds": plan.seconds}
-        )
+        self.report["plans"].append(plan_entry(plan, self.deadline.elapsed()))
         return plan
 
     def run_tta(self, primary: Role, work: OptionalWork) -> None:
@@ -489,7 +498,7 @@ class Cascade:
         # the swapped view's A is the original B: average the margins (position bias cancels), in raw space
         z = swap_tta_margin(margin(self.raw[done]), margin(result.probs[done]))
         self.raw[done], self.tta[done] = probs_from_margin(z), True
-        self.report["tta"] = _pass_report(result, done, planned=int(work.tta_work.sizes[: work.tta_batches].sum()))
+        self.report["tta"] = pass_report(result, done, planned=int(work.tta_work.sizes[: work.tta_batches].sum()))
         self.report["tta"]["load_seconds"] = {}  # the primary's copies, loaded (and counted) by the primary pass
 
     def run_secondary(self, work: OptionalWork) -> None:
@@ -527,7 +536,7 @@ class Cascade:
             return
         done = result.scored
         self.secondary_raw[done] = result.probs[done]
-        self.report["secondary"] = _pass_report(
+        self.report["secondary"] = pass_report(
             result, done, planned=plan.rows["secondary"], wall=self.deadline.clock() - t0
         )
 
@@ -579,8 +588,7 @@ class Cascade:
         pred = self.guarded("calibration", self.predictions)
         if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
             pred = self.uncalibrated()
-        write_submission(pred, self.test, self.cfg.out_dir / "submission.csv")
-        write_atomic(self.cfg.out_dir / "predictions.parquet", lambda tmp: pred.to_parquet(tmp, index=False))
+        write_predictions(pred, self.test, self.cfg.out_dir)
         return pred
 
     def uncalibrated(self) -> pd.DataFrame:
@@ -632,16 +640,8 @@ def run_cascade(cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: D
         run.run()
     finally:
         pred = run.write()  # also on a KeyboardInterrupt: what was scored is in the submission
-    report = run.report
-    report["sources"] = pred["source"].value_counts().to_dict()
-    report["fallback_rows"] = int((pred["source"] == "fallback").sum())
-    report["elapsed_minutes"] = round(deadline.elapsed() / 60, 2)
-    if cfg.labels_file is not None:
-        key = schema.read_table(cfg.labels_file).astype({"id": pred["id"].dtype})
-        merged = pred.merge(key[["id", "winner"]].rename(columns={"winner": "truth"}), on="id", validate="1:1")
-        truth = (merged["truth"] == "model_b").to_numpy().astype(np.int64)
-        report["accuracy"] = evaluate(merged[["p_a", "p_b"]].to_numpy(), truth)
-    (cfg.out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = finish_report(run.report, pred, deadline.elapsed(), cfg.labels_file)
+    write_report(cfg.out_dir / "report.json", report)
     if report["errors"] and not cfg.fail_soft:
         raise InferenceError(f"{len(report['errors'])} error(s), the submission holds the rest: {report['errors']}")
     return run
@@ -673,57 +673,13 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
         budget_seconds=cfg.time_budget_minutes * 60,
         reserve_seconds=cfg.reserve_minutes * 60,
     )
-    run.report["projection"] = {
-        "table": projection.table(),
-        "primary_hours": round(projection.primary_hours, 3),
-        "planned_rows": projection.plan.rows,
-        "primary_finishes": projection.plan.complete.get("primary", False),
-    }
-    (out / "report.json").write_text(json.dumps(run.report, indent=2, default=str) + "\n")
+    run.report["projection"] = projection_report(projection)
+    write_report(out / "report.json", run.report)
     return run.predictions()
-
-
-PASSES = ("primary", "tta", "secondary")
-
-
-def pass_table(report: dict) -> pd.DataFrame:
-    """One row per pass of a run's ``report.json``: rows scored and planned, load and scoring seconds, the seconds
-    the first plan after the primary projected (load included), and whether the deadline stopped it."""
-    projected = next((plan["seconds"] for plan in report.get("plans", [])), {})
-    rows = []
-    for role in PASSES:
-        done = report.get(role)
-        if done is None:
-            continue
-        load = sum((done.get("load_seconds") or {}).values())
-        rows.append(
-            {
-                "pass": role,
-                "rows": done.get("scored", 0),
-                "planned_rows": done.get("planned_rows", report["rows"] if role == "primary" else 0),
-                "load_s": round(load, 1),
-                "seconds": done.get("seconds", 0.0),
-                "projected_s": round(projected[role], 1) if role in projected else None,
-                "stopped_by_deadline": done.get("stopped_by_deadline", False),
-                "note": done.get("skipped", ""),
-            }
-        )
-    return pd.DataFrame(rows).set_index("pass") if rows else pd.DataFrame()
 
 
 class InferenceError(RuntimeError):
     """A model failed during inference (``fail_soft=False``); the submission was written before this is raised."""
-
-
-def write_submission(pred: pd.DataFrame, test: pd.DataFrame, path: Path) -> Path:
-    """``id,winner`` with exactly one row per test row, ids as given, in test order; written atomically."""
-    sub = pred[["id", "winner"]]
-    if len(sub) != len(test) or not sub["id"].equals(test["id"]):
-        raise RuntimeError("predictions do not cover every test row exactly once, in order; not writing a submission")
-    if not sub["winner"].isin(schema.WINNERS).all():
-        raise RuntimeError("a prediction is not model_a/model_b; not writing a submission")
-    # a kill mid-write leaves the previous complete submission, never a truncated one
-    return write_atomic(path, lambda tmp: sub.to_csv(tmp, index=False))
 
 
 def main(argv: list[str] | None = None) -> None:

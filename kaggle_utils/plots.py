@@ -39,7 +39,7 @@ def inference_run(sources: pd.Series, passes: pd.DataFrame):
     projected for it: where the 12 hours went, and whether the planner's projections held.
 
     ``sources``: rows per source (primary / primary+tta / blend / blend+tta / fallback); ``passes``:
-    :func:`kaggle_utils.infer.pass_table`.
+    :func:`kaggle_utils.inference.report.pass_table`.
     """
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
     sources.sort_values().plot.barh(ax=axes[0], title="Rows per source")
