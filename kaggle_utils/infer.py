@@ -37,6 +37,7 @@ import torch
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.inference.blend import FALLBACK_LONGER_WINS, Blender, fallback_probs, uncalibrated
 from kaggle_utils.inference.outputs import (
     budget_file,
     read_budget,
@@ -58,7 +59,7 @@ from kaggle_utils.models.loading import (
     model_device,
 )
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.calibration import Blend, Calibration, margin, probs_from_margin, swap_tta_margin
+from kaggle_utils.scoring.calibration import margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.memory import probe_token_budget
 from kaggle_utils.scoring.placement import choose_placement, device_limits, weights_bytes
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
@@ -85,8 +86,6 @@ __all__ = [
     "write_submission",
 ]
 
-# Probability given to the longer response on rows that no model scored.
-FALLBACK_LONGER_WINS = 0.55
 # padded tokens per batch where no GPU memory can be measured (``batch_tokens = 0`` on a CPU)
 CPU_BATCH_TOKENS = 16_384
 
@@ -203,13 +202,6 @@ def resolve_devices(spec: str) -> list[str]:
     return ["cpu"]
 
 
-def fallback_probs(df: pd.DataFrame) -> np.ndarray:
-    """The stated fallback for unscored rows: the longer response wins with p = 0.55. Shape (N, 2)."""
-    longer_a = df["response_a"].str.len().to_numpy() >= df["response_b"].str.len().to_numpy()
-    p_a = np.where(longer_a, FALLBACK_LONGER_WINS, 1 - FALLBACK_LONGER_WINS)
-    return np.stack([p_a, 1 - p_a], axis=1).astype(np.float32)
-
-
 def preflight(model_path: Path, adapter: Path | None, what: str) -> str | None:
     """Why ``what`` cannot be loaded (its folders checked, no load and no hub), or None when it looks complete."""
     try:
@@ -285,9 +277,7 @@ class Role:
 class Cascade:
     """The run's state: probabilities and their source per row, the report, and the submission on disk.
 
-    Probabilities are kept raw (the models' own) and calibrated when written: swap TTA and the blend average
-    margins, and a temperature divides margins, so averaging raw margins then calibrating is the same as averaging
-    calibrated ones.
+    Probabilities are kept raw (the models' own) and calibrated when written (:mod:`kaggle_utils.inference.blend`).
     """
 
     def __init__(self, cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: Deadline):
@@ -298,6 +288,7 @@ class Cascade:
         self.tta = np.zeros(len(test), dtype=bool)
         self.report: dict = {"rows": len(test), "repairs": repairs, "errors": [], "devices": self.devices, "plans": []}
         self.measured: dict[str, list] = {"primary": [], "secondary": []}  # batch logs, for a rehearsal
+        self.blender = Blender(cfg.primary_adapter, cfg.secondary_adapter, cfg.secondary_weight, self.report)
 
     def error(self, text: str) -> None:
         print(f"ERROR: {text}", flush=True)
@@ -540,61 +531,18 @@ class Cascade:
             result, done, planned=plan.rows["secondary"], wall=self.deadline.clock() - t0
         )
 
-    # ---- calibration, blend, outputs
-
-    def calibration(self, what: str, adapter: Path | None) -> Calibration:
-        """The adapter's fitted temperature (``calibration.json``, written by the train stage), else identity."""
-        if adapter is None:
-            cal = Calibration.identity("no adapter: the base model as is")
-        else:
-            cal = Calibration.load(adapter / "calibration.json")
-        self.report.setdefault("calibration", {})[what] = {"temperature": cal.temperature, "reason": cal.reason}
-        return cal
-
-    def blend(self) -> Blend:
-        """The fitted blend (``blend.json`` beside the secondary adapter), else ``secondary_weight`` with each
-        model's own temperature; both average calibrated logit margins, not probabilities."""
-        cfg = self.cfg
-        fitted = cfg.secondary_adapter / "blend.json" if cfg.secondary_adapter else None
-        if fitted is not None and fitted.is_file():
-            blend = Blend.load(fitted)
-        else:
-            blend = Blend(
-                weight=cfg.secondary_weight,
-                primary_temperature=self.calibration("primary", cfg.primary_adapter).temperature,
-                secondary_temperature=self.calibration("secondary", cfg.secondary_adapter).temperature,
-                reason=f"no blend.json beside the secondary adapter: secondary_weight={cfg.secondary_weight}",
-            )
-        self.report["blend"] = {"weight": blend.weight, "reason": blend.reason}
-        return blend
+    # ---- predictions and outputs
 
     def predictions(self) -> pd.DataFrame:
-        probs, source = fallback_probs(self.test), np.full(len(self.test), "fallback", dtype=object)
-        primary = np.isfinite(self.raw).all(1)
-        if primary.any():
-            probs[primary] = self.calibration("primary", self.cfg.primary_adapter).apply(self.raw[primary])
-            source[primary] = "primary"
-        both = primary & np.isfinite(self.secondary_raw).all(1)
-        if both.any():
-            probs[both] = self.blend().combine(self.raw[both], self.secondary_raw[both])
-            source[both] = "blend"
-        source[self.tta] = source[self.tta] + "+tta"
-        pred = pd.DataFrame({"id": self.test["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "source": source})
-        pred["winner"] = np.where(pred["p_a"] >= pred["p_b"], "model_a", "model_b")
-        return pred
+        """The predictions as they stand now: calibrated, blended, the fallback where no model scored."""
+        return self.blender.predictions(self.test, self.raw, self.secondary_raw, self.tta)
 
     def write(self) -> pd.DataFrame:
         """The submission (and predictions) as they stand now, written atomically."""
         pred = self.guarded("calibration", self.predictions)
         if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
-            pred = self.uncalibrated()
+            pred = uncalibrated(self.test, self.raw)
         write_predictions(pred, self.test, self.cfg.out_dir)
-        return pred
-
-    def uncalibrated(self) -> pd.DataFrame:
-        probs = np.where(np.isfinite(self.raw).all(1, keepdims=True), self.raw, fallback_probs(self.test))
-        pred = pd.DataFrame({"id": self.test["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "source": "uncalibrated"})
-        pred["winner"] = np.where(pred["p_a"] >= pred["p_b"], "model_a", "model_b")
         return pred
 
 
