@@ -33,7 +33,6 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
@@ -47,23 +46,21 @@ from kaggle_utils.inference.outputs import (
     write_submission,
 )
 from kaggle_utils.inference.report import finish_report, pass_report, pass_table, plan_entry, projection_report
-from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
-from kaggle_utils.models.loading import (
-    WEIGHT_PATTERNS,
-    ModelConfig,
-    ModelFilesError,
-    check_adapter_dir,
-    check_model_dir,
-    load_classifier,
-    load_tokenizer,
-    model_device,
+from kaggle_utils.inference.roles import (
+    CPU_BATCH_TOKENS,
+    Encoded,
+    Role,
+    encode,
+    input_fields,
+    preflight,
+    resolve_devices,
+    weight_file_bytes,
 )
+from kaggle_utils.inputs.formatter import InputConfig
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import margin, probs_from_margin, swap_tta_margin
-from kaggle_utils.scoring.memory import probe_token_budget
-from kaggle_utils.scoring.placement import choose_placement, device_limits, weights_bytes
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
-from kaggle_utils.scoring.pool import DeviceCopies, PassResult, pass_key, run_pass
+from kaggle_utils.scoring.pool import PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
 
 # the stage's public names: notebooks, tests and benchmarks import them from here, wherever they are defined
@@ -85,9 +82,6 @@ __all__ = [
     "run_cascade",
     "write_submission",
 ]
-
-# padded tokens per batch where no GPU memory can be measured (``batch_tokens = 0`` on a CPU)
-CPU_BATCH_TOKENS = 16_384
 
 
 @dataclass
@@ -194,86 +188,6 @@ def check_started_at(started_at: float, now: float | None = None) -> None:
         raise ValueError(f"started_at={started_at} is {when}: pass time.time() taken when the run began, or 0")
 
 
-def resolve_devices(spec: str) -> list[str]:
-    if spec != "auto":
-        return [d.strip() for d in spec.split(",") if d.strip()]
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return ["cpu"]
-
-
-def preflight(model_path: Path, adapter: Path | None, what: str) -> str | None:
-    """Why ``what`` cannot be loaded (its folders checked, no load and no hub), or None when it looks complete."""
-    try:
-        check_model_dir(model_path, f"{what} model")
-        if adapter is not None:
-            check_adapter_dir(adapter, f"{what} adapter")
-    except ModelFilesError as err:
-        return str(err)
-    return None
-
-
-@dataclass
-class Encoded:
-    """One model's view of the rows it will score: its tokenizer, the token ids, their lengths (R,), and the test
-    rows (R,) they are (positions into the test file, in the pass's priority order)."""
-
-    tokenizer: object
-    rows: list[list[int]]
-    lengths: np.ndarray
-    index: np.ndarray
-
-
-def encode(cfg: InferConfig, model_path: Path, df: pd.DataFrame, index: np.ndarray | None = None) -> Encoded:
-    """Token ids of ``df``'s rows ``index`` (default: all) as ``model_path``'s tokenizer and the template make them."""
-    index = np.arange(len(df)) if index is None else np.asarray(index)
-    tok = load_tokenizer(model_path)
-    rows = PromptFormatter(tok, cfg).encode(df.iloc[index].reset_index(drop=True))
-    return Encoded(tok, rows, PromptFormatter.lengths(rows), index)
-
-
-def _input_fields(cfg: InferConfig) -> dict:
-    """The InputConfig part of an InferConfig (what decides the token ids)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(InputConfig)}
-
-
-@dataclass
-class Role:
-    """A model of the cascade: its files, its cost model, and (while loaded) its device copies."""
-
-    name: str
-    model_path: Path
-    adapter: Path | None
-    cost: CostModel
-    copies: DeviceCopies | None = None
-    # padded tokens per batch: the configured figure, or measured on the first copy once loaded
-    batch_tokens: int = 0
-
-    def start_loading(self, cfg: InferConfig, pad_id: int, devices: list[str], deadline: Deadline) -> None:
-        def load(device: str):
-            model_cfg = ModelConfig(
-                model_path=self.model_path,
-                load_in_4bit=cfg.load_in_4bit,
-                device=device,
-                dtype=cfg.dtype,
-                split_reserve_gib=cfg.activation_reserve_gib,
-            )
-            return load_classifier(model_cfg, pad_id, adapter=self.adapter)
-
-        self.copies = DeviceCopies(load, devices, deadline.clock)
-
-    def close(self) -> float | None:
-        """Free the copies; the wall seconds their load took (None when it never ended)."""
-        if self.copies is None:
-            return None
-        seconds = self.copies.total_load_seconds
-        if seconds is not None:
-            self.cost.record_load(seconds)
-        self.copies.close()
-        self.copies = None
-        return seconds
-
-
 class Cascade:
     """The run's state: probabilities and their source per row, the report, and the submission on disk.
 
@@ -330,10 +244,7 @@ class Cascade:
     def place(self, role: Role) -> list[str]:
         """The devices of ``role``'s copies: one per GPU when it fits a card, else one split across the GPUs
         (scoring.placement); empty, with the reason as an error, when it fits neither way."""
-        cfg = self.cfg
-        weights = weights_bytes(role.model_path, cfg.load_in_4bit, 4 if cfg.dtype == "fp32" else 2)
-        reserve = int(cfg.activation_reserve_gib * 2**30)
-        placement = choose_placement(weights, self.devices, device_limits(self.devices), reserve)
+        placement = role.placement(self.cfg, self.devices)
         self.report.setdefault("placement", {})[role.name] = dataclasses.asdict(placement)
         print(f"{role.name}: {placement.reason}", flush=True)
         if placement.kind == "none":
@@ -346,39 +257,27 @@ class Cascade:
         its parts). A copy that never loads leaves the CPU figure; the pass then reports the load's error."""
         cfg = self.cfg
         if cfg.batch_tokens:
-            role.batch_tokens = cfg.batch_tokens
-            self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "configured"}
+            self.set_budget(role, cfg.batch_tokens, "configured")
             return
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, self.devices, enc.lengths.max())
         saved = budget_file(cfg.out_dir, role.name, key)
         tokens = read_budget(saved)
         if tokens is not None:
-            role.batch_tokens = tokens
-            self.report.setdefault("token_budget", {})[role.name] = {"tokens": role.batch_tokens, "how": "read back"}
+            self.set_budget(role, tokens, "read back")
             return
         model = role.copies.wait(0, self.deadline)
-        role.batch_tokens = CPU_BATCH_TOKENS
-        self.report.setdefault("token_budget", {})[role.name] = {"tokens": CPU_BATCH_TOKENS, "how": "no copy loaded"}
+        self.set_budget(role, CPU_BATCH_TOKENS, "no copy loaded")
         if model is None:
             return
-        budget = self.guarded(
-            role.name,
-            lambda: probe_token_budget(
-                model,
-                enc.rows,
-                enc.lengths,
-                enc.tokenizer.pad_token_id,
-                model_device(model),
-                max_rows=cfg.max_rows,
-                ceiling=cfg.max_batch_tokens,
-                fallback=CPU_BATCH_TOKENS,
-            ),
-        )
+        budget = self.guarded(role.name, lambda: role.probe_budget(model, enc, cfg))
         if budget is None:
             return
-        role.batch_tokens = budget.tokens
-        self.report.setdefault("token_budget", {})[role.name] = {"tokens": budget.tokens, "how": budget.describe()}
+        self.set_budget(role, budget.tokens, budget.describe())
         save_budget(saved, budget.tokens, budget.describe())
+
+    def set_budget(self, role: Role, tokens: int, how: str) -> None:
+        role.batch_tokens = tokens
+        self.report.setdefault("token_budget", {})[role.name] = {"tokens": tokens, "how": how}
 
     def guarded(self, what: str, work: Callable, preflight_of: Role | None = None):
         """``work()``, with anything it raises (a tokenizer that will not load, say) reported, not raised."""
@@ -402,7 +301,7 @@ class Cascade:
         rows by length."""
         cfg = self.cfg
         batches = plan_batches(enc.lengths, role.batch_tokens, cfg.max_rows) if batches is None else batches
-        inputs = config_to_dict(InputConfig(**_input_fields(cfg)))
+        inputs = config_to_dict(InputConfig(**input_fields(cfg)))
         ids = self.test["id"].iloc[enc.index].tolist()
         plan = [b.tolist() for b in batches]
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
@@ -456,7 +355,7 @@ class Cascade:
     def add_secondary(self, work: OptionalWork, primary: Role, build: dict) -> None:
         cfg = self.cfg
         # the secondary's prior: the primary as measured, scaled by weight size (load and per-token time)
-        ratio = _weights_bytes(cfg.secondary_model) / max(1, _weights_bytes(cfg.primary_model))
+        ratio = weight_file_bytes(cfg.secondary_model) / max(1, weight_file_bytes(cfg.primary_model))
         a, b, c = primary.cost.coefficients()
         load = ratio * (primary.copies.total_load_seconds or 0.0)
         cost = CostModel(per_token=max(ratio * a, 1e-12), per_token2=ratio * b, per_batch=c, load_seconds=load)
@@ -559,10 +458,6 @@ class OptionalWork:
     secondary: Role | None = None
     secondary_enc: Encoded | None = None
     secondary_work: PassWork | None = None
-
-
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in Path(folder).glob(pattern))
 
 
 def infer(cfg: InferConfig) -> pd.DataFrame:

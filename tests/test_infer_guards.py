@@ -16,6 +16,7 @@ import torch
 
 from kaggle_utils import infer as infer_module
 from kaggle_utils.infer import InferConfig, InferenceError, check_started_at, infer
+from kaggle_utils.inference import roles
 from kaggle_utils.kaggle import env
 from kaggle_utils.models.loading import ModelFilesError, check_model_dir
 
@@ -57,8 +58,8 @@ class Wrapped(torch.nn.Module):
 
 
 def wrap_loads(monkeypatch, before_forward=None, on_load=None) -> list[str]:
-    """Every load_classifier call in infer returns a Wrapped model; ``on_load(n, device)`` runs first."""
-    original, loads = infer_module.load_classifier, []
+    """Every load_classifier call of the cascade's roles returns a Wrapped model; ``on_load(n, device)`` runs first."""
+    original, loads = roles.load_classifier, []
 
     def load(cfg, pad_id, adapter=None, **kw):
         loads.append(cfg.device)
@@ -67,7 +68,7 @@ def wrap_loads(monkeypatch, before_forward=None, on_load=None) -> list[str]:
         model = original(cfg, pad_id, adapter=adapter, **kw)
         return Wrapped(model, before_forward) if before_forward else model
 
-    monkeypatch.setattr(infer_module, "load_classifier", load)
+    monkeypatch.setattr(roles, "load_classifier", load)
     return loads
 
 
@@ -394,7 +395,7 @@ def test_a_model_that_fits_no_device_is_refused_before_loading(
     """Memory limits as if the CPU were a card too small for the weights: an error with the fix, no load, and the
     fallback submission."""
     loads = wrap_loads(monkeypatch)
-    monkeypatch.setattr(infer_module, "device_limits", lambda devices: dict.fromkeys(devices, 1_000_000))
+    monkeypatch.setattr(roles, "device_limits", lambda devices: dict.fromkeys(devices, 1_000_000))
     pred = infer(_cfg(demo_files["test"], tmp_path, qwen_path, adapter))
     report = _report(tmp_path)
     assert loads == [] and (pred["source"] == "fallback").all()

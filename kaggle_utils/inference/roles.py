@@ -1,0 +1,150 @@
+"""A model of the cascade (the primary or the secondary), from its files to its loaded copies: the folder checks made
+before anything loads, the token ids its tokenizer makes of the test rows, where its copies go (one per GPU, or one
+split across them), their loading, and the padded tokens per batch measured on the first copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.models.loading import (
+    WEIGHT_PATTERNS,
+    ModelConfig,
+    ModelFilesError,
+    check_adapter_dir,
+    check_model_dir,
+    load_classifier,
+    load_tokenizer,
+    model_device,
+)
+from kaggle_utils.scoring.budget import Deadline
+from kaggle_utils.scoring.memory import TokenBudget, probe_token_budget
+from kaggle_utils.scoring.placement import Placement, choose_placement, device_limits, weights_bytes
+from kaggle_utils.scoring.planner import CostModel
+from kaggle_utils.scoring.pool import DeviceCopies
+
+# padded tokens per batch where no GPU memory can be measured (``batch_tokens = 0`` on a CPU)
+CPU_BATCH_TOKENS = 16_384
+
+
+class LoadSettings(Protocol):
+    """What a role's copies are placed, loaded and measured with (the infer stage's config has these fields)."""
+
+    load_in_4bit: bool
+    dtype: str
+    activation_reserve_gib: float
+    max_rows: int
+    max_batch_tokens: int
+
+
+def resolve_devices(spec: str) -> list[str]:
+    if spec != "auto":
+        return [d.strip() for d in spec.split(",") if d.strip()]
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def preflight(model_path: Path, adapter: Path | None, what: str) -> str | None:
+    """Why ``what`` cannot be loaded (its folders checked, no load and no hub), or None when it looks complete."""
+    try:
+        check_model_dir(model_path, f"{what} model")
+        if adapter is not None:
+            check_adapter_dir(adapter, f"{what} adapter")
+    except ModelFilesError as err:
+        return str(err)
+    return None
+
+
+@dataclass
+class Encoded:
+    """One model's view of the rows it will score: its tokenizer, the token ids, their lengths (R,), and the test
+    rows (R,) they are (positions into the test file, in the pass's priority order)."""
+
+    tokenizer: object
+    rows: list[list[int]]
+    lengths: np.ndarray
+    index: np.ndarray
+
+
+def encode(cfg: InputConfig, model_path: Path, df: pd.DataFrame, index: np.ndarray | None = None) -> Encoded:
+    """Token ids of ``df``'s rows ``index`` (default: all) as ``model_path``'s tokenizer and the template make them."""
+    index = np.arange(len(df)) if index is None else np.asarray(index)
+    tok = load_tokenizer(model_path)
+    rows = PromptFormatter(tok, cfg).encode(df.iloc[index].reset_index(drop=True))
+    return Encoded(tok, rows, PromptFormatter.lengths(rows), index)
+
+
+def input_fields(cfg: InputConfig) -> dict:
+    """The InputConfig part of a stage's config (what decides the token ids)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(InputConfig)}
+
+
+def weight_file_bytes(folder: Path) -> int:
+    """Bytes of the weight files in a model folder, as they lie on disk."""
+    return sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in Path(folder).glob(pattern))
+
+
+@dataclass
+class Role:
+    """A model of the cascade: its files, its cost model, and (while loaded) its device copies."""
+
+    name: str
+    model_path: Path
+    adapter: Path | None
+    cost: CostModel
+    copies: DeviceCopies | None = None
+    # padded tokens per batch: the configured figure, or measured on the first copy once loaded
+    batch_tokens: int = 0
+
+    def placement(self, cfg: LoadSettings, devices: list[str]) -> Placement:
+        """Where the copies go: one per GPU when the weights and ``activation_reserve_gib`` fit a card, else one
+        split across the GPUs (scoring.placement); ``kind == "none"`` when it fits neither way."""
+        weights = weights_bytes(self.model_path, cfg.load_in_4bit, 4 if cfg.dtype == "fp32" else 2)
+        reserve = int(cfg.activation_reserve_gib * 2**30)
+        return choose_placement(weights, devices, device_limits(devices), reserve)
+
+    def start_loading(self, cfg: LoadSettings, pad_id: int, devices: list[str], deadline: Deadline) -> None:
+        def load(device: str):
+            model_cfg = ModelConfig(
+                model_path=self.model_path,
+                load_in_4bit=cfg.load_in_4bit,
+                device=device,
+                dtype=cfg.dtype,
+                split_reserve_gib=cfg.activation_reserve_gib,
+            )
+            return load_classifier(model_cfg, pad_id, adapter=self.adapter)
+
+        self.copies = DeviceCopies(load, devices, deadline.clock)
+
+    def probe_budget(self, model, enc: Encoded, cfg: LoadSettings) -> TokenBudget:
+        """The padded tokens per batch ``model`` (a loaded copy) holds on its device, measured on the longest rows."""
+        return probe_token_budget(
+            model,
+            enc.rows,
+            enc.lengths,
+            enc.tokenizer.pad_token_id,
+            model_device(model),
+            max_rows=cfg.max_rows,
+            ceiling=cfg.max_batch_tokens,
+            fallback=CPU_BATCH_TOKENS,
+        )
+
+    def close(self) -> float | None:
+        """Free the copies; the wall seconds their load took (None when it never ended)."""
+        if self.copies is None:
+            return None
+        seconds = self.copies.total_load_seconds
+        if seconds is not None:
+            self.cost.record_load(seconds)
+        self.copies.close()
+        self.copies = None
+        return seconds
