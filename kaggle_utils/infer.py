@@ -36,30 +36,31 @@ import pandas as pd
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.inference import outputs
 from kaggle_utils.inference.blend import FALLBACK_LONGER_WINS, Blender, fallback_probs, uncalibrated
-from kaggle_utils.inference.outputs import (
-    budget_file,
-    read_budget,
-    save_budget,
-    write_predictions,
-    write_report,
-    write_submission,
+from kaggle_utils.inference.outputs import write_submission
+from kaggle_utils.inference.report import (
+    announce_pass,
+    finish_report,
+    pass_report,
+    pass_table,
+    plan_entry,
+    project_rehearsal,
 )
-from kaggle_utils.inference.report import finish_report, pass_report, pass_table, plan_entry, projection_report
 from kaggle_utils.inference.roles import (
     CPU_BATCH_TOKENS,
     Encoded,
+    OptionalWork,
     Role,
     encode,
     input_fields,
     preflight,
     resolve_devices,
-    weight_file_bytes,
 )
 from kaggle_utils.inputs.formatter import InputConfig
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import margin, probs_from_margin, swap_tta_margin
-from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, rehearsal_report, synthetic_test
+from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, synthetic_test
 from kaggle_utils.scoring.pool import PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches
 
@@ -260,8 +261,8 @@ class Cascade:
             self.set_budget(role, cfg.batch_tokens, "configured")
             return
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, self.devices, enc.lengths.max())
-        saved = budget_file(cfg.out_dir, role.name, key)
-        tokens = read_budget(saved)
+        saved = outputs.budget_file(cfg.out_dir, role.name, key)
+        tokens = outputs.read_budget(saved)
         if tokens is not None:
             self.set_budget(role, tokens, "read back")
             return
@@ -273,7 +274,7 @@ class Cascade:
         if budget is None:
             return
         self.set_budget(role, budget.tokens, budget.describe())
-        save_budget(saved, budget.tokens, budget.describe())
+        outputs.save_budget(saved, budget.tokens, budget.describe())
 
     def set_budget(self, role: Role, tokens: int, how: str) -> None:
         role.batch_tokens = tokens
@@ -306,11 +307,7 @@ class Cascade:
         plan = [b.tolist() for b in batches]
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
         run = batches if limit is None else batches[:limit]
-        print(
-            f"{desc}: {len(run)} of {len(batches)} batches of up to {role.batch_tokens:,} padded tokens on "
-            f"{', '.join(role.copies.devices)}; cost {role.cost.describe(cfg.max_length)}",
-            flush=True,
-        )
+        announce_pass(desc, len(run), len(batches), role, cfg.max_length)
         result = run_pass(
             role.copies,
             enc.rows,
@@ -354,11 +351,7 @@ class Cascade:
 
     def add_secondary(self, work: OptionalWork, primary: Role, build: dict) -> None:
         cfg = self.cfg
-        # the secondary's prior: the primary as measured, scaled by weight size (load and per-token time)
-        ratio = weight_file_bytes(cfg.secondary_model) / max(1, weight_file_bytes(cfg.primary_model))
-        a, b, c = primary.cost.coefficients()
-        load = ratio * (primary.copies.total_load_seconds or 0.0)
-        cost = CostModel(per_token=max(ratio * a, 1e-12), per_token2=ratio * b, per_batch=c, load_seconds=load)
+        cost = primary.scaled_cost(cfg.secondary_model)  # the secondary's prior: the primary's, scaled by weight size
         # batched with the primary's budget until its own is measured (run_secondary re-batches then)
         role = Role("secondary", cfg.secondary_model, cfg.secondary_adapter, cost, batch_tokens=build["batch_tokens"])
         n = int(round(cfg.secondary_fraction * len(work.order)))
@@ -441,23 +434,8 @@ class Cascade:
         pred = self.guarded("calibration", self.predictions)
         if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
             pred = uncalibrated(self.test, self.raw)
-        write_predictions(pred, self.test, self.cfg.out_dir)
+        outputs.write_predictions(pred, self.test, self.cfg.out_dir)
         return pred
-
-
-@dataclass
-class OptionalWork:
-    """The work after the primary pass: candidate rows (test positions, least certain first) and each pass's
-    encoding and batches, planned whole once (so a rerun resumes the same batches), run as far as planned."""
-
-    order: np.ndarray
-    keys: np.ndarray
-    tta: Encoded | None = None
-    tta_work: PassWork | None = None
-    tta_batches: int = 0
-    secondary: Role | None = None
-    secondary_enc: Encoded | None = None
-    secondary_work: PassWork | None = None
 
 
 def infer(cfg: InferConfig) -> pd.DataFrame:
@@ -484,7 +462,7 @@ def run_cascade(cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: D
     finally:
         pred = run.write()  # also on a KeyboardInterrupt: what was scored is in the submission
     report = finish_report(run.report, pred, deadline.elapsed(), cfg.labels_file)
-    write_report(cfg.out_dir / "report.json", report)
+    outputs.write_report(cfg.out_dir / "report.json", report)
     if report["errors"] and not cfg.fail_soft:
         raise InferenceError(f"{len(report['errors'])} error(s), the submission holds the rest: {report['errors']}")
     return run
@@ -502,22 +480,8 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
     run_cfg = replace(cfg, rehearse=0, out_dir=out, labels_file=None, checkpoint_seconds=1e9)
     shutil.rmtree(out / "parts", ignore_errors=True)  # a rehearsal measures: nothing is resumed
     run = run_cascade(run_cfg, test, {}, Deadline(cfg.rehearse_minutes * 60))
-    loads = {role: seconds for role, seconds in run.report.get("load_seconds", {}).items() if seconds}
-    measured = {role: batches for role, batches in run.measured.items() if batches}
-    projection = rehearsal_report(
-        measured,
-        loads,
-        n_rows=cfg.project_rows,
-        max_length=cfg.max_length,
-        devices=len(run.devices),
-        batch_tokens=run.report["token_budget"].get("primary", {}).get("tokens", cfg.batch_tokens or CPU_BATCH_TOKENS),
-        max_rows=cfg.max_rows,
-        tta_fraction=cfg.tta_fraction,
-        budget_seconds=cfg.time_budget_minutes * 60,
-        reserve_seconds=cfg.reserve_minutes * 60,
-    )
-    run.report["projection"] = projection_report(projection)
-    write_report(out / "report.json", run.report)
+    run.report["projection"] = project_rehearsal(run.report, run.measured, len(run.devices), cfg)
+    outputs.write_report(out / "report.json", run.report)
     return run.predictions()
 
 

@@ -1,5 +1,5 @@
 """The inference stage's report: what each pass scored and how long it took, each plan as it was made, the sources of
-the final predictions, the accuracy where an answer key is given, and a rehearsal's projection.
+the final predictions, the accuracy where an answer key is given, and a rehearsal's projection of a full run.
 
 The report is a plain dict (saved as ``report.json`` by :mod:`kaggle_utils.inference.outputs`); :func:`pass_table`
 turns it into the table notebook 04 prints and plots.
@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from kaggle_utils.data import schema
+from kaggle_utils.inference.roles import CPU_BATCH_TOKENS, Role
 from kaggle_utils.scoring.metrics import evaluate
-from kaggle_utils.scoring.planner import Plan, RunProjection
+from kaggle_utils.scoring.planner import Plan, rehearsal_report
 from kaggle_utils.scoring.pool import PassResult
 
 # the cascade's passes, in run order
 PASSES = ("primary", "tta", "secondary")
+
+
+def announce_pass(desc: str, run: int, planned: int, role: Role, max_length: int) -> None:
+    """Prints what a pass is about to do: ``run`` of its ``planned`` batches, their token budget, the devices of the
+    role's copies, and its cost model."""
+    print(
+        f"{desc}: {run} of {planned} batches of up to {role.batch_tokens:,} padded tokens on "
+        f"{', '.join(role.copies.devices)}; cost {role.cost.describe(max_length)}",
+        flush=True,
+    )
 
 
 def pass_report(result: PassResult, rows: np.ndarray, planned: int | None = None, wall: float | None = None) -> dict:
@@ -56,8 +68,35 @@ def finish_report(report: dict, pred: pd.DataFrame, elapsed_s: float, labels_fil
     return report
 
 
-def projection_report(projection: RunProjection) -> dict:
-    """A rehearsal's projection of a full run, as its report keeps it."""
+class ProjectionSettings(Protocol):
+    """What a rehearsal's projection reads from the infer stage's config."""
+
+    project_rows: int
+    max_length: int
+    batch_tokens: int
+    max_rows: int
+    tta_fraction: float
+    time_budget_minutes: float
+    reserve_minutes: float
+
+
+def project_rehearsal(report: dict, measured: dict[str, list], devices: int, cfg: ProjectionSettings) -> dict:
+    """A rehearsal's measured batches and loads (its ``report`` and batch logs) projected onto a ``project_rows``
+    test set on this hardware and printed (scoring.planner); the projection as the report keeps it."""
+    loads = {role: seconds for role, seconds in report.get("load_seconds", {}).items() if seconds}
+    measured = {role: batches for role, batches in measured.items() if batches}
+    projection = rehearsal_report(
+        measured,
+        loads,
+        n_rows=cfg.project_rows,
+        max_length=cfg.max_length,
+        devices=devices,
+        batch_tokens=report["token_budget"].get("primary", {}).get("tokens", cfg.batch_tokens or CPU_BATCH_TOKENS),
+        max_rows=cfg.max_rows,
+        tta_fraction=cfg.tta_fraction,
+        budget_seconds=cfg.time_budget_minutes * 60,
+        reserve_seconds=cfg.reserve_minutes * 60,
+    )
     return {
         "table": projection.table(),
         "primary_hours": round(projection.primary_hours, 3),

@@ -1,6 +1,7 @@
 """A model of the cascade (the primary or the secondary), from its files to its loaded copies: the folder checks made
 before anything loads, the token ids its tokenizer makes of the test rows, where its copies go (one per GPU, or one
-split across them), their loading, and the padded tokens per batch measured on the first copy.
+split across them), their loading, and the padded tokens per batch measured on the first copy; and the work planned
+for the roles after the primary pass (:class:`OptionalWork`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kaggle_utils.models.loading import (
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.memory import TokenBudget, probe_token_budget
 from kaggle_utils.scoring.placement import Placement, choose_placement, device_limits, weights_bytes
-from kaggle_utils.scoring.planner import CostModel
+from kaggle_utils.scoring.planner import CostModel, PassWork
 from kaggle_utils.scoring.pool import DeviceCopies
 
 # padded tokens per batch where no GPU memory can be measured (``batch_tokens = 0`` on a CPU)
@@ -138,6 +139,14 @@ class Role:
             fallback=CPU_BATCH_TOKENS,
         )
 
+    def scaled_cost(self, model_path: Path) -> CostModel:
+        """A prior for another model while this role's copies are loaded: its cost as measured (per token, per batch,
+        load) scaled by the ratio of the two models' weight bytes on disk."""
+        ratio = weight_file_bytes(model_path) / max(1, weight_file_bytes(self.model_path))
+        a, b, c = self.cost.coefficients()
+        load = ratio * (self.copies.total_load_seconds or 0.0)
+        return CostModel(per_token=max(ratio * a, 1e-12), per_token2=ratio * b, per_batch=c, load_seconds=load)
+
     def close(self) -> float | None:
         """Free the copies; the wall seconds their load took (None when it never ended)."""
         if self.copies is None:
@@ -148,3 +157,18 @@ class Role:
         self.copies.close()
         self.copies = None
         return seconds
+
+
+@dataclass
+class OptionalWork:
+    """The work after the primary pass: candidate rows (test positions, least certain first) and each pass's
+    encoding and batches, planned whole once (so a rerun resumes the same batches), run as far as planned."""
+
+    order: np.ndarray
+    keys: np.ndarray
+    tta: Encoded | None = None
+    tta_work: PassWork | None = None
+    tta_batches: int = 0
+    secondary: Role | None = None
+    secondary_enc: Encoded | None = None
+    secondary_work: PassWork | None = None
