@@ -15,7 +15,7 @@ model or one GPU keeps what was scored (:mod:`kaggle_utils.scoring.pool`), and o
 and retried. Passes are saved in parts, so a rerun after a kill resumes with the same predictions.
 
 With several GPUs each gets its own copy of the model and takes batches from one queue (one thread per GPU:
-the Kaggle T4 x2 shape).
+the Kaggle T4 x2 shape). Its parts (roles, blend, outputs, report) are in :mod:`kaggle_utils.inference`.
 
 ``python -m kaggle_utils.infer --recipe demo-infer``
 """
