@@ -63,7 +63,8 @@ from kaggle_utils.models.loading import (
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.training.checkpoints import load_checkpoint, refuse_fsdp_resume, resumed_batch_tokens, save_checkpoint
 from kaggle_utils.training.config import TrainConfig
-from kaggle_utils.training.evaluation import eval_due, evaluate_run, keep_best
+from kaggle_utils.training.eval_cost import fit_evaluation
+from kaggle_utils.training.evaluation import eval_due, eval_seconds, evaluate_run, keep_best
 from kaggle_utils.training.memory import measured_batch_tokens, refuse_measured_budget_under_fsdp
 from kaggle_utils.training.outputs import save_adapter, save_outputs
 from kaggle_utils.training.parallel import Parallel
@@ -179,31 +180,63 @@ def _describe(run: Run, per_epoch: int) -> None:
 def train(cfg: TrainConfig) -> TrainResult | None:
     """Train (or resume) until the last step or the time budget, evaluating on the way; save the best adapter.
 
-    In a launch of several processes (``accelerate launch --num_processes N -m kaggle_utils.train ...``) each
-    process trains its share of every step and evaluates its share of the held-out rows; rank 0 takes the
-    decisions that hang on a clock, writes every file and returns the result, the other ranks return None.
+    Under a time budget the whole run ends inside it: the evaluation is priced before step 1
+    (:func:`~kaggle_utils.training.eval_cost.fit_evaluation`), and a step or an evaluation starts only if it and
+    the final evaluation still fit. In a launch of several processes (``accelerate launch --num_processes N -m
+    kaggle_utils.train ...``) each process trains its share of every step and evaluates its share of the
+    held-out rows; rank 0 takes the decisions that hang on a clock, writes every file and returns the result,
+    the other ranks return None.
     """
     run = setup(cfg)
-    cfg, par = run.cfg, run.parallel  # run.cfg: batch_tokens=0 resolved to the measured budget
+    par, t_start = run.parallel, time.monotonic()
     deadline = Deadline(cfg.time_budget_minutes * 60)  # counts from here: encoding and model loading are not in it
-    t_start, step_seconds, stopped_by_budget = time.monotonic(), 0.0, False
+    fit_evaluation(run, cfg.time_budget_minutes * 60)
+    epoch, stopped_by_budget = _loop(run, deadline)
+    # the adapter is saved before the final evaluation, so a run killed while evaluating still leaves one
+    adapter_dir = save_adapter(run)
+    metrics = {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "stopped_by_budget": stopped_by_budget,
+        # steps whose gradient was not finite: not applied (fp16 loss scaling finding its scale skips a few)
+        "skipped_steps": sum(bool(row.get("skipped")) for row in run.history),
+        "train_rows": len(run.data),
+        "val_rows": len(run.val_df),
+    }
+    languages = pd.DataFrame()
+    if len(run.val_df):
+        adapter_dir, val_metrics = keep_best(run, epoch, adapter_dir)
+        metrics |= val_metrics
+        languages = pd.DataFrame(run.best["languages"])
+    metrics["seconds"] = round(time.monotonic() - t_start, 1)
+    if not par.is_main:
+        par.barrier()  # exits once rank 0 has written everything
+        return None
+    history, evals = save_outputs(run, metrics)
+    par.barrier()
+    return TrainResult(adapter_dir, history, metrics, evals, languages)
+
+
+def _loop(run: Run, deadline: Deadline) -> tuple[int, bool]:
+    """The optimiser steps from the checkpoint's on, with the evaluations due; returns the last epoch and whether
+    the time budget stopped it. Every step is checkpointed every ``save_every`` steps and at the end."""
+    cfg, par = run.cfg, run.parallel  # run.cfg: batch_tokens=0 resolved to the measured budget
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not par.is_main)
     run.model.train()
     steps = itertools.islice(schedule(cfg, run.data.lengths, par.world), run.total_steps)
-    epoch = 0
+    epoch, step_seconds, stopped = 0, 0.0, False
     for step, (epoch, swapped, micro_batches) in enumerate(steps):
         if step < run.step:  # taken before the checkpoint: replay the schedule up to it
             continue
         # start a step only if it and the final evaluation end in time: the last step's duration plus 50%
-        # estimates it, the last evaluation's the final one
-        final_eval = run.evals[-1]["seconds"] if run.evals else 0.0
-        if not par.agree(deadline.allows(step_seconds * 1.5 + final_eval)):
+        # estimates it, the last evaluation's (or, before one ran, its price) the final one
+        if not par.agree(deadline.allows(step_seconds * 1.5 + eval_seconds(run))):
             if par.is_main:
                 print(
                     f"time budget of {cfg.time_budget_minutes} min reached at step {run.step}/{run.total_steps}; "
                     "stopping"
                 )
-            stopped_by_budget = True
+            stopped = True
             break
         row = train_step(run, epoch, micro_batches, swapped)
         step_seconds = row["seconds"]
@@ -215,29 +248,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
             save_checkpoint(run)
     bar.close()
     save_checkpoint(run)
-
-    # the adapter is saved before the final evaluation, so a run killed while evaluating still leaves one
-    adapter_dir = save_adapter(run)
-    metrics = {
-        "steps": run.step,
-        "total_steps": run.total_steps,
-        "stopped_by_budget": stopped_by_budget,
-        # steps whose gradient was not finite: not applied (fp16 loss scaling finding its scale skips a few)
-        "skipped_steps": sum(bool(row.get("skipped")) for row in run.history),
-        "train_rows": len(run.data),
-        "seconds": round(time.monotonic() - t_start, 1),
-    }
-    languages = pd.DataFrame()
-    if len(run.val_df):
-        adapter_dir, val_metrics = keep_best(run, epoch, adapter_dir)
-        metrics |= val_metrics
-        languages = pd.DataFrame(run.best["languages"])
-    if not par.is_main:
-        par.barrier()  # exits once rank 0 has written everything
-        return None
-    history, evals = save_outputs(run, metrics)
-    par.barrier()
-    return TrainResult(adapter_dir, history, metrics, evals, languages)
+    return epoch, stopped
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ import itertools
 import json
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,9 @@ from kaggle_utils.data import schema
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
+from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.train import TrainConfig, train
-from kaggle_utils.training import evaluation
+from kaggle_utils.training import eval_cost, evaluation
 from kaggle_utils.training import schedule as schedule_module
 from kaggle_utils.training import step as step_module
 from kaggle_utils.training.errors import NonFiniteLossError, TrainMemoryError
@@ -321,7 +323,8 @@ def _expected_first_step_loss(frame: pd.DataFrame, swap: bool, base, tokenizer, 
     log_q, log_p = log_softmax(t / temp), log_softmax(s / temp)
     kd = np.where(labelled, ce, (np.exp(log_q) * (log_q - log_p)).sum(1) * temp**2)
     w = cfg.kl_weight
-    return {"ce": ce.mean(), "kl": kd.mean(), "mixed": ((1 - w) * ce + w * kd).mean()}
+    ce_term = ce.sum() / labelled.sum()  # each term averages over the rows it counts on (issue 25)
+    return {"ce": ce_term, "kl": kd.mean(), "mixed": (1 - w) * ce_term + w * kd.mean()}
 
 
 @pytest.mark.parametrize(
@@ -338,7 +341,8 @@ def test_first_step_loss_matches_hand_computation(
     loss_setup, qwen_path, tokenizer, kind: str, swap: bool, extra: str, temperature: float
 ) -> None:
     """Changed with issue 10: CE counts only human labels (pseudo rows once took the teacher's argmax), and the
-    temperature divides the teacher's logits as well as the student's."""
+    temperature divides the teacher's logits as well as the student's. Changed with issue 25: CE averages over
+    the labelled rows only (teacher-only rows no longer dilute it)."""
     root, labelled, base = loss_setup
     cfg = TrainConfig(
         model_path=qwen_path,
@@ -758,3 +762,45 @@ def test_rows_of_weight_zero_are_left_out_before_batching(prepared, qwen_path, t
     data, _ = training_rows(cfg, fmt)
     assert len(data) == int((df["weight"] > 0).sum()) and (data.weight > 0).all()
     assert f"{int((df['weight'] == 0).sum()):,} training rows weigh 0" in capsys.readouterr().out
+
+
+# --- the time budget holds the evaluations too -----------------------------------------------------------------------
+
+
+class FakeClock:
+    """Seconds that pass only when the test says: 4 a training step, a fixed cost per token scored."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_first_evaluation_is_priced_in_the_budget_before_it_runs(prepared, qwen_path, tmp_path, monkeypatch):
+    """A run whose only evaluation is slow ends inside its budget, the evaluation included (the first evaluation was
+    free before: training used the whole budget, then the evaluation ran past it), on a subset of the held-out
+    rows when the whole fold would take over a fifth of the budget."""
+    clock, per_token = FakeClock(), 5e-4
+    monkeypatch.setattr(time, "monotonic", clock)  # steps, evaluations and the price read it
+    monkeypatch.setattr(train_module, "Deadline", lambda seconds: Deadline(seconds, clock=clock))
+    real_scores, real_step = evaluation.scores, train_module.train_step
+
+    def slow_scores(run, df, desc):
+        clock.now += per_token * sum(len(ids) for ids in run.fmt.encode(df))
+        return real_scores(run, df, desc)
+
+    def slow_step(run, *args):
+        row = real_step(run, *args)
+        clock.now += 4.0
+        return row | {"seconds": 4.0}
+
+    for module in (evaluation, eval_cost):
+        monkeypatch.setattr(module, "scores", slow_scores)
+    monkeypatch.setattr(train_module, "train_step", slow_step)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, time_budget_minutes=1.0, save_every=0)
+    result, stdout = _run(cfg)
+    assert result.metrics["stopped_by_budget"] and clock.now <= 60.0, (clock.now, stdout)
+    held_out = int((pd.read_parquet(prepared["train"])["fold"] == 0).sum())
+    assert "over a fifth of the 1-min budget: evaluating" in stdout and result.metrics["val_rows"] < held_out
+    assert result.evals["val_rows"].tolist() == [result.metrics["val_rows"]]

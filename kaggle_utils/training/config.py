@@ -84,6 +84,14 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     best_metric: str = "log_loss"
     # languages listed on their own in the per-language table; the others are pooled as "other"
     eval_languages: int = 8
+    # padded tokens per evaluation batch (no gradients are kept, so more than a training micro-batch fits; the batch
+    # engine splits a batch that runs out of memory). 0: 4 x batch_tokens
+    eval_batch_tokens: int = 0
+    # most rows in one evaluation batch
+    eval_max_rows: int = 64
+    # evaluate on at most this many held-out rows (a subset stratified by language and winner; 0: all). Under a
+    # time budget the rows are also cut so that one evaluation is priced at most a fifth of it (said in the log)
+    max_val_rows: int = 0
     # use at most this many training rows (0: all), for quick runs
     max_train_rows: int = 0
     # seed for shuffling, A/B swaps and LoRA initialisation
@@ -120,6 +128,11 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
             )
         if self.best_metric not in SELECTABLE:
             raise ValueError(f"best_metric={self.best_metric!r}; expected one of {sorted(SELECTABLE)}")
+        if min(self.eval_batch_tokens, self.max_val_rows) < 0 or self.eval_max_rows < 1:
+            raise ValueError(
+                f"need eval_batch_tokens >= 0, max_val_rows >= 0 and eval_max_rows >= 1; got {self.eval_batch_tokens}, "
+                f"{self.max_val_rows}, {self.eval_max_rows}"
+            )
         if self.eval_every_steps < 0 or self.eval_languages < 0:
             raise ValueError(
                 f"eval_every_steps={self.eval_every_steps} and eval_languages={self.eval_languages} must be >= 0"

@@ -19,7 +19,7 @@ from kaggle_utils.training.outputs import save_adapter, save_val_predictions
 from kaggle_utils.training.run import Run
 
 
-def _scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
+def scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
     """Probabilities (N, 2) of the model on ``df``'s rows, in row order (NaN where a row could not be scored).
 
     In a launch each process scores rows ``rank::world`` with its unwrapped model (no collective in a forward
@@ -29,9 +29,10 @@ def _scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
     """
     cfg, par = run.cfg, run.parallel
     mine = df.iloc[par.shard.rank :: par.world]
+    tokens = cfg.eval_batch_tokens or 4 * cfg.batch_tokens  # a forward keeps no activations for a backward
     with run.precision.context(run.device):
         probs = par.predict_proba(
-            run.model, run.fmt.encode(mine), run.tok.pad_token_id, cfg.batch_tokens, cfg.max_rows, desc=desc
+            run.model, run.fmt.encode(mine), run.tok.pad_token_id, tokens, cfg.eval_max_rows, desc=desc
         )
     return par.gather_rows(probs, len(df))
 
@@ -45,8 +46,8 @@ def validate(run: Run, val_df: pd.DataFrame) -> dict:
     t0 = time.monotonic()
     was_training = run.model.training
     run.model.eval()
-    probs = _scores(run, val_df, "validate")  # (N, 2): P(A wins), P(B wins)
-    probs_swapped = _scores(run, schema.swap_ab(val_df), "validate (swapped)")  # (N, 2) in the swapped order
+    probs = scores(run, val_df, "validate")  # (N, 2): P(A wins), P(B wins)
+    probs_swapped = scores(run, schema.swap_ab(val_df), "validate (swapped)")  # (N, 2) in the swapped order
     run.model.train(was_training)
     labels = schema.labels(val_df)
     metrics = evaluate_pairs(probs, probs_swapped, labels)
@@ -76,7 +77,7 @@ def _better(cfg: TrainConfig, new: dict, old: dict | None) -> bool:
 def evaluate_run(run: Run, epoch: int) -> dict:
     """Evaluate now, record it in ``run.evals``, and keep it (with a CPU copy of the adapter) if it is the best."""
     record = validate(run, run.val_df)
-    run.evals.append({"step": run.step, "epoch": epoch, **record["metrics"]})
+    run.evals.append({"step": run.step, "epoch": epoch, "val_rows": len(run.val_df), **record["metrics"]})
     if _better(run.cfg, record, run.best):  # the same decision on every rank: a gather under FSDP
         run.best = {"step": run.step, **record, "adapter": run.parallel.adapter_copy(run.model)}
     m = record["metrics"]
@@ -98,13 +99,17 @@ def restore_best(run: Run) -> None:
         print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
 
 
+def eval_seconds(run: Run) -> float:
+    """What the next evaluation is expected to take: the last one's time, else the price set before step 1."""
+    return run.evals[-1]["seconds"] if run.evals else run.eval_estimate
+
+
 def eval_due(run: Run, deadline: Deadline) -> bool:
-    """An evaluation every ``eval_every_steps`` steps, when the last one's duration still fits the time budget."""
+    """An evaluation every ``eval_every_steps`` steps, when it and the final one still fit the time budget."""
     every = run.cfg.eval_every_steps
     if not (every and len(run.val_df) and run.step % every == 0) or run.step == run.total_steps:
         return False  # the last step is evaluated after the loop, whatever stopped it
-    last = run.evals[-1]["seconds"] if run.evals else 0.0
-    return deadline.allows(last * 1.5)
+    return deadline.allows(eval_seconds(run) * 2.5)  # this one with a margin, then the final one
 
 
 def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:

@@ -105,8 +105,31 @@ def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd
     sampled to ``max_train_rows``, rows of weight 0 left out) encoded with their targets and weights, and the
     held-out rows as a frame (evaluation encodes them in both A/B orientations)."""
     train_df, val_df = split(cfg)
+    if cfg.max_val_rows:
+        val_df = stratified_subset(val_df, cfg.max_val_rows, cfg.seed)
     weightless = row_weights(cfg, train_df) == 0
     if weightless.any():  # they would add nothing but their forward's cost, and a step of them alone is 0 / 0
         print(f"{int(weightless.sum()):,} training rows weigh 0 (source_weights or a weight column): left out")
         train_df = train_df[~weightless].reset_index(drop=True)
     return encode_rows(cfg, fmt, train_df), val_df
+
+
+def stratified_subset(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows of ``df`` (kept in their order) in which every language x winner group keeps its share.
+
+    Deterministic in ``n`` and ``seed``: rows are shuffled once, ranked inside their group, and the rows with the
+    smallest rank over group size are kept (an even spread over the groups, rounding to whole rows).
+    """
+    if n >= len(df):
+        return df
+    keys = [c for c in ("language", "winner") if c in df.columns]
+    order = np.random.default_rng(seed).permutation(len(df))
+    if keys:
+        groups = df.iloc[order].groupby(keys, sort=False, dropna=False)
+        rank, group = groups.cumcount().to_numpy(), groups.ngroup().to_numpy()
+        size = np.bincount(group)[group]
+    else:
+        rank, size = np.arange(len(df)), np.full(len(df), len(df))
+    position = (rank + 0.5) / size
+    kept = order[np.argsort(position, kind="stable")[:n]]
+    return df.iloc[np.sort(kept)].reset_index(drop=True)

@@ -43,6 +43,8 @@ class Run:
     head: torch.nn.Module | None = None
     step: int = 0  # optimiser steps taken; a resumed run starts at its checkpoint's
     skipped_in_a_row: int = 0  # the latest steps whose gradient was not finite (not applied)
+    # seconds one evaluation is priced at before the first one ran (training.eval_cost; 0 without a time budget)
+    eval_estimate: float = 0.0
     history: list[dict] = field(default_factory=list)  # one row per step taken: what history.csv holds
     evals: list[dict] = field(default_factory=list)  # one row per evaluation: what evals.csv holds
     # the best evaluation so far: step, its metrics, per-language table, predictions and adapter weights (CPU)
