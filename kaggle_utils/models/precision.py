@@ -139,8 +139,9 @@ def _swap(originals: dict[nn.Parameter, torch.Tensor], upcast: bool):
 def fp32_compute(model: nn.Module) -> Iterator[Fp32Compute]:
     """Run ``model`` (fp16/bf16, 4-bit nf4 or not, with or without a peft adapter) in fp32 compute inside the block.
 
-    Yields a :class:`Fp32Compute` saying what was switched. Everything is put back exactly on exit, also when
-    the block raises. See the module docstring for the mechanism and why it computes in fp32 throughout.
+    Yields a :class:`Fp32Compute` saying what was switched. Autocast is off inside the block, also under a
+    caller's autocast. Everything is put back exactly on exit, also when the block raises. See the module
+    docstring for the mechanism and why it computes in fp32 throughout.
     """
     embeddings = model.get_input_embeddings()
     hook_embeddings = embeddings.weight.dtype in HALF
@@ -149,11 +150,14 @@ def fp32_compute(model: nn.Module) -> Iterator[Fp32Compute]:
     plan = _plan_fp32(model, embeddings)
     saved_4bit = [(m, m.compute_dtype, m.compute_type_is_set) for m in plan.quantized]
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    device_type = embeddings.weight.device.type
     try:
         _switch_to_fp32(plan, handles)
         if hook_embeddings:
             handles.append(embeddings.register_forward_hook(_embeddings_in_fp32(scale), with_kwargs=True))
-        yield plan.report(embeddings_hooked=hook_embeddings)
+        # an autocast around the caller (training's validation) would put every matmul back in half precision
+        with torch.autocast(device_type, enabled=False):
+            yield plan.report(embeddings_hooked=hook_embeddings)
     finally:
         _put_back(plan, saved_4bit, handles)
 

@@ -78,6 +78,17 @@ def test_fp16_model_computes_like_its_fp32_copy(arch, lora, qwen_path, gemma_pat
     assert switched.largest_streamed_bytes == 4 * 64 * 128  # one MLP weight, fp32, for one call
 
 
+def test_fp32_compute_holds_under_a_callers_autocast(qwen_path, tokenizer) -> None:
+    """Training validates under autocast: inside the block the forward still computes in fp32 (an autocast left
+    on would put every matmul back in half precision, and overflowing rows would stay NaN)."""
+    model = load(qwen_path, tokenizer, load_in_4bit=False)
+    reference = logits(copy.deepcopy(model).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16), fp32_compute(model):
+        safe = logits(model)
+    assert safe.dtype == torch.float32
+    torch.testing.assert_close(safe, reference, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 def test_nf4_safe_path_matches_an_fp32_compute_load(arch, qwen_path, gemma_path, tokenizer) -> None:
     path = qwen_path if arch == "qwen2" else gemma_path
