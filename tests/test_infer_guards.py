@@ -248,14 +248,51 @@ def test_a_slow_model_stops_before_the_deadline(demo_files, qwen_path, adapter, 
 def test_a_slow_first_batch_is_counted_before_it_starts(
     demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock
 ) -> None:
-    """28 of 30 s go to loading; a first batch takes 3 s. The prior (200 tokens/s) keeps it from starting."""
-    wrap_loads(monkeypatch, before_forward=lambda ids: clock.advance(3.0), on_load=lambda n, d: clock.advance(28.0))
+    """29 of 30 s go to loading; a forward takes 3 s. The prior (200 tokens/s) prices even one row past the 1 s
+    left, so nothing starts: the run ends in time with the fallback."""
+    wrap_loads(monkeypatch, before_forward=lambda ids: clock.advance(3.0), on_load=lambda n, d: clock.advance(29.0))
     start = clock.now
     cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter, time_budget_minutes=1.0, reserve_minutes=0.5)
     infer(cfg)
     report = _report(tmp_path)
     assert clock.now - start <= 30.0, "the first batch ran past the deadline"
     assert report["primary"]["scored"] == 0 and report["fallback_rows"] == report["rows"]
+
+
+def test_the_first_batch_is_cut_to_the_time_left(demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock) -> None:
+    """10 s left after loading; the model does 1,000 tokens/s, the prior says 200. A whole first batch (2,048
+    tokens) is priced at 15 s, so it used to wait for ever and score nothing; cut to what the prior lets fit, it
+    runs, the speed is measured, and the rows go on being scored until the deadline."""
+    wrap_loads(
+        monkeypatch,
+        before_forward=lambda ids: clock.advance(1e-3 * ids.numel()),
+        on_load=lambda n, d: clock.advance(20.0),
+    )
+    start = clock.now
+    cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter, time_budget_minutes=1.0, reserve_minutes=0.5)
+    infer(cfg)
+    report = _report(tmp_path)
+    assert clock.now - start <= 30.0, "the run passed its deadline"
+    assert report["primary"]["scored"] > 3 * cfg.max_rows, report["primary"]
+
+
+def test_a_slow_first_forward_does_not_end_the_pass(demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock):
+    """The first forward takes 40 s more (a warm-up); then 1,000 tokens/s. The 9 s left after it are less than a
+    whole batch's price by the prior, but the pieces cut to fit measure the real speed and scoring goes on."""
+    forwards = []
+
+    def forward(ids):
+        forwards.append(ids.numel())
+        clock.advance(1e-3 * ids.numel() + (40.0 if len(forwards) == 1 else 0.0))
+
+    wrap_loads(monkeypatch, before_forward=forward)
+    start = clock.now
+    cfg = _cfg(demo_files["test"], tmp_path, qwen_path, adapter, time_budget_minutes=1.0, reserve_minutes=0.15)
+    infer(cfg)
+    report = _report(tmp_path)
+    assert clock.now - start <= 51.0, "the run passed its deadline"
+    # it used to stop after the first batch: 9 s left, and a whole batch priced at 15 s by the prior
+    assert report["primary"]["scored"] > 2 * cfg.max_rows, (report["primary"], forwards)
 
 
 def test_a_slow_secondary_load_is_left_behind_at_the_deadline(

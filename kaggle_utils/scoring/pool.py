@@ -179,6 +179,10 @@ class _Shared:
     bar: tqdm | None = None
     # set when the caller stops waiting (the deadline): workers take no further batch
     stop: bool = False
+    # guards appending cut batches (two device threads may cut at once)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # model copies (one per device): each one's first batch is a warm-up
+    copies: int = 1
 
 
 def _worker(copy: int, copies: DeviceCopies, pad_id: int, shared: _Shared) -> None:
@@ -196,11 +200,13 @@ def _worker(copy: int, copies: DeviceCopies, pad_id: int, shared: _Shared) -> No
             b = shared.todo.get_nowait()
         except queue.Empty:
             break
-        idx = shared.batches[b]
-        lengths = shared.lengths[idx]  # (B,)
-        if not deadline.allows(shared.cost.predict([lengths])[0]):
+        idx = _fitting_rows(shared, b)
+        if idx is None:
             result.stopped_by_deadline = True
             break
+        if len(idx) < len(shared.batches[b]):  # cut to the time left: the rest waits as a batch of its own
+            b = _split_batch(shared, b, len(idx))
+        lengths = shared.lengths[idx]  # (B,)
         tb = deadline.clock()  # the deadline's clock: measured times and the deadline must agree
         try:
             probs = score_batch(model, shared.rows, idx, pad_id, model_device(model), result.oom)
@@ -218,6 +224,44 @@ def _worker(copy: int, copies: DeviceCopies, pad_id: int, shared: _Shared) -> No
         bar = shared.bar
         if bar is not None:
             bar.update(len(idx))
+
+
+def _fitting_rows(shared: _Shared, b: int) -> np.ndarray | None:
+    """Rows of batch ``b`` to score now: all of them when the projection fits the time left; None when none fit.
+
+    While the model's speed is not yet fitted (the prior, or a few batches of which the first may be a warm-up),
+    a batch that does not fit is cut to its longest prefix that does, so that a pessimistic prior or one slow
+    first forward does not end the pass while rows could still be scored: each scored piece measures the speed.
+    """
+    idx, cost, deadline = shared.batches[b], shared.cost, shared.deadline
+    if deadline.allows(cost.predict([shared.lengths[idx]])[0]):
+        return idx
+    if cost.fitted:
+        return None
+    # a piece costs at least the quickest batch measured after each copy's first (a forward's fixed costs do not
+    # shrink with its rows; a first forward's warm-up is no measure of the rest)
+    steady = [seconds for _, seconds in shared.result.batch_log[shared.copies :]]
+    floor = min(steady) * cost.prior_safety if steady else 0.0
+
+    def fits(k: int) -> bool:
+        return deadline.allows(max(cost.predict([shared.lengths[idx[:k]]])[0], floor))
+
+    lo, hi = 0, len(idx) - 1  # the largest k with prefix k fitting (cost grows with k)
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        lo, hi = (k, hi) if fits(k) else (lo, k - 1)
+    return idx[:lo] if lo else None
+
+
+def _split_batch(shared: _Shared, b: int, k: int) -> int:
+    """Batch ``b`` split after its ``k`` first rows, both parts numbered past the planned batches (their parts are
+    not restored by a rerun, which scores batch ``b`` whole); returns the first part's number."""
+    idx = shared.batches[b]
+    with shared.lock:
+        first = len(shared.batches)
+        shared.batches.extend([idx[:k], idx[k:]])
+    shared.todo.put(first + 1)
+    return first
 
 
 def run_pass(
@@ -255,7 +299,9 @@ def run_pass(
         return result
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     bar = tqdm(total=sum(len(batches[b]) for b in list(todo.queue)), desc=desc, unit="row", leave=False)
-    shared = _Shared(rows, lengths, batches, todo, probs, parts, deadline, cost, result, bar=bar)
+    # a copy: batches cut to the time left are appended to it (_split_batch)
+    shared = _Shared(rows, lengths, list(batches), todo, probs, parts, deadline, cost, result, bar=bar)
+    shared.copies = len(copies.devices)
     threads = [
         threading.Thread(target=_worker, args=(c, copies, pad_id, shared), name=copies.name(c), daemon=True)
         for c in range(len(copies.devices))
