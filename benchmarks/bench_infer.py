@@ -75,8 +75,8 @@ def build(name: str, path: Path, device: str = "cuda", **overrides) -> None:
     ``overrides`` replace fields of the shape (``num_hidden_layers=4``: a shallow copy of a deep model)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if (path / "config.json").is_file():
-        return  # built by an earlier run on this machine
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        return  # built by an earlier run on this machine (the tokenizer is written last)
     spec = dict(SHAPES[name]) | overrides
     cfg = AutoConfig.for_model(spec.pop("model_type"), num_labels=2, pad_token_id=151_643, **spec)
     with torch.device(device):

@@ -54,6 +54,7 @@ from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.loading import (
     LoraSettings,
+    check_model_dir,
     compute_dtype,
     load_classifier,
     load_tokenizer,
@@ -97,6 +98,7 @@ def setup(cfg: TrainConfig) -> Run:
     parallel = Parallel.from_env(cfg)
     refuse_measured_budget_under_fsdp(cfg, parallel)
     torch.manual_seed(cfg.seed)  # before the model is built: it draws the LoRA initialisation
+    check_model_dir(cfg.model_path, "base model")  # a folder without weights or tokenizer fails here, named
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
@@ -202,6 +204,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
         "skipped_steps": sum(bool(row.get("skipped")) for row in run.history),
         "train_rows": len(run.data),
         "val_rows": len(run.val_df),
+        "eval_priced_seconds": round(run.eval_estimate, 1),  # 0 without a time budget
     }
     languages = pd.DataFrame()
     if len(run.val_df):

@@ -22,7 +22,7 @@ from kaggle_utils.config.cli import config_to_dict
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import PromptFormatter
-from kaggle_utils.models.loading import ModelConfig, load_classifier, load_tokenizer
+from kaggle_utils.models.loading import ModelConfig, ModelFilesError, load_classifier, load_tokenizer
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.train import TrainConfig, train
 from kaggle_utils.training import eval_cost, evaluation
@@ -804,3 +804,14 @@ def test_the_first_evaluation_is_priced_in_the_budget_before_it_runs(prepared, q
     held_out = int((pd.read_parquet(prepared["train"])["fold"] == 0).sum())
     assert "over a fifth of the 1-min budget: evaluating" in stdout and result.metrics["val_rows"] < held_out
     assert result.evals["val_rows"].tolist() == [result.metrics["val_rows"]]
+
+
+def test_a_base_folder_without_its_tokenizer_is_refused_before_training(qwen_path, prepared, tmp_path) -> None:
+    """transformers builds an empty tokenizer from config.json alone (every row a few unknown ids): refused, named."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in qwen_path.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (base / f.name).symlink_to(f)
+    with pytest.raises(ModelFilesError, match=r"base model folder .*base has no tokenizer"):
+        train_module.setup(_tiny_cfg(prepared, base, tmp_path / "run"))
