@@ -190,13 +190,17 @@ def kernel_problems(meta: Mapping, folder: Path | None = None) -> list[str]:
     for ref in meta.get("model_sources", []) if isinstance(meta.get("model_sources"), list) else []:
         if isinstance(ref, str) and ref.count("/") == 4 and not ref.rsplit("/", 1)[-1].isdigit():
             problems.append(f"model_sources: {ref!r} must end in a version number")
-    # This competition: submissions run with the internet off, on its data, on T4 x2.
+    # This competition: submissions run with the internet off, on its data; a kernel with a GPU gets T4 x2, one
+    # without (data preparation) asks for none: Kaggle's GPU hours are a weekly quota.
     if meta.get("enable_internet", True) is not False:
         problems.append("enable_internet must be false: the competition runs offline (the CLI's default is true)")
     if COMPETITION not in meta.get("competition_sources", []):
         problems.append(f"competition_sources must include {COMPETITION!r}")
-    if meta.get("enable_gpu") is not True or meta.get("machine_shape") != "NvidiaTeslaT4":
-        problems.append('the notebooks need GPUs: set "enable_gpu": true and "machine_shape": "NvidiaTeslaT4" (T4 x2)')
+    shape = meta.get("machine_shape")
+    if meta.get("enable_gpu") is True and shape != "NvidiaTeslaT4":
+        problems.append('a GPU kernel runs on T4 x2: set "machine_shape": "NvidiaTeslaT4"')
+    elif meta.get("enable_gpu") is not True and shape is not None:
+        problems.append(f'machine_shape {shape!r} without "enable_gpu": true: drop it (CPU only) or turn the GPU on')
     return problems
 
 
