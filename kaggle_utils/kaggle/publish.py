@@ -49,6 +49,15 @@ WHEELS_DATASET = {
     "subtitle": "Pinned wheels the kaggle_utils notebooks install offline",
     "licenses": [{"name": "other"}],
 }
+# The licence names the kaggle CLI documents for dataset-metadata.json (Kaggle/kaggle-api docs/datasets_metadata.md,
+# "Licenses"); kaggle 2.2.5 sends the name unchecked. MIT is not among them: an MIT-licensed upload says "other"
+# ("Other (specified in description)") and names MIT in its description.
+DATASET_LICENSES = tuple(
+    """CC0-1.0 CC-BY-SA-3.0 CC-BY-SA-4.0 CC-BY-NC-SA-4.0 GPL-2.0 ODbL-1.0 DbCL-1.0 copyright-authors other unknown
+    CC-BY-4.0 CC-BY-NC-4.0 PDDL CC-BY-3.0 CC-BY-3.0-IGO US-Government-Works CC-BY-NC-SA-3.0-IGO CDLA-Permissive-1.0
+    CDLA-Sharing-1.0 CC-BY-ND-4.0 CC-BY-NC-ND-4.0 ODC-BY-1.0 LGPL-3.0 AGPL-3.0 FDL-1.3 EU-ODP-Legal-Notice apache-2.0
+    GPL-3.0""".split()
+)
 # The CLI's own rules (kaggle 2.2.5, kaggle_api_extended.py kernels_push / dataset_create_new).
 KERNEL_TYPES = ("script", "notebook")
 LANGUAGES = ("python", "r", "rmarkdown")
@@ -215,8 +224,14 @@ def dataset_problems(meta: Mapping) -> list[str]:
         problems.append(f"id {ref!r}: the dataset slug must be 6 to 50 characters")
     if not 6 <= len(meta.get("title") or "") <= 50:
         problems.append(f"title {meta.get('title')!r} must be 6 to 50 characters")
-    if len(meta.get("licenses") or []) != 1:
-        problems.append("licenses must hold exactly one license, e.g. [{'name': 'MIT'}]")
+    licenses = meta.get("licenses") or []
+    if len(licenses) != 1:
+        problems.append("licenses must hold exactly one license, e.g. [{'name': 'other'}]")
+    elif (licenses[0] or {}).get("name") not in DATASET_LICENSES:
+        problems.append(
+            f"license {(licenses[0] or {}).get('name')!r} is not a name the kaggle CLI documents: use one of "
+            f"{', '.join(DATASET_LICENSES)} ('other' with the licence named in the description)"
+        )
     subtitle = meta.get("subtitle")
     if subtitle and not 20 <= len(subtitle) <= 80:
         problems.append(f"subtitle must be 20 to 80 characters, got {len(subtitle)}")

@@ -150,7 +150,7 @@ def test_dataset_metadata_is_valid_and_staging_holds_only_the_package(tmp_path):
     assert kc.dataset_problems({"id": "a/short", "title": "x", "licenses": []}) == [
         "id 'a/short': the dataset slug must be 6 to 50 characters",
         "title 'x' must be 6 to 50 characters",
-        "licenses must hold exactly one license, e.g. [{'name': 'MIT'}]",
+        "licenses must hold exactly one license, e.g. [{'name': 'other'}]",
     ]
     staged = kc.stage_dataset(ROOT / "kaggle_utils", ROOT / kc.DATASET_METADATA, OWNER, tmp_path / "ds")
     assert sorted(p.relative_to(staged).as_posix() for p in staged.glob("*/*")) == ["package/kaggle_utils"]
