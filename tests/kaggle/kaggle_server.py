@@ -10,6 +10,10 @@ routes those requests here whatever port it listens on (the proxy request line c
   ``datasets.DatasetApiService/DownloadDataset`` answer the way Kaggle does, with a redirect to a signed storage
   URL; here that is a ``GET`` of a file this server holds in ``files`` (:meth:`FakeKaggle.serve_zip`).
 
+* Kernel runs: ``kernels.KernelsApiService/GetKernelSessionStatus`` (``kaggle kernels status``) answers, for a kernel
+  given a script with :meth:`FakeKaggle.script_run`, its next status (the last one repeats), as a run on Kaggle goes
+  from QUEUED through RUNNING to COMPLETE or ERROR; any other kernel gets the canned reply (COMPLETE).
+
 Every request is recorded (verb, path, JSON body, raw bytes); replies are canned per RPC method name and can be
 overridden by a test, e.g. ``server.replies["SaveKernel"] = {"error": "..."}``. A reply is a dict (200 with that
 JSON), an int or an :class:`Error` (that HTTP status with Kaggle's ``{"code", "message"}`` body), or a
@@ -96,6 +100,73 @@ def zip_bytes(members: Mapping[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+class _Server(ThreadingHTTPServer):
+    # the FakeKaggle whose replies it answers with
+    fake: FakeKaggle
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request to the fake: recorded on ``self.server.fake``, answered as its replies say."""
+
+    server: _Server
+
+    def _send(self, code: int, data: bytes, kind: str, headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _reply(self, code: int, payload: Any = None) -> None:
+        self._send(code, json.dumps(payload if payload is not None else {}).encode(), "application/json")
+
+    def _read(self) -> bytes:
+        # uploads stream without Content-Length (chunked) when the body is a file reader
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        path = urlsplit(self.path).path
+        raw = self._read()
+        rec = Recorded("POST", path, json.loads(raw or b"{}"), raw)
+        reply = self.server.fake.answer(rec)
+        if isinstance(reply, int):
+            why = "not found" if reply == 404 else "internal error"
+            reply = Error(reply, f"{rec.method}: {why}")
+        if isinstance(reply, Error):
+            self._reply(reply.code, {"code": reply.code, "message": reply.message})
+        elif isinstance(reply, Redirect):
+            self._send(302, b"", "text/plain", {"Location": f"http://localhost{reply.path}"})
+        else:
+            self._reply(200, reply)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        self.server.fake.record(Recorded("GET", path, None, b""))
+        if path in self.server.fake.files:
+            self._send(200, self.server.fake.files[path], "application/zip")
+        else:
+            self._reply(404, {"code": 404, "message": f"no file {path}"})
+
+    def do_PUT(self) -> None:  # noqa: N802
+        raw = self._read()
+        self.server.fake.record(Recorded("PUT", urlsplit(self.path).path, None, raw))
+        self._reply(200, {})
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+
 @dataclass
 class FakeKaggle:
     """``with FakeKaggle() as server: ...`` serves in a background thread; ``server.proxy`` is the HTTP_PROXY."""
@@ -104,81 +175,33 @@ class FakeKaggle:
     requests: list[Recorded] = field(default_factory=list)
     # what GET serves, by path (the targets of Redirect replies)
     files: dict[str, bytes] = field(default_factory=dict)
+    # kernel slug -> the replies of its next GetKernelSessionStatus calls, in order; the last one repeats
+    runs: dict[str, list[Any]] = field(default_factory=dict)
 
     def __enter__(self) -> FakeKaggle:
-        fake = self
-        lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, code: int, data: bytes, kind: str, headers: Mapping[str, str] | None = None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _reply(self, code: int, payload: Any = None) -> None:
-                self._send(code, json.dumps(payload if payload is not None else {}).encode(), "application/json")
-
-            def _read(self) -> bytes:
-                # uploads stream without Content-Length (chunked) when the body is a file reader
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                path = urlsplit(self.path).path
-                raw = self._read()
-                rec = Recorded("POST", path, json.loads(raw or b"{}"), raw)
-                with lock:
-                    fake.requests.append(rec)
-                    if rec.method == "StartBlobUpload" and rec.method not in fake.replies:
-                        n = len(fake.calls("StartBlobUpload"))
-                        reply: Any = {"token": f"blob-token-{n}", "createUrl": f"http://localhost/upload/blob-{n}"}
-                    else:
-                        reply = fake.replies.get(rec.method, {})
-                if isinstance(reply, int):
-                    why = "not found" if reply == 404 else "internal error"
-                    reply = Error(reply, f"{rec.method}: {why}")
-                if isinstance(reply, Error):
-                    self._reply(reply.code, {"code": reply.code, "message": reply.message})
-                elif isinstance(reply, Redirect):
-                    self._send(302, b"", "text/plain", {"Location": f"http://localhost{reply.path}"})
-                else:
-                    self._reply(200, reply)
-
-            def do_GET(self) -> None:  # noqa: N802
-                path = urlsplit(self.path).path
-                with lock:
-                    fake.requests.append(Recorded("GET", path, None, b""))
-                if path in fake.files:
-                    self._send(200, fake.files[path], "application/zip")
-                else:
-                    self._reply(404, {"code": 404, "message": f"no file {path}"})
-
-            def do_PUT(self) -> None:  # noqa: N802
-                raw = self._read()
-                with lock:
-                    fake.requests.append(Recorded("PUT", urlsplit(self.path).path, None, raw))
-                self._reply(200, {})
-
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
         # a short poll interval: shutdown() waits for one, at the end of every test
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
         return self
+
+    def record(self, rec: Recorded) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+    def answer(self, rec: Recorded) -> Any:
+        """Record an RPC and pick its reply: the canned one, a fresh upload URL, or a scripted run's next status."""
+        with self._lock:
+            self.requests.append(rec)
+            if rec.method == "StartBlobUpload" and rec.method not in self.replies:
+                n = len(self.calls("StartBlobUpload"))
+                return {"token": f"blob-token-{n}", "createUrl": f"http://localhost/upload/blob-{n}"}
+            if rec.method == "GetKernelSessionStatus" and rec.body.get("kernelSlug") in self.runs:
+                script = self.runs[rec.body["kernelSlug"]]
+                return script.pop(0) if len(script) > 1 else script[0]
+            return self.replies.get(rec.method, {})
 
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
@@ -197,6 +220,15 @@ class FakeKaggle:
         self.files[f"/files/{name}"] = data
         self.replies[method] = Redirect(f"/files/{name}")
         return data
+
+    def script_run(self, slug: str, *statuses: str, failure: str = "") -> None:
+        """``kaggle kernels status`` of kernel ``slug`` answers ``statuses`` (kagglesdk's KernelWorkerStatus names:
+        QUEUED, RUNNING, COMPLETE, ERROR, CANCEL_ACKNOWLEDGED ...) one call after another, the last one from then on,
+        with ``failure`` as the run's failure message."""
+        replies = [{"status": status} for status in statuses]
+        if failure:
+            replies[-1]["failureMessage"] = failure
+        self.runs[slug] = replies
 
     def uploads(self) -> dict[str, bytes]:
         """Each uploaded file's name (as given to ``StartBlobUpload``) → the bytes PUT to its upload URL."""
