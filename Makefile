@@ -83,6 +83,12 @@ KAGGLE_GLIBC ?= 2.35
 MODELS_DIR ?= build/kaggle/models
 # the kernel version `make push` printed, for `make submit`
 VERSION ?=
+# `make push` waits for a kernel whose output a later one attaches (03 attaches 01's) until its run completes: up to
+# WAIT_TIMEOUT seconds (a session stops at 12 h, plus queueing), polling `kaggle kernels status` every POLL_INTERVAL
+# seconds. NO_WAIT=1: refuse to push such a pair in one call, and print the order to push the kernels in instead.
+WAIT_TIMEOUT ?= 46800
+POLL_INTERVAL ?= 60
+NO_WAIT ?=
 MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: validate push dataset wheels wheels-dataset submit status output render
@@ -90,8 +96,9 @@ MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
 validate: notebooks  ## check every kernel's metadata and built notebook (the CLI's rules + the competition's)
 	$(KAGGLE_CLI) validate --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)"
 
-push: notebooks  ## build, validate and push the kernels to Kaggle (all, or KERNEL=...)
-	$(KAGGLE_CLI) push --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)"
+push: notebooks  ## build, validate and push the kernels to Kaggle in dependency order, waiting (all, or KERNEL=...)
+	$(KAGGLE_CLI) push --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)" \
+	  --wait-timeout "$(WAIT_TIMEOUT)" --poll-interval "$(POLL_INTERVAL)" $(if $(NO_WAIT),--no-wait)
 
 dataset: $(STAMP)  ## publish kaggle_utils/ (and nothing else) as a new version of the utils dataset
 	$(KAGGLE_CLI) dataset -m "$(MESSAGE)"

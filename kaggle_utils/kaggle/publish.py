@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from kaggle_utils.kaggle import staging
+from kaggle_utils.kaggle import push_order, staging
 
 COMPETITION = "wsdm-cup-multilingual-chatbot-arena"
 OWNER = "{owner}"
@@ -319,14 +319,16 @@ def kaggle_executable() -> str:
     return str(beside) if beside.is_file() else "kaggle"
 
 
-def run_kaggle(args: Sequence[str], kaggle: str | None = None) -> str:
-    """Run ``kaggle <args>``, echo its output, and raise KaggleCommandError on a failure it reports."""
+def run_kaggle(args: Sequence[str], kaggle: str | None = None, echo: bool = True) -> str:
+    """Run ``kaggle <args>``, echo its output (unless ``echo`` is false), and raise KaggleCommandError on a failure it
+    reports."""
     credential_source()
     cmd = [kaggle or kaggle_executable(), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     # progress bars (\r-rewritten lines) are noise in logs
     output = "\n".join(line.rsplit("\r", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if line.strip())
-    print(output)
+    if echo:
+        print(output)
     errors = [line for line in output.splitlines() if line.startswith(CLI_ERRORS)]
     if proc.returncode != 0 or errors:
         why = "; ".join(errors) if errors else f"exit status {proc.returncode}"
@@ -342,19 +344,30 @@ def push_kernels(
     root: Path = ROOT,
     kaggle: str | None = None,
     models_dir: Path = MODELS_DIR,
+    waiting: push_order.Waiting | None = None,
 ) -> dict[str, int | None]:
-    """Stage and validate every selected kernel first (nothing is pushed if one is wrong), then push each.
+    """Stage and validate every selected kernel first (nothing is pushed if one is wrong), then push them in the order
+    their ``kernel_sources`` give, waiting for each kernel a later one attaches (:mod:`kaggle_utils.kaggle.push_order`).
 
-    Returns the version number Kaggle gave each kernel id (None if the CLI did not print one).
+    ``waiting``: None waits as :class:`push_order.Waiting` does by default. Returns the version number Kaggle gave each
+    kernel id (None if the CLI did not print one), in push order.
     """
     credential_source()
-    staged = [stage_kernel(d, notebooks_dir, owner, stage_dir, models_dir) for d in kernel_dirs(root, kernel)]
-    versions = {}
-    for folder in staged:
-        output = run_kaggle(["kernels", "push", "-p", str(folder)], kaggle)
+    staged = {}
+    for meta_dir in kernel_dirs(root, kernel):
+        folder = stage_kernel(meta_dir, notebooks_dir, owner, stage_dir, models_dir)
+        staged[json.loads((folder / KERNEL_METADATA).read_text())["id"]] = folder
+    metas = {ref: json.loads((folder / KERNEL_METADATA).read_text()) for ref, folder in staged.items()}
+
+    def push(ref: str) -> int | None:
+        output = run_kaggle(["kernels", "push", "-p", str(staged[ref])], kaggle)
         found = re.search(r"Kernel version (\d+) successfully", output)
-        versions[json.loads((folder / KERNEL_METADATA).read_text())["id"]] = int(found.group(1)) if found else None
-    return versions
+        return int(found.group(1)) if found else None
+
+    def status(ref: str) -> str:
+        return run_kaggle(["kernels", "status", ref], kaggle, echo=False)
+
+    return push_order.push_in_order(metas, push, status, waiting or push_order.Waiting())
 
 
 def publish_dataset(folder: Path, message: str, kaggle: str | None = None) -> str:
@@ -511,6 +524,29 @@ def build_wheels(dest: Path, target: WheelsTarget, extra: str = "train", downloa
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _waiting_arguments(cmd: argparse.ArgumentParser) -> None:
+    """``push``'s options for a kernel a later kernel attaches (:class:`push_order.Waiting`)."""
+    default = push_order.Waiting()
+    cmd.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="do not wait for a kernel's run: refuse to push it with a kernel that attaches it, print the order",
+    )
+    cmd.add_argument(
+        "--wait-timeout", type=_seconds, default=default.timeout_s, help="seconds to wait for one kernel's run"
+    )
+    cmd.add_argument(
+        "--poll-interval", type=_seconds, default=default.poll_s, help="seconds between `kaggle kernels status`"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kaggle_utils.kaggle.publish", description=__doc__.split("\n")[0])
     parser.add_argument("--owner", default="", help="Kaggle account; empty: KAGGLE_USERNAME, then kaggle.json")
@@ -527,6 +563,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--models-dir", type=Path, default=MODELS_DIR, help="staged adapter datasets (make upload-model)"
         )
+    _waiting_arguments(cmd)  # the last one added: push
     cmd = sub.add_parser("dataset", help="stage kaggle_utils/ and publish it as a dataset version")
     cmd.add_argument("--message", "-m", default="kaggle_utils update", help="version notes")
     cmd.add_argument("--stage-dir", type=Path, default=ROOT / "build/kaggle/dataset", help="staging folder")
@@ -547,6 +584,21 @@ def _parser() -> argparse.ArgumentParser:
         if name == "output":
             cmd.add_argument("--dest", type=Path, default=ROOT / "build/kaggle/output", help="one folder per kernel")
     return parser
+
+
+def _push(args: argparse.Namespace, owner: str) -> None:
+    waiting = push_order.Waiting(not args.no_wait, args.wait_timeout, args.poll_interval)
+    versions = push_kernels(
+        owner,
+        args.kernel or None,
+        args.notebooks_dir,
+        args.stage_dir,
+        kaggle=args.kaggle,
+        models_dir=args.models_dir,
+        waiting=waiting,
+    )
+    for ref, version in versions.items():
+        print(f"pushed {ref} version {version}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -570,15 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for d in kernel_dirs(ROOT, args.kernel or None):
                 print("ok:", stage_kernel(d, args.notebooks_dir, owner, args.stage_dir, args.models_dir))
         elif args.command == "push":
-            for ref, version in push_kernels(
-                owner,
-                args.kernel or None,
-                args.notebooks_dir,
-                args.stage_dir,
-                kaggle=args.kaggle,
-                models_dir=args.models_dir,
-            ).items():
-                print(f"pushed {ref} version {version}")
+            _push(args, owner)
         elif args.command == "dataset":
             folder = stage_dataset(ROOT / "kaggle_utils", ROOT / DATASET_METADATA, owner, args.stage_dir)
             publish_dataset(folder, args.message, args.kaggle)
@@ -592,7 +636,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_kaggle(["kernels", "status", ref], args.kaggle)
                 else:
                     run_kaggle(["kernels", "output", ref, "-p", str(args.dest / ref.split("/")[1]), "-o"], args.kaggle)
-    except (MetadataError, staging.StagingError, CredentialsError, KaggleCommandError) as err:
+    except (
+        MetadataError,
+        staging.StagingError,
+        CredentialsError,
+        KaggleCommandError,
+        push_order.OrderError,
+        push_order.KernelRunError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

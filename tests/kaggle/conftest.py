@@ -56,6 +56,17 @@ def make() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+@pytest.fixture(scope="module")
+def built_notebooks(tmp_path_factory) -> Path:
+    """The .ipynb files as `make notebooks` builds them (jupytext, with kernelspec, no outputs)."""
+    import jupytext
+
+    out = tmp_path_factory.mktemp("notebooks")
+    for path in sorted((ROOT / "notebooks").glob("0*.py")):
+        jupytext.write(jupytext.read(path), out / f"{path.stem}.ipynb")
+    return out
+
+
 # the adapter datasets the Kaggle inference recipe loads (infer-cascade-2xt4), and the recipe each was trained by
 STUDENTS = {"wsdm-qwen2-5-14b-student": "student-qwen2.5-14b", "wsdm-gemma2-9b-student": "student-gemma2-9b"}
 

@@ -52,15 +52,6 @@ def _meta(kernel_dir: Path) -> dict:
     return kc.load_kernel_metadata(kernel_dir / kc.KERNEL_METADATA, OWNER)
 
 
-@pytest.fixture(scope="module")
-def built_notebooks(tmp_path_factory) -> Path:
-    """The .ipynb files as `make notebooks` builds them (jupytext, with kernelspec, no outputs)."""
-    out = tmp_path_factory.mktemp("notebooks")
-    for path in NOTEBOOKS:
-        jupytext.write(jupytext.read(path), out / f"{path.stem}.ipynb")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- metadata
 
 
