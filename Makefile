@@ -91,7 +91,12 @@ POLL_INTERVAL ?= 60
 NO_WAIT ?=
 MESSAGE ?= kaggle_utils $(shell git rev-parse --short HEAD 2>/dev/null)
 
-.PHONY: validate push dataset wheels wheels-dataset submit status output render
+# `make pool-dataset`: the pool stage's out_dir (its unlabelled.parquet) → the dataset {owner}/wsdm-arena-pool,
+# which notebook 02 attaches; staged in POOL_STAGE
+POOL_DIR ?= output/pool
+POOL_STAGE ?= build/kaggle/pool
+
+.PHONY: validate push dataset wheels wheels-dataset pool-dataset submit status output render
 
 validate: notebooks  ## check every kernel's metadata and built notebook (the CLI's rules + the competition's)
 	$(KAGGLE_CLI) validate --kernel "$(KERNEL)" --models-dir "$(MODELS_DIR)"
@@ -108,6 +113,10 @@ wheels: $(STAMP)  ## download the wheels the notebooks need beyond Kaggle's imag
 
 wheels-dataset: $(STAMP)  ## build/wheels as a new version of the wheels dataset
 	$(KAGGLE_CLI) wheels --dest build/wheels --python-version $(KAGGLE_PYTHON) --glibc $(KAGGLE_GLIBC) --publish
+
+pool-dataset: $(STAMP)  ## publish the pool stage's unlabelled.parquet (POOL_DIR) as the dataset notebook 02 reads
+	$(BIN)/python -m kaggle_utils.kaggle.pool_dataset --dir "$(POOL_DIR)" --owner "$(KAGGLE_USERNAME)" \
+	  -m "$(MESSAGE)" --stage-dir "$(POOL_STAGE)"
 
 submit: $(STAMP)  ## submit a pushed inference kernel version: make submit VERSION=N
 	$(KAGGLE_CLI) submit --kernel "$(or $(KERNEL),04_inference)" --version "$(VERSION)" -m "$(MESSAGE)"

@@ -66,9 +66,10 @@ else:
 
 # %% [markdown]
 # ## Soft labels for the pool
-# The input is notebook 01's unlabelled pool (`pool/unlabelled.parquet`): each row keeps its `source`, so the table
-# below follows every public source through the teacher: its rows, the teacher's mean confidence (max p), the share
-# it prefers A, and how many rows each `mix_min_confidence` of the students' recipes would keep.
+# The input is the pool stage's `unlabelled.parquet`: notebook 01's in the demo, the dataset `wsdm-arena-pool`
+# (`make pool-dataset`) on Kaggle. Each row keeps its `source`, so the table below follows every public source
+# through the teacher: its rows, the teacher's mean confidence (max p), the share it prefers A, and how many rows each
+# `mix_min_confidence` of the students' recipes would keep.
 
 # %%
 soft = pseudo_label(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils.kaggle import models
+from kaggle_utils.kaggle import models, pool_dataset
 from kaggle_utils.kaggle import publish as kc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +32,16 @@ def _adapter(tmp: Path) -> Path:
     return models.stage({}, meta, tmp / "adapter")
 
 
+def _pool(tmp: Path) -> Path:
+    return pool_dataset.stage({}, kc.fill_owner(pool_dataset.METADATA, OWNER), tmp / "pool")
+
+
 # what writes a dataset-metadata.json (the module, and a call that writes one as the project does)
 WRITERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "package": ("publish", _package),
     "wheels": ("publish", _wheels),
     "adapter": ("models", _adapter),
+    "pool": ("pool_dataset", _pool),
 }
 
 
