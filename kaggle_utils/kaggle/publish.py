@@ -12,8 +12,10 @@ what the CLI uploads, so they hold exactly one thing each:
 * the wheels dataset: ``build/wheels/`` = the wheels (the requirements below and all they depend on, minus
   torch) + ``kaggle_utils-wheels.txt`` (what the notebooks install, offline) + its ``dataset-metadata.json``.
 
-The CLI prints push errors and still exits 0 (docs/facts.md §5), so its output is read: any known error line fails
-the command here. Credentials are checked before any call and never printed.
+``push`` goes in the order the kernels' ``kernel_sources`` give, waiting for the run of a kernel that a later one
+attaches (:mod:`kaggle_utils.kaggle.push_order`). The CLI prints push errors and still exits 0 (docs/facts.md §5), so
+its output is read: any known error line fails the command here. Credentials are checked before any call and never
+printed.
 """
 
 from __future__ import annotations
