@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -815,3 +816,55 @@ def test_a_base_folder_without_its_tokenizer_is_refused_before_training(qwen_pat
             (base / f.name).symlink_to(f)
     with pytest.raises(ModelFilesError, match=r"base model folder .*base has no tokenizer"):
         train_module.setup(_tiny_cfg(prepared, base, tmp_path / "run"))
+
+
+# --- ids are the join key: nothing held out is trained on, nothing appended twice ------------------------------------
+
+
+def test_extras_that_are_held_out_or_training_rows_are_left_out_and_counted(prepared, qwen_path, tmp_path, capsys):
+    """Teacher labels of the labelled rows passed as extras once trained on all 245 held-out rows and appended 955
+    training rows a second time: rows with an id of either, or their texts under another id (either A/B order),
+    are left out and counted."""
+    df = pd.read_parquet(prepared["train"])
+    val, rest = df[df["fold"] == 0], df[df["fold"] != 0]
+    fresh = rest.head(5).assign(id=lambda d: d["id"].astype(str) + "-new", prompt=lambda d: d["prompt"] + " (new)")
+    copied = schema.swap_ab(val.tail(3)).assign(id=lambda d: d["id"].astype(str) + "-copy")  # same texts, new ids
+    extras = pd.concat([val.head(4), rest.head(6), copied, fresh]).drop(columns=["winner", "fold"])
+    extras = extras.assign(p_a=0.7, p_b=0.3)
+    extras.to_parquet(tmp_path / "extras.parquet", index=False)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, max_train_rows=0,
+                    extra_files=[str(tmp_path / "extras.parquet")])  # fmt: skip
+    train_df, val_df = split(cfg)
+    assert "extra rows left out (same id or same texts): 7 in the validation fold, 6 in the training rows" in (
+        capsys.readouterr().out
+    )
+    assert not set(train_df["id"].astype(str)) & set(val_df["id"].astype(str))
+    assert len(train_df) == len(rest) + 5 and train_df["id"].is_unique
+    # extras_only: the labelled rows only validate, so only held-out rows are left out
+    train_df, _ = split(replace(cfg, extras_only=True))
+    assert sorted(train_df["id"].astype(str)) == sorted([*rest.head(6)["id"].astype(str), *fresh["id"]])
+
+
+def test_out_of_fold_teacher_logits_are_joined_onto_the_rows_by_id(prepared, qwen_path, tmp_path, capsys) -> None:
+    df = pd.read_parquet(prepared["train"])
+    rng = np.random.default_rng(0)
+    oof = df.sample(frac=0.5, random_state=1)  # half the rows, shuffled
+    oof = oof.assign(logit_a=rng.normal(size=len(oof)), logit_b=rng.normal(size=len(oof)))
+    unknown = oof.head(2).assign(id=["x1", "x2"])
+    pd.concat([oof, unknown]).to_parquet(tmp_path / "oof.parquet", index=False)
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", val_fold=0, max_train_rows=0,
+                    teacher_files=[str(tmp_path / "oof.parquet")])  # fmt: skip
+    train_df, val_df = split(cfg)
+    assert len(train_df) + len(val_df) == len(df)  # joined, never appended
+    got = train_df.set_index("id")[["logit_a", "logit_b"]]
+    want = oof.set_index("id")[["logit_a", "logit_b"]]
+    shared = got.index.intersection(want.index)
+    assert len(shared) > 0 and got.loc[~got.index.isin(want.index), "logit_a"].isna().all()
+    np.testing.assert_allclose(got.loc[shared].to_numpy(), want.loc[shared].to_numpy(), rtol=1e-6)
+    assert (
+        f"logits joined by id onto {len(oof):,} of {len(df):,} rows (2 of their ids unknown)" in capsys.readouterr().out
+    )
+    # a teacher file that shows a row the other way round is refused: its logits would be swapped
+    schema.swap_ab(oof.head(3)).to_parquet(tmp_path / "flipped.parquet", index=False)
+    with pytest.raises(schema.DataError, match="shows another response A"):
+        split(replace(cfg, teacher_files=[str(tmp_path / "flipped.parquet")]))

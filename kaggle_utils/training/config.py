@@ -25,6 +25,9 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     # extra pseudo-labelled files (stage 2 output: ``logit_a``/``logit_b`` and/or ``p_a``/``p_b``), added to the
     # training rows; files labelling the same ids (one per teacher) are merged, their logits averaged
     extra_files: list[str] = field(default_factory=list)
+    # teacher logits of train_file's own rows (the out-of-fold labels: output/pseudo/train-oof.parquet), joined onto
+    # them by id (several files: averaged in logit space); rows they do not cover keep their human label alone
+    teacher_files: list[str] = field(default_factory=list)
     # folder that receives adapter/, metrics.json, history.csv, evals.csv, val_predictions.parquet and the config
     out_dir: Path = Path("demo/work/model")
     # rows of this fold are held out for validation; -1 trains on every row

@@ -1,6 +1,7 @@
 """The training and validation rows of a run: the split by fold, the pseudo-labelled extras, targets and weights.
 
-``split`` reads the prepared file and the extras; ``encode_rows`` tokenises the training rows once and keeps their
+``split`` reads the prepared file (with its rows' teacher logits joined by id) and the extras (without the rows
+already there or held out); ``encode_rows`` tokenises the training rows once and keeps their
 human labels, teacher logits and row weights beside the tokens (:class:`TrainRows`).
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.data import schema
+from kaggle_utils.data import clean, schema
 from kaggle_utils.data.mixing import mix_extras, read_extras
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.inputs.tokens import PairTokens
@@ -36,8 +37,9 @@ def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
 
 
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Training rows (labelled folds + pseudo-labelled extras) and validation rows."""
-    df = schema.load(cfg.train_file, "train")
+    """Training rows (labelled folds with their teachers' logits joined by id, + pseudo-labelled extras that are not
+    already among them or in the validation fold) and validation rows."""
+    df = join_teachers(cfg, schema.load(cfg.train_file, "train"))
     if cfg.val_fold >= 0:
         if "fold" not in df.columns:
             raise schema.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
@@ -47,14 +49,68 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         train_df, val_df = df, df.iloc[:0]
     extras = []
     if cfg.extra_files:
-        # one file per teacher over the same pool: one row per id, the teachers' logits averaged; then the mixing
-        # settings (confidence, agreement with a human label, per-source caps) choose the rows, and say so
-        extras = [mix_extras(cfg, read_extras(cfg.extra_files), cfg.seed)[0]]
+        # one file per teacher over the same pool: one row per id, the teachers' logits averaged; rows of the
+        # validation fold or the training rows left out; then the mixing settings (confidence, agreement with a
+        # human label, per-source caps) choose the rows, and say so
+        fresh = drop_seen(read_extras(cfg.extra_files), val_df, None if cfg.extras_only else train_df)
+        extras = [mix_extras(cfg, fresh, cfg.seed)[0]]
     kept = [] if cfg.extras_only else [train_df]  # extras_only: the labelled rows only validate
     train_df = pd.concat([*kept, *extras], ignore_index=True)
     if cfg.max_train_rows:
         train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
     return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+
+
+TEACHER_COLUMNS = (*schema.LOGIT_COLUMNS, "p_a", "p_b")
+
+
+def join_teachers(cfg: TrainConfig, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (the training file) with the logits of ``cfg.teacher_files`` joined onto its rows by id.
+
+    Several files (one per teacher) are averaged in logit space first. A row the files do not cover keeps no
+    teacher; ids of the files that are not in ``df`` are ignored and counted. A file that shows a row in the
+    other A/B orientation is refused (its logits would be swapped).
+    """
+    if not cfg.teacher_files:
+        return df
+    frames = [schema.read_table(path) for path in cfg.teacher_files]
+    teachers = schema.average_teachers(frames, cfg.teacher_files).drop_duplicates("id")
+    if "response_a" in teachers.columns:
+        both = teachers[["id", "response_a"]].merge(df[["id", "response_a"]], on="id", suffixes=("", "_train"))
+        flipped = both[both["response_a"] != both["response_a_train"]]
+        if len(flipped):
+            raise schema.DataError(
+                f"{cfg.teacher_files}: id {flipped['id'].iloc[0]!r} shows another response A than {cfg.train_file}: "
+                "label the training file itself (its rows as they are) with the teacher"
+            )
+    logits = schema.teacher_logits(teachers)
+    table = pd.DataFrame({"id": teachers["id"], "logit_a": logits[:, 0], "logit_b": logits[:, 1]})
+    table["p_a"] = 1.0 / (1.0 + np.exp(-(table["logit_a"] - table["logit_b"]).to_numpy(dtype=np.float64)))
+    table["p_b"] = 1.0 - table["p_a"]
+    out = df.drop(columns=[c for c in TEACHER_COLUMNS if c in df.columns]).merge(table, on="id", how="left")
+    covered, unknown = int(out["id"].isin(table["id"]).sum()), int((~table["id"].isin(df["id"])).sum())
+    print(f"teacher files: logits joined by id onto {covered:,} of {len(df):,} rows ({unknown:,} of their ids unknown)")
+    return out
+
+
+def drop_seen(extras: pd.DataFrame, val_df: pd.DataFrame, train_df: pd.DataFrame | None) -> pd.DataFrame:
+    """``extras`` without the rows of the validation fold (and of ``train_df``, unless None): the same id, or the
+    same prompt and responses in either A/B order (a copy under another id). Counts are printed."""
+    keep, counts = np.ones(len(extras), dtype=bool), {}
+    with_text = {"prompt", "response_a", "response_b"}.issubset(extras.columns)
+    keys = clean.pair_keys(extras) if with_text and len(extras) else None
+    for name, rows in (("the validation fold", val_df), ("the training rows", train_df)):
+        if rows is None or not len(rows):
+            continue
+        hit = extras["id"].isin(rows["id"]).to_numpy()
+        if keys is not None and {"prompt", "response_a", "response_b"}.issubset(rows.columns):
+            hit = hit | np.isin(keys, clean.pair_keys(rows))
+        counts[name] = int((hit & keep).sum())
+        keep &= ~hit
+    if sum(counts.values()):
+        said = ", ".join(f"{n:,} in {name}" for name, n in counts.items() if n)
+        print(f"extra rows left out (same id or same texts): {said}; {int(keep.sum()):,} of {len(extras):,} kept")
+    return extras[keep].reset_index(drop=True)
 
 
 def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
