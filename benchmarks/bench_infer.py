@@ -34,6 +34,7 @@ import torch
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.data.schema import read_test
 from kaggle_utils.infer import Cascade, InferConfig, Role, encode, infer
+from kaggle_utils.inference.roles import role_inputs
 from kaggle_utils.inputs.batching import token_budget_batches
 from kaggle_utils.models.demo import build_qwen_tokenizer
 from kaggle_utils.scoring.budget import Deadline
@@ -119,7 +120,9 @@ def load_role(cfg: InferConfig, model_dir: Path, loader=None) -> Role:
     role = Role("primary", model_dir, None, CostModel(cfg.first_batch_seconds_per_token))
     deadline = Deadline(None)
     if loader is None:
-        pad_id = encode(cfg, model_dir, read_test(cfg.test_file)[0].head(1)).tokenizer.pad_token_id
+        pad_id = encode(
+            role_inputs(cfg, None, "bench"), model_dir, read_test(cfg.test_file)[0].head(1)
+        ).tokenizer.pad_token_id
         role.start_loading(cfg, pad_id, ["cuda:0"], deadline)
     else:
         role.copies = DeviceCopies(loader, ["cuda:0"], deadline.clock)
@@ -131,7 +134,7 @@ def load_role(cfg: InferConfig, model_dir: Path, loader=None) -> Role:
 def engine(cfg: InferConfig, role: Role, test, desc: str) -> dict:
     """The stage's primary pass on ``test`` with ``role``'s loaded copy, after its budget is set and a warm-up."""
     run = Cascade(cfg, test, {}, Deadline(None))
-    enc = encode(cfg, role.model_path, test)
+    enc = encode(role_inputs(cfg, role.adapter, role.name), role.model_path, test)
     model = role.copies.models[0]
     run.measure_budget(role, enc)  # batch_tokens = 0: the probe (which also warms the kernels up)
     score_batch(model, enc.rows, np.argsort(enc.lengths)[-4:], enc.tokenizer.pad_token_id, "cuda:0")

@@ -53,11 +53,11 @@ from kaggle_utils.inference.roles import (
     OptionalWork,
     Role,
     encode,
-    input_fields,
     preflight,
     resolve_devices,
+    role_inputs,
 )
-from kaggle_utils.inputs.formatter import InputConfig
+from kaggle_utils.inputs.formatter import INPUT_CONTRACT, InputConfig
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.scoring.calibration import margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, synthetic_test
@@ -92,6 +92,15 @@ class InferConfig(InputConfig):
     # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "infer"
 
+    # the token-id settings (max_length, template, truncation, prompt_fraction, head_fraction, split_special_tokens):
+    # empty, each role takes its adapter's own (its train_config.json), so primary and secondary may differ; a value
+    # set here must equal the adapter's (a difference stops that role, naming both)
+    max_length: int | None = None
+    prompt_fraction: float | None = None
+    template: str | None = None
+    truncation: str | None = None
+    head_fraction: float | None = None
+    split_special_tokens: bool | None = None
     # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.kaggle.env)
     test_file: Path = Path("demo/data/test.parquet")
     # primary model folder (scores every row)
@@ -152,7 +161,8 @@ class InferConfig(InputConfig):
     project_rows: int = 25_000
 
     def __post_init__(self) -> None:
-        InputConfig.__post_init__(self)
+        role_inputs(self, None, "recipe")  # the settings it does give are valid ones
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
         for name in ("test_file", "primary_model", "out_dir"):
             setattr(self, name, Path(getattr(self, name)))
         for name in ("primary_adapter", "secondary_model", "secondary_adapter", "labels_file"):
@@ -218,7 +228,9 @@ class Cascade:
         if self.deadline.remaining() <= 0:
             self.report["primary"] = {"scored": 0, "skipped": "no time left", "stopped_by_deadline": True}
             return
-        enc = self.guarded("primary", lambda: encode(cfg, cfg.primary_model, self.test), preflight_of=primary)
+        enc = self.guarded(
+            "primary", lambda: encode(self.inputs_of(primary), cfg.primary_model, self.test), preflight_of=primary
+        )
         if enc is None:
             return
         workers = self.place(primary)
@@ -296,18 +308,25 @@ class Cascade:
             self.error(f"{what}: {line}")
         return result
 
+    def inputs_of(self, role: Role) -> InputConfig:
+        """The role's token-id settings (its adapter's own, :func:`role_inputs`), recorded in the report."""
+        if role.inputs is None:
+            role.inputs = role_inputs(self.cfg, role.adapter, role.name)
+            self.report.setdefault("inputs", {})[role.name] = {k: getattr(role.inputs, k) for k in INPUT_CONTRACT}
+        return role.inputs
+
     def score(self, role: Role, enc: Encoded, desc: str, batches=None, limit: int | None = None) -> PassResult:
         """One pass of ``role`` over ``enc``'s rows, resumable and guarded; probabilities (N, 2) in test order.
         ``batches``: the pass planned whole (positions into ``enc``), of which the first ``limit`` run; default: all
         rows by length."""
         cfg = self.cfg
         batches = plan_batches(enc.lengths, role.batch_tokens, cfg.max_rows) if batches is None else batches
-        inputs = config_to_dict(InputConfig(**input_fields(cfg)))
+        inputs = config_to_dict(role.inputs)
         ids = self.test["id"].iloc[enc.index].tolist()
         plan = [b.tolist() for b in batches]
         key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
         run = batches if limit is None else batches[:limit]
-        announce_pass(desc, len(run), len(batches), role, cfg.max_length)
+        announce_pass(desc, len(run), len(batches), role, role.inputs.max_length)
         result = run_pass(
             role.copies,
             enc.rows,
@@ -340,7 +359,8 @@ class Cascade:
         n_tta = int(round(cfg.tta_fraction * len(work.order)))
         if n_tta:
             rows = work.order[:n_tta]
-            work.tta = self.guarded("tta", lambda: encode(cfg, cfg.primary_model, schema.swap_ab(self.test), rows))
+            swapped = schema.swap_ab(self.test)
+            work.tta = self.guarded("tta", lambda: encode(primary.inputs, cfg.primary_model, swapped, rows))
             if work.tta is not None:
                 work.tta_work = PassWork.build(work.tta.lengths, primary.cost, keys=work.keys[:n_tta], **build)
         if cfg.secondary_model is not None:
@@ -358,7 +378,9 @@ class Cascade:
         rows = work.order[:n]
         if n == 0:
             return
-        enc = self.guarded("secondary", lambda: encode(cfg, cfg.secondary_model, self.test, rows), preflight_of=role)
+        enc = self.guarded(
+            "secondary", lambda: encode(self.inputs_of(role), cfg.secondary_model, self.test, rows), preflight_of=role
+        )
         if enc is None:
             return
         work.secondary, work.secondary_enc = role, enc

@@ -438,3 +438,38 @@ def test_a_model_that_fits_no_device_is_refused_before_loading(
     assert loads == [] and (pred["source"] == "fallback").all()
     assert report["placement"]["primary"]["kind"] == "none"
     assert any("load_in_4bit" in e for e in report["errors"])
+
+
+# --- each role's rows are made as its adapter was trained ---------------------------------------------------------
+
+
+def test_each_role_takes_its_adapters_own_token_settings(demo_files, qwen_path, adapter, tmp_path) -> None:
+    """Left out of the recipe, max_length and the rest come from each adapter's train_config.json: the primary
+    and the secondary may differ (here the secondary's copy says 200 tokens)."""
+    other = tmp_path / "adapter-200"
+    shutil.copytree(adapter, other)
+    trained = json.loads((other / "train_config.json").read_text())
+    (other / "train_config.json").write_text(json.dumps({**trained, "max_length": 200}))
+    cfg = _cfg(demo_files["test"], tmp_path / "out", qwen_path, adapter, max_length=None,
+               secondary_model=qwen_path, secondary_adapter=other)  # fmt: skip
+    infer(cfg)
+    report = _report(tmp_path / "out")
+    assert report["inputs"]["primary"]["max_length"] == trained["max_length"] == MAX_LENGTH
+    assert report["inputs"]["secondary"]["max_length"] == 200 and report["errors"] == []
+
+
+def test_a_recipe_setting_unlike_the_adapters_is_refused_at_run_time(demo_files, qwen_path, adapter, tmp_path) -> None:
+    """max_length 512 in the recipe, 256 in the adapter: the role is refused naming both (fail-soft: the fallback
+    submission, one row per id; fail_soft off: the error)."""
+    cfg = _cfg(demo_files["test"], tmp_path / "out", qwen_path, adapter, max_length=512)
+    pred = infer(cfg)
+    report = _report(tmp_path / "out")
+    (error,) = report["errors"]
+    assert (
+        f"max_length = 512 in the inference recipe, but its adapter {adapter} was trained with max_length = 256"
+        in error
+    )
+    assert report["fallback_rows"] == report["rows"] == len(pred) == pred["id"].nunique()
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(InferenceError, match="max_length = 512 in the inference recipe"):
+        infer(_cfg(demo_files["test"], tmp_path / "out2", qwen_path, adapter, max_length=512, fail_soft=False))

@@ -72,7 +72,7 @@ class ProjectionSettings(Protocol):
     """What a rehearsal's projection reads from the infer stage's config."""
 
     project_rows: int
-    max_length: int
+    max_length: int | None
     batch_tokens: int
     max_rows: int
     tta_fraction: float
@@ -89,7 +89,8 @@ def project_rehearsal(report: dict, measured: dict[str, list], devices: int, cfg
         measured,
         loads,
         n_rows=cfg.project_rows,
-        max_length=cfg.max_length,
+        # the primary's own (its adapter's), as the run used it
+        max_length=report.get("inputs", {}).get("primary", {}).get("max_length") or cfg.max_length or 2500,
         devices=devices,
         batch_tokens=report["token_budget"].get("primary", {}).get("tokens", cfg.batch_tokens or CPU_BATCH_TOKENS),
         max_rows=cfg.max_rows,

@@ -7,6 +7,7 @@ for the roles after the primary pass (:class:`OptionalWork`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+from kaggle_utils.inputs.formatter import INPUT_CONTRACT, InputConfig, PromptFormatter
 from kaggle_utils.models.loading import (
     WEIGHT_PATTERNS,
     ModelConfig,
@@ -89,6 +90,32 @@ def input_fields(cfg: InputConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(InputConfig)}
 
 
+class InputMismatchError(ValueError):
+    """The inference recipe sets a token-id setting other than the one the role's adapter was trained with."""
+
+
+def role_inputs(cfg: InputConfig, adapter: Path | None, role: str) -> InputConfig:
+    """How ``role``'s rows become token ids: its adapter's own settings (``train_config.json``), the recipe's where
+    the adapter has none (None: InputConfig's default). A recipe value that differs from the adapter's is refused,
+    naming both: the model would score rows shaped unlike those it learnt from."""
+    saved = {}
+    if adapter is not None and (Path(adapter) / "train_config.json").is_file():
+        saved = json.loads((Path(adapter) / "train_config.json").read_text())
+    chosen = {}
+    for key, value in input_fields(cfg).items():
+        if key in INPUT_CONTRACT and key in saved:
+            if value is not None and value != saved[key]:
+                raise InputMismatchError(
+                    f"{role}: {key} = {value!r} in the inference recipe, but its adapter {adapter} was trained with "
+                    f"{key} = {saved[key]!r}: leave {key} out of the recipe (each adapter's own is used) or set it "
+                    f"to {saved[key]!r}"
+                )
+            chosen[key] = saved[key]
+        elif value is not None:
+            chosen[key] = value
+    return InputConfig(**chosen)
+
+
 def weight_file_bytes(folder: Path) -> int:
     """Bytes of the weight files in a model folder, as they lie on disk."""
     return sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in Path(folder).glob(pattern))
@@ -105,6 +132,8 @@ class Role:
     copies: DeviceCopies | None = None
     # padded tokens per batch: the configured figure, or measured on the first copy once loaded
     batch_tokens: int = 0
+    # how its rows become token ids (role_inputs: its adapter's own settings); None until the role is set up
+    inputs: InputConfig | None = None
 
     def placement(self, cfg: LoadSettings, devices: list[str]) -> Placement:
         """Where the copies go: one per GPU when the weights and ``activation_reserve_gib`` fit a card, else one

@@ -137,6 +137,10 @@ class InputConfig:
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
 
 
+# the InputConfig fields that decide a row's token ids: a model must see at inference what it was trained on
+INPUT_CONTRACT = ("max_length", "template", "truncation", "prompt_fraction", "head_fraction", "split_special_tokens")
+
+
 def allocate(lengths: tuple[int, int, int], budget: int, prompt_fraction: float) -> tuple[int, int, int]:
     """Token counts kept for (prompt, a, b) within ``budget``.
 

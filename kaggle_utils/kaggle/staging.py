@@ -24,6 +24,7 @@ from typing import Any
 from kaggle_utils.config import recipes
 from kaggle_utils.config.cli import config_to_dict
 from kaggle_utils.infer import InferConfig
+from kaggle_utils.inputs.formatter import INPUT_CONTRACT
 from kaggle_utils.kaggle.env import input_slug
 from kaggle_utils.prepare import PrepareConfig
 from kaggle_utils.pseudo_label import PseudoLabelConfig
@@ -31,7 +32,6 @@ from kaggle_utils.train import TrainConfig
 
 STAGE_CONFIGS: dict[str, type] = {c.STAGE: c for c in (PrepareConfig, TrainConfig, PseudoLabelConfig, InferConfig)}
 # input settings that change the token ids a model sees: an adapter must be served with the ones it learned under
-INPUT_CONTRACT = ("max_length", "template", "truncation", "prompt_fraction", "head_fraction", "split_special_tokens")
 # the inference fields that name an adapter
 ADAPTER_FIELDS = ("primary_adapter", "secondary_adapter")
 INJECTED_TAG = "injected-parameters"
@@ -130,7 +130,7 @@ def adapter_mismatches(recipe: str, values: Mapping[str, Any], models_dir: Path)
             continue
         saved = json.loads(trained.read_text())
         for key in INPUT_CONTRACT:
-            if key in saved and saved[key] != values.get(key):
+            if key in saved and values.get(key) is not None and saved[key] != values.get(key):
                 problems.append(
                     f"{recipe}: {key} = {values.get(key)!r}, but {field} ({slug}) was trained with "
                     f"{key} = {saved[key]!r} ({trained}): set the recipe's {key} to {saved[key]!r}"

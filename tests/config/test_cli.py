@@ -70,7 +70,9 @@ def test_help_includes_comments_of_inherited_fields() -> None:
 
 def test_help_of_infer_includes_input_config_fields() -> None:
     help_text = _flat(build_parser(InferConfig).format_help())
-    assert "--max-length MAX_LENGTH total tokens per row" in help_text
+    # the token-id settings are each adapter's own unless the recipe sets them
+    assert "--max-length MAX_LENGTH the token-id settings (max_length, template" in help_text
+    assert "--num-proc NUM_PROC worker processes for tokenising" in help_text
     assert "--reserve-minutes RESERVE_MINUTES minutes kept back for writing files" in help_text
 
 

@@ -39,24 +39,25 @@ def test_make_push_ships_the_inference_notebook_with_the_kaggle_recipe(kaggle, m
     assert tags[at + 1] == [staging.INJECTED_TAG], "injected right after the parameters cell, as papermill does"
     params = parameters(nb)
     assert params["infer_recipe"] == "infer-cascade-2xt4"
-    assert params["infer_overrides"]["max_length"] == 2500
+    # the token-id settings are left to each adapter's train_config.json (read at run time, per role)
+    assert params["infer_overrides"]["max_length"] is None
     # what the notebook builds from them is exactly the recipe
     cfg = recipes.load(params["infer_recipe"], InferConfig, params["infer_overrides"])
     assert cfg == recipes.load("infer-cascade-2xt4", InferConfig)
     # batch_tokens 0: each model's budget is measured from the T4's free memory once loaded (scoring.memory)
-    assert (cfg.max_length, cfg.template, cfg.batch_tokens, cfg.time_budget_minutes) == (2500, "tagged", 0, 690.0)
+    assert (cfg.max_length, cfg.template, cfg.batch_tokens, cfg.time_budget_minutes) == (None, None, 0, 690.0)
 
 
-def test_a_mismatch_with_the_adapters_training_config_is_refused_before_any_request(kaggle, make, models_dir):
+def test_a_recipe_value_unlike_the_adapters_training_config_is_refused_at_push_time(models_dir):
+    """A recipe that sets a token-id setting must match each adapter it loads; left out, each adapter's own is used."""
     trained = models_dir / "wsdm-gemma2-9b-student" / "train_config.json"
     trained.write_text(json.dumps({**json.loads(trained.read_text()), "max_length": 2048, "truncation": "head_tail"}))
-    proc = make("push", f"KAGGLE_USERNAME={OWNER}", f"MODELS_DIR={models_dir}")
-    assert proc.returncode != 0
-    assert "max_length = 2500, but secondary_adapter (wsdm-gemma2-9b-student) was trained with max_length = 2048" in (
-        proc.stderr
-    )
-    assert "truncation = 'right'" in proc.stderr and "'head_tail'" in proc.stderr
-    assert kaggle.requests == [], "nothing may be sent when one kernel is refused"
+    values = {"secondary_adapter": "/kaggle/input/wsdm-gemma2-9b-student", "max_length": 2500, "truncation": "right"}
+    problems = staging.adapter_mismatches("my-infer", values, models_dir)
+    said = "max_length = 2500, but secondary_adapter (wsdm-gemma2-9b-student) was trained with max_length = 2048"
+    assert len(problems) == 2 and said in problems[0] and "'head_tail'" in problems[1]
+    unset = {**values, "max_length": None, "truncation": None}
+    assert staging.adapter_mismatches("my-infer", unset, models_dir) == []
 
 
 def test_an_adapter_whose_training_config_is_unknown_is_refused(kaggle, make, tmp_path):
