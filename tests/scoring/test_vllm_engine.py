@@ -240,10 +240,11 @@ def test_engine_setting_is_checked(qwen_path: Path) -> None:
         PseudoLabelConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         PseudoLabelConfig(gpu_memory_utilization=1.5)
-    # vLLM serves a merged model: an adapter (the default adapter_dir is one) is refused with the merge command
-    with pytest.raises(ValueError, match="python -m kaggle_utils.models.merge"):
+    # vLLM serves a merged model: an adapter (the default adapter_dir is one) is refused with the reason (its base is
+    # 4-bit, which vLLM cannot load) and the merge command
+    with pytest.raises(ValueError, match=r"trained on a 4-bit nf4 base, and vLLM has no 4-bit bitsandbytes base"):
         PseudoLabelConfig(model_path=qwen_path, engine="vllm")
-    with pytest.raises(ValueError, match="merge it first"):
+    with pytest.raises(ValueError, match="python -m kaggle_utils.models.merge --base-model BASE --adapter ADAPTER"):
         PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None, oof_adapters=["a", "b"])
     assert PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None).engine == "vllm"
 
@@ -289,7 +290,10 @@ def test_answer_tokens_are_single_tokens_of_the_tokenizer(tokenizer) -> None:
 
 
 def test_missing_vllm_says_how_to_install_it(no_vllm, qwen_path, pool, tmp_path) -> None:
-    with pytest.raises(VllmNotInstalled, match="pip install vllm"):
+    # the version the engine was read against, and what it needs of the machine and the environment
+    with pytest.raises(VllmNotInstalled, match=r"pip install vllm==0\.33\.0` in an environment of its own"):
+        vllm_engine.import_vllm()
+    with pytest.raises(VllmNotInstalled, match=r"CUDA 13, which needs an NVIDIA driver >= 580"):
         vllm_engine.import_vllm()
     with pytest.raises(VllmNotInstalled, match="engine='transformers'"):
         VllmTeacher.load(qwen_path, dtype=torch.float32, max_model_len=256)
