@@ -65,6 +65,7 @@ from kaggle_utils.scoring.shards import PartStore, Shard
 from kaggle_utils.scoring.vllm_engine import (
     ANSWER_LOGPROBS,
     ENGINES,
+    NonFiniteLogits,
     VllmTeacher,
     answer_token_ids,
     import_vllm,
@@ -333,7 +334,12 @@ def score_parts(cfg: PseudoLabelConfig, pool: pd.DataFrame, parts: list[Part], s
         score = load_scorer(cfg, tok, teacher)
         for i in tqdm(list(group), desc=f"{teacher.name} parts", unit="part"):
             chunk = pool.iloc[parts[i].rows]
-            logits = teacher_logits(score, fmt, chunk, cfg.tta)  # (n, 2)
+            try:
+                logits = teacher_logits(score, fmt, chunk, cfg.tta)  # (n, 2)
+            except NonFiniteLogits as err:  # vLLM names positions; the ids are known here
+                raise NonFiniteLogits(
+                    f"{store.path(i).name}, ids {chunk['id'].iloc[err.rows].tolist()}: {err}", err.rows
+                ) from err
             _check_scored(logits, chunk, store.path(i))
             store.write(
                 i, pd.DataFrame({"id": chunk["id"].to_numpy(), "logit_a": logits[:, 0], "logit_b": logits[:, 1]})

@@ -27,7 +27,9 @@ read by :func:`classify_logits` and :func:`answer_logits`) and ``vllm/logprobs.p
 What vLLM refuses is refused here first, from the folder's config.json, before vLLM starts (:func:`check_servable`):
 Gemma2/Gemma3/GLM4 in float16 (``vllm/config/model.py``, ``_FLOAT16_NOT_SUPPORTED_MODELS``: "Numerical instability")
 and a bitsandbytes checkpoint (``vllm/model_executor/layers/quantization`` has no bitsandbytes method, so the
-``int8/`` copy ``merge --export-int8`` writes cannot be served).
+``int8/`` copy ``merge --export-int8`` writes cannot be served). A finite logit is checked too: a row vLLM scored
+as NaN or inf stops the run with the row named (:class:`NonFiniteLogits`); the transformers engine rescores such
+rows in fp32 itself, vLLM does not.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ FP16_REFUSED = ("gemma2", "gemma3", "gemma3_text", "glm4")
 
 class VllmNotInstalled(ImportError):
     """engine='vllm' was asked for where vLLM cannot be imported; the message says how to install it."""
+
+
+class NonFiniteLogits(RuntimeError):
+    """vLLM scored some rows as NaN or inf; ``rows`` are their positions in the call (the stage names their ids)."""
+
+    def __init__(self, message: str, rows: Sequence[int]):
+        super().__init__(message)
+        self.rows = list(rows)
 
 
 def import_vllm():
@@ -148,16 +158,20 @@ def classify_logits(outputs: Sequence, rows: Sequence[Sequence[int]]) -> np.ndar
 
     Read: ``.prompt_token_ids`` (must be the row sent: vLLM returns results in input order, this checks it),
     ``.error`` (a failed request: the row stays NaN and the stage refuses to write the part) and ``.outputs.probs``
-    (raw logits with ``use_activation=False``; empty when the request failed).
+    (raw logits with ``use_activation=False``; empty when the request failed). A NaN or inf in a row that was scored
+    raises :class:`NonFiniteLogits`.
     """
     logits = np.full((len(rows), 2), np.nan, dtype=np.float32)
     _check_order(outputs, rows)
+    scored = []
     for i, out in enumerate(outputs):
         if out.error is None:
             values = out.outputs.probs
             if len(values) != 2:
                 raise ValueError(f"row {i}: the classifier returned {len(values)} values; a 2-way head is expected")
             logits[i] = values
+            scored.append(i)
+    _check_finite(logits, scored, rows)
     return logits
 
 
@@ -165,10 +179,12 @@ def answer_logits(outputs: Sequence, rows: Sequence[Sequence[int]], answer_ids: 
     """Logits (N, 2) float32 from ``LLM.generate``'s ``RequestOutput`` list: the log-probs of the two answer tokens.
 
     Read: ``.prompt_token_ids``, ``.outputs[0].logprobs[0]`` (the first generated position: a dict token id ->
-    ``Logprob`` holding the requested ids and the sampled one; ``FlatLogprobs`` indexes the same way).
+    ``Logprob`` holding the requested ids and the sampled one; ``FlatLogprobs`` indexes the same way). A row with no
+    generated position stays NaN; a NaN or inf log-prob raises :class:`NonFiniteLogits`.
     """
     logits = np.full((len(rows), 2), np.nan, dtype=np.float32)
     _check_order(outputs, rows)
+    scored = []
     for i, out in enumerate(outputs):
         position = out.outputs[0].logprobs[0] if out.outputs and out.outputs[0].logprobs else None
         if position is None:
@@ -177,7 +193,24 @@ def answer_logits(outputs: Sequence, rows: Sequence[Sequence[int]], answer_ids: 
         if missing:
             raise ValueError(f"row {i}: vLLM returned no log-prob for token id(s) {missing} (got {sorted(position)})")
         logits[i] = [position[t].logprob for t in answer_ids]
+        scored.append(i)
+    _check_finite(logits, scored, rows)
     return logits
+
+
+def _check_finite(logits: np.ndarray, scored: Sequence[int], rows: Sequence[Sequence[int]]) -> None:
+    """Rows vLLM scored (no failed request) must have finite logits: a NaN or inf there is the model's arithmetic
+    (fp16 overflow, Gemma2 is known for it), which vLLM, unlike the transformers engine, does not rescore in fp32."""
+    bad = [i for i in scored if not np.isfinite(logits[i]).all()]
+    if not bad:
+        return
+    shown = ", ".join(f"row {i} ({len(rows[i])} tokens): {logits[i].tolist()}" for i in bad[:3])
+    raise NonFiniteLogits(
+        f"vLLM returned non-finite logits for {len(bad)} of {len(rows)} row(s), e.g. {shown}. Serve the model in "
+        "bf16 or fp32 (--dtype bf16 on GPUs of compute capability >= 8.0, else --dtype fp32), or use --engine "
+        "transformers, which rescores such rows in fp32",
+        bad,
+    )
 
 
 def _check_order(outputs: Sequence, rows: Sequence[Sequence[int]]) -> None:

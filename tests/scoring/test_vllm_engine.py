@@ -2,7 +2,7 @@
 
 Without vLLM: the engine setting and its checks, the label key changing with the engine, the error that says how to
 install vLLM, what is refused before vLLM starts (Gemma2 in fp16, bitsandbytes weights), the mapping from vLLM's
-output objects to logits, and the whole stage on ``engine="vllm"`` against a stand-in ``vllm``
+output objects to logits and the non-finite ones, and the whole stage on ``engine="vllm"`` against a stand-in ``vllm``
 module (tests/scoring/vllm_standins.py: vLLM 0.33.0's signatures, strict like the real ones) whose engine is the
 transformers model: that checks the plumbing, not vLLM's numbers. With vLLM importable, the real engine against
 transformers (skipped otherwise).
@@ -37,6 +37,7 @@ from kaggle_utils.scoring.shards import Shard
 from kaggle_utils.scoring.vllm_engine import (
     ANSWER_LOGPROBS,
     CLASSIFY,
+    NonFiniteLogits,
     VllmNotInstalled,
     VllmTeacher,
     answer_logits,
@@ -84,6 +85,8 @@ class TransformersLLM(vllm_standins.LLM):
     equal by construction here (the real comparison: the ``test_real_vllm_*`` tests, ``make test-vllm``)."""
 
     created: list[dict] = []
+    # positions (in each call) whose logits come back NaN, as an fp16 overflow inside vLLM would give them
+    nan_rows: set[int] = set()
 
     def load(self, given: dict) -> None:
         TransformersLLM.created.append(given)
@@ -95,7 +98,9 @@ class TransformersLLM(vllm_standins.LLM):
     def run_classify(self, given: dict) -> list[ClassificationRequestOutput]:
         assert self.runner == "pooling" and given["pooling_params"].use_activation is False
         rows = [p["prompt_token_ids"] for p in given["prompts"]]
-        return _classified(rows, predict_logits(self.model, rows, self.tok.pad_token_id, 4096))
+        logits = predict_logits(self.model, rows, self.tok.pad_token_id, 4096)
+        logits[sorted(self.nan_rows & set(range(len(rows))))] = np.nan
+        return _classified(rows, logits)
 
     def run_generate(self, given: dict) -> list[RequestOutput]:
         params = given["sampling_params"]
@@ -120,6 +125,7 @@ def fake_vllm(monkeypatch):
     module.SamplingParams = vllm_standins.SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(TransformersLLM, "created", [])
+    monkeypatch.setattr(TransformersLLM, "nan_rows", set())
     return module
 
 
@@ -346,6 +352,31 @@ def test_answer_outputs_map_to_the_two_log_probs() -> None:
     np.testing.assert_array_equal(answer_logits(_generated(rows, logprobs, ids, sampled=33), rows, ids)[0], logprobs[0])
     with pytest.raises(ValueError, match=r"no log-prob for token id\(s\) \[34\]"):
         answer_logits(_generated(rows, logprobs, ids, sampled=0), rows, [32, 34])
+
+
+def test_non_finite_logits_name_the_rows_and_the_way_out() -> None:
+    """A NaN or inf from a request vLLM scored is the model's arithmetic (fp16 overflow), not a failed request:
+    it stops with the rows named and the dtypes and engine that avoid it."""
+    rows = [[5, 6, 7], [8, 9], [10]]
+    logits = np.array([[0.5, -1.25], [np.nan, 3.0], [-0.75, np.inf]], dtype=np.float32)
+    with pytest.raises(
+        NonFiniteLogits, match=r"2 of 3 row\(s\), e\.g\. row 1 \(2 tokens\).*--dtype bf16.*--engine"
+    ) as err:
+        classify_logits(_classified(rows, logits), rows)
+    assert err.value.rows == [1, 2]
+    ids = [32, 33]
+    with pytest.raises(NonFiniteLogits, match=r"row 0 \(3 tokens\): \[-inf, -0\.5\]") as err:
+        answer_logits(_generated(rows, np.array([[-np.inf, -0.5], [-1, -2], [-3, -4]]), ids, sampled=0), rows, ids)
+    assert err.value.rows == [0]
+
+
+def test_the_stage_names_the_ids_of_non_finite_rows(fake_vllm, qwen_path, pool, tmp_path) -> None:
+    pool.to_parquet(tmp_path / "pool.parquet", index=False)
+    cfg = _cfg(qwen_path, tmp_path / "pool.parquet", tmp_path / "pseudo.parquet", engine="vllm")
+    TransformersLLM.nan_rows = {3}
+    with pytest.raises(NonFiniteLogits, match=rf"part-00000-\w+\.parquet, ids \[{pool['id'][3]!r}\]: vLLM returned"):
+        _run(cfg)
+    assert not list(cfg.parts_dir.glob("part-*.parquet"))  # nothing written for the part
 
 
 def test_answer_mode_averages_both_orders_like_the_reference(fake_vllm, causal_path, pool) -> None:
