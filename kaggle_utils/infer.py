@@ -36,6 +36,7 @@ import pandas as pd
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.evaluation.calibration import margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.inference import outputs
 from kaggle_utils.inference.blend import FALLBACK_LONGER_WINS, Blender, fallback_probs, uncalibrated
 from kaggle_utils.inference.outputs import write_submission
@@ -59,7 +60,6 @@ from kaggle_utils.inference.roles import (
 )
 from kaggle_utils.inputs.formatter import INPUT_CONTRACT, InputConfig
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.calibration import margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.scoring.planner import CostModel, PassWork, Plan, plan_cascade, synthetic_test
 from kaggle_utils.scoring.pool import PassResult, pass_key, run_pass
 from kaggle_utils.scoring.predict import plan_batches

@@ -7,7 +7,7 @@ reference point for "small models are not enough": ``microsoft/mdeberta-v3-base`
 data, where the top teams' 9-14B models reached 0.705-0.716 (docs/facts.md §3).
 
 It uses the main models' data and folds (the prepared ``train.parquet`` and its ``fold`` column), their metrics
-(``scoring.metrics.evaluate``) and their ``val_predictions.parquet`` columns (id, p_a, p_b, winner), so its
+(``evaluation.metrics.evaluate``) and their ``val_predictions.parquet`` columns (id, p_a, p_b, winner), so its
 predictions compare and blend with the students' row for row.
 
 * Inputs (:class:`ChoiceEncoder`): each choice holds at most ``max_length`` (≤ 512) tokens. Prompt and response
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.data import schema
+from kaggle_utils.evaluation.metrics import evaluate
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import MAX_CHARS_PER_TOKEN, SNIP_MARKER, allocate
 from kaggle_utils.models.loading import (
@@ -57,7 +58,6 @@ from kaggle_utils.models.loading import (
     pick_device,
 )
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.training.awp import AWP
 from kaggle_utils.training.precision import Precision
 from kaggle_utils.training.schedule import schedule, steps_per_epoch

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.data import schema
-from kaggle_utils.scoring import metrics
+from kaggle_utils.evaluation import metrics
 
 if TYPE_CHECKING:
     from kaggle_utils.api.fewshot import FewShotConfig

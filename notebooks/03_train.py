@@ -38,7 +38,7 @@ import pandas as pd
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import env
-from kaggle_utils.scoring import calibration
+from kaggle_utils.evaluation import calibration
 from kaggle_utils.train import TrainConfig, train
 
 # on Kaggle, earlier notebooks' outputs and the models are attached inputs, found wherever they are mounted

@@ -13,10 +13,10 @@ import pytest
 
 from kaggle_utils import infer as infer_module
 from kaggle_utils.data import schema
+from kaggle_utils.evaluation import calibration
 from kaggle_utils.infer import FALLBACK_LONGER_WINS, InferConfig, fallback_probs, infer, write_submission
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, load_classifier
-from kaggle_utils.scoring import calibration
 from kaggle_utils.scoring.predict import predict_proba
 
 # runs the inference stage: make test runs these, make test-fast does not

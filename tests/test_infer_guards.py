@@ -365,7 +365,7 @@ def test_kill_and_rerun_gives_identical_predictions(
 def test_the_adapters_fitted_temperature_and_blend_are_applied(
     reference, demo_files, qwen_path, gemma_path, adapter, tmp_path
 ) -> None:
-    from kaggle_utils.scoring.calibration import Blend, Calibration, margin
+    from kaggle_utils.evaluation.calibration import Blend, Calibration, margin
 
     calibrated = tmp_path / "adapter"
     shutil.copytree(adapter, calibrated)

@@ -1,9 +1,9 @@
 """The package is layered: a module imports only from its own layer or the layers below it.
 
-store → config → data → inputs → models → api → scoring → training (the train stage's loop in parts: rows,
-schedule, precision, step, evaluation, checkpoints, the memory probe, the multi-process launch) → inference (the
-infer stage's parts below its recipe) → stages (prepare, train, pseudo_label, infer, plots, multiple_choice,
-side_by_side) → kaggle. ``api`` is the
+store → config → data → inputs → models → evaluation (metrics, calibration) → api → scoring (the batch engine and
+its time planning) → training (the train stage's loop in parts: rows, schedule, precision, step, evaluation,
+checkpoints, the memory probe, the multi-process launch) → inference (the infer stage's parts below its recipe) →
+stages (prepare, train, pseudo_label, infer, plots, multiple_choice, side_by_side) → kaggle. ``api`` is the
 OpenAI-compatible client and what calls it (generation, translation, judges); ``api`` and ``scoring`` do not import
 each other.
 """
@@ -16,7 +16,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
-LAYERS = ["store", "config", "data", "inputs", "models", "api", "scoring", "training", "inference", "stages", "kaggle"]
+LAYERS = [
+    "store",
+    "config",
+    "data",
+    "inputs",
+    "models",
+    "evaluation",
+    "api",
+    "scoring",
+    "training",
+    "inference",
+    "stages",
+    "kaggle",
+]
 STAGES = {"prepare", "train", "pseudo_label", "infer", "plots", "multiple_choice", "side_by_side"}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.scoring.calibration import Blend, Calibration
+from kaggle_utils.evaluation.calibration import Blend, Calibration
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55

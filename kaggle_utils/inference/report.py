@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.data import schema
+from kaggle_utils.evaluation.metrics import evaluate
 from kaggle_utils.inference.roles import CPU_BATCH_TOKENS, Role
-from kaggle_utils.scoring.metrics import evaluate
 from kaggle_utils.scoring.planner import Plan, rehearsal_report
 from kaggle_utils.scoring.pool import PassResult
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from kaggle_utils.data.mixing import MixConfig
+from kaggle_utils.evaluation.metrics import SELECTABLE
 from kaggle_utils.inputs.formatter import InputConfig
 from kaggle_utils.models.loading import ModelConfig
 from kaggle_utils.models.losses import LOSSES
-from kaggle_utils.scoring.metrics import SELECTABLE
 
 
 @dataclass

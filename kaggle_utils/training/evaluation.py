@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.data import schema
-from kaggle_utils.scoring import calibration
+from kaggle_utils.evaluation import calibration
+from kaggle_utils.evaluation.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.scoring.budget import Deadline
-from kaggle_utils.scoring.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.training.checkpoints import save_checkpoint
 from kaggle_utils.training.config import TrainConfig
 from kaggle_utils.training.outputs import save_adapter, save_val_predictions

@@ -13,7 +13,7 @@ predicts: accuracy is fixed, only log loss moves. Numpy and pandas only, so infe
 
 Run from a shell::
 
-    python -m kaggle_utils.scoring.calibration --val-predictions out/val_predictions.parquet \\
+    python -m kaggle_utils.evaluation.calibration --val-predictions out/val_predictions.parquet \\
         --out out/adapter/calibration.json \\
         [--secondary-val-predictions out2/val_predictions.parquet --blend-out out/blend.json]
 """
@@ -32,7 +32,7 @@ import pandas as pd
 
 from kaggle_utils.config.cli import parse_config
 from kaggle_utils.data import schema
-from kaggle_utils.scoring.metrics import evaluate
+from kaggle_utils.evaluation.metrics import evaluate
 
 # Probabilities are clipped to [EPS, 1] before the log, so p = 0 or 1 gives a finite margin (|z| <= 16.1);
 # the same floor as metrics.log_loss.

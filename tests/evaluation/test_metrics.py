@@ -1,4 +1,4 @@
-"""kaggle_utils.scoring.metrics on hand-computed examples."""
+"""kaggle_utils.evaluation.metrics on hand-computed examples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils.scoring.metrics import (
+from kaggle_utils.evaluation.metrics import (
     accuracy,
     by_language,
     evaluate,

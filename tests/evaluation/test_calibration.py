@@ -1,4 +1,4 @@
-"""kaggle_utils.scoring.calibration on synthetic predictions whose right answer is known.
+"""kaggle_utils.evaluation.calibration on synthetic predictions whose right answer is known.
 
 The synthetic "true" model: margins z ~ N(0, 1.5^2) per row, labels drawn from sigmoid(z) with a fixed seed.
 A model that is over-confident by a factor k predicts k*z; the temperature that undoes it is T = k.
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils.scoring import calibration as cal
-from kaggle_utils.scoring.calibration import (
+from kaggle_utils.evaluation import calibration as cal
+from kaggle_utils.evaluation.calibration import (
     T_MAX,
     T_MIN,
     Blend,
@@ -32,7 +32,7 @@ from kaggle_utils.scoring.calibration import (
     swap_tta_margin,
     swap_tta_probs,
 )
-from kaggle_utils.scoring.metrics import evaluate, log_loss
+from kaggle_utils.evaluation.metrics import evaluate, log_loss
 
 N = 20_000
 
