@@ -24,6 +24,7 @@ A variant that runs out of memory is reported as such and the next one runs. End
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -174,14 +175,18 @@ def bare_loop(v: Variant, args, data: Path, model_dir: Path, config: dict, peak:
             tokens, tokens_sq, steps = tokens + lengths[idx].sum(), tokens_sq + (lengths[idx] ** 2).sum(), steps + 1
         if seconds > args.minutes * 60:
             break
-    del model, opt
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model, opt, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the stage's variants load their own copy next
     return {
         "variant": f"bare loop: {v.name}",
         "status": "ok",
         "steps": steps,
         "tokens/s": tokens / seconds,
         "MFU": model_flops(config, tokens, tokens_sq) / seconds / peak,
-        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+        "peak GiB": peak_gib,
     }
 
 
@@ -229,10 +234,9 @@ def main() -> None:
         f"{dtype} matmul peak {peak / 1e12:.1f} TFLOP/s"
     )
     chosen = [v for v in variants(args.max_length) if not args.only or v.name in args.only]
-    rows = [run_variant(v, args, data, model_dir, config, peak) for v in chosen]
     bare = next((v for v in variants(args.max_length) if v.name == args.bare), None)
-    if bare is not None:
-        rows.insert(0, bare_loop(bare, args, data, model_dir, config, peak))
+    rows = [bare_loop(bare, args, data, model_dir, config, peak)] if bare is not None else []
+    rows += [run_variant(v, args, data, model_dir, config, peak) for v in chosen]
     base = next((r["tokens/s"] for r in rows if r["status"] == "ok"), float("nan"))
     print_table(rows, base)
     best = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["MFU"], default=None)
