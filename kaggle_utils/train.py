@@ -98,7 +98,8 @@ def setup(cfg: TrainConfig) -> Run:
     parallel = Parallel.from_env(cfg)
     refuse_measured_budget_under_fsdp(cfg, parallel)
     torch.manual_seed(cfg.seed)  # before the model is built: it draws the LoRA initialisation
-    check_model_dir(cfg.model_path, "base model")  # a folder without weights or tokenizer fails here, named
+    # a folder without weights or tokenizer fails here, named (the weights' headers: by the ranks that read them)
+    check_model_dir(cfg.model_path, "base model", read_weights=parallel.reads_weights)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model_path)
     fmt = PromptFormatter(tok, cfg)
@@ -109,7 +110,8 @@ def setup(cfg: TrainConfig) -> Run:
     refuse_fsdp_resume(cfg, parallel)
 
     model = _load_model(cfg, parallel, tok.pad_token_id)
-    device = model_device(model)
+    # a rank receiving rank 0's weights holds its parameters on meta until parallel.wrap fills them on its device
+    device = model_device(model) if parallel.reads_weights else pick_device(_here(cfg, parallel))
     precision = Precision.choose(device, cfg.dtype)
     params = trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
     if not cfg.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
@@ -148,8 +150,9 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.Module:
-    """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device."""
-    here = parallel.shard.device(cfg.device, torch.cuda.is_available())  # cuda:LOCAL_RANK
+    """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device (on meta where this
+    rank receives rank 0's weights while sharding: :attr:`Parallel.load_once`)."""
+    here = _here(cfg, parallel)
     return load_classifier(
         replace(cfg, device=here),
         pad_id,
@@ -158,7 +161,14 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         packing=cfg.packing,
         # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
         quant_storage=compute_dtype(pick_device(here), cfg.dtype) if parallel.fsdp else None,
+        # FSDP, full precision, rank > 0: parameters on meta, filled with rank 0's by parallel.wrap
+        on_meta=not parallel.reads_weights,
     )
+
+
+def _here(cfg: TrainConfig, parallel: Parallel) -> str:
+    """This process's device: ``cfg.device``, or cuda:LOCAL_RANK in a launch of several processes on GPUs."""
+    return parallel.shard.device(cfg.device, torch.cuda.is_available())
 
 
 def _describe(run: Run, per_epoch: int) -> None:

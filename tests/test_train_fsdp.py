@@ -1,12 +1,14 @@
 """kaggle_utils.train under ``accelerate launch`` with the shipped fsdp.yaml: 2 sharded processes (FSDP2, gloo,
 CPU) train what 1 process trains. accelerate shards only on accelerators; on the CPU
 kaggle_utils.training.parallel shards with the same fsdp2_prepare_model (full precision here: bitsandbytes
-4-bit is not tested on the CPU)."""
+4-bit is not tested on the CPU). Only rank 0 reads the base's weight files: rank 1 builds the model on the meta
+device and receives rank 0's weights while it is sharded."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -59,11 +61,52 @@ def _lopsided_file(prepared, tokenizer, path: Path) -> None:
     pd.concat([df[df["fold"] != 0].iloc[:140], val]).to_parquet(path, index=False)
 
 
-def _launch(config: Path, args: list[str], port: int) -> subprocess.CompletedProcess:
+# kaggle_utils.train's main, with every safetensors file a process opens recorded (safetensors.safe_open is what
+# transformers reads weights with and what check_model_dir reads headers with; patched before either is imported)
+# and the process's peak resident memory, written to $OPENS_DIR/rank<RANK>.json when it ends
+COUNTING_MAIN = """
+import json, os, resource, sys
+import safetensors
+import safetensors.torch
+
+opened, real_open = [], safetensors.safe_open
+
+def counting_open(path, *args, **kwargs):
+    opened.append(os.path.realpath(path))
+    return real_open(path, *args, **kwargs)
+
+safetensors.safe_open = safetensors.torch.safe_open = counting_open
+from kaggle_utils.train import main
+
+try:
+    main(sys.argv[1:])
+finally:
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    record = {"opened": opened, "peak_mib": peak_mib}
+    with open(os.path.join(os.environ["OPENS_DIR"], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(record, f)
+"""
+
+
+def _launch(config: Path, args: list[str], port: int, opens_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of kaggle_utils.train; with ``opens_dir``, through :data:`COUNTING_MAIN`."""
     cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2"]
-    cmd += ["--main_process_port", str(port), "-m", "kaggle_utils.train", *args]
+    cmd += ["--main_process_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if opens_dir is None:
+        cmd += ["-m", "kaggle_utils.train", *args]
+    else:
+        opens_dir.mkdir(parents=True, exist_ok=True)
+        (opens_dir / "counting_main.py").write_text(COUNTING_MAIN)
+        cmd += [str(opens_dir / "counting_main.py"), *args]
+        env["OPENS_DIR"] = str(opens_dir)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _opened(opens_dir: Path, rank: int, folder: Path) -> list[str]:
+    """The files under ``folder`` that rank ``rank`` opened with safetensors."""
+    record = json.loads((opens_dir / f"rank{rank}.json").read_text())
+    return [p for p in record["opened"] if Path(p).is_relative_to(folder.resolve())]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +118,8 @@ def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
     single = TrainConfig(**common, out_dir=root / "single", grad_accum=2)
     with contextlib.redirect_stdout(io.StringIO()):
         one = train(single)
-    done = _launch(FSDP_CONFIG, config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1)), 29527)
+    args = config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1))
+    done = _launch(FSDP_CONFIG, args, 29527, opens_dir=root / "opens")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return single, one, root / "fsdp", done, common
 
@@ -97,6 +141,16 @@ def test_two_sharded_processes_train_what_one_process_trains(runs) -> None:
         assert a[k].shape == b[k].shape, k
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
     assert any(k.endswith("score.weight") for k in a) and history["loss"].iloc[-1] != history["loss"].iloc[0]
+
+
+def test_only_rank_0_reads_the_weight_files(runs, qwen_path) -> None:
+    """Full precision under FSDP: rank 1 builds the model on meta and receives rank 0's weights while sharding (it
+    then trains what one process trains: the test above); it opens no weight file, not even for a header check."""
+    _, _, fsdp_dir, _, _ = runs
+    opens = fsdp_dir.parent / "opens"
+    weights = sorted(str(p.resolve()) for p in qwen_path.glob("*.safetensors"))
+    assert weights and set(weights) <= set(_opened(opens, 0, qwen_path))
+    assert _opened(opens, 1, qwen_path) == []
 
 
 def test_two_sharded_processes_evaluate_in_lockstep_what_one_process_evaluates(runs) -> None:

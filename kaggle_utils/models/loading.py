@@ -62,8 +62,11 @@ def _check_safetensors(folder: Path) -> None:
             raise ModelFilesError(why) from err
 
 
-def check_model_dir(path: Path | None, what: str = "model") -> None:
-    """A base-model folder: config.json, weights and a tokenizer, before any load is attempted (no hub lookup)."""
+def check_model_dir(path: Path | None, what: str = "model", read_weights: bool = True) -> None:
+    """A base-model folder: config.json, weights and a tokenizer, before any load is attempted (no hub lookup).
+
+    ``read_weights`` false: the weight files are not opened (their headers not checked), for a process that will not
+    read them (a rank that receives rank 0's weights under FSDP; rank 0 checks them)."""
     folder = Path(path or "")
     fix = "attach the model to the notebook (Add input) or pass the folder that save_pretrained wrote"
     if not folder.is_dir():
@@ -77,7 +80,8 @@ def check_model_dir(path: Path | None, what: str = "model") -> None:
             f"{what} folder {folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): save the tokenizer with "
             "the model (tokenizer.save_pretrained(folder))"
         )
-    _check_safetensors(folder)
+    if read_weights:
+        _check_safetensors(folder)
 
 
 def check_adapter_dir(path: Path | None, what: str = "adapter") -> None:
@@ -205,6 +209,7 @@ def load_classifier(
     gradient_checkpointing: bool = False,
     packing: bool = False,
     quant_storage: torch.dtype | None = None,
+    on_meta: bool = False,
 ):
     """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
     continued from ``lora.init_adapter``).
@@ -217,6 +222,10 @@ def load_classifier(
     base's other weights, so the nf4 codes travel in bf16-typed storage (the same bytes, four 4-bit codes to a
     bf16 element; the arithmetic is unchanged).
 
+    ``on_meta``: build the model from config.json with its parameters on the meta device, reading no weight file
+    (full precision only): under FSDP the ranks other than 0 do so and receive rank 0's weights while the model is
+    sharded (:meth:`kaggle_utils.training.parallel.Parallel.wrap`), so the weights are read once, not once a rank.
+
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
     from transformers import AutoModelForSequenceClassification
@@ -227,8 +236,11 @@ def load_classifier(
     kwargs = _from_pretrained_kwargs(cfg, device, packing, quant_storage)
     split = "+" in cfg.device
     with LOAD_LOCK:
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
-        if not (cfg.load_in_4bit or split):
+        if on_meta:
+            model = _empty_classifier(cfg, kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
+        if not (cfg.load_in_4bit or split or on_meta):
             model.to(device)
     if cfg.load_in_4bit:
         portable_cpu_4bit(model)
@@ -271,6 +283,25 @@ def _from_pretrained_kwargs(
     if "+" in cfg.device:  # a layer split: accelerate places the layers within each GPU's limit
         kwargs["device_map"], kwargs["max_memory"] = "auto", split_max_memory(cfg.device, cfg.split_reserve_gib)
     return kwargs
+
+
+def _empty_classifier(cfg: ModelConfig, kwargs: dict):
+    """The classifier ``from_pretrained(**kwargs)`` builds, with its parameters on the meta device and no weight
+    file read; buffers stay real on the CPU (rotary tables: not in the checkpoint, so no rank sends them).
+
+    Full precision only: a 4-bit model is quantised while its weights are read (bitsandbytes' Params4bit and their
+    quant_state come from the weights), and accelerate 1.15 does not broadcast Params4bit into a sharded model.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if cfg.load_in_4bit:
+        raise ValueError(f"{cfg.model_path}: a 4-bit model cannot be built on the meta device; every rank loads it")
+    config = AutoConfig.from_pretrained(cfg.model_path, local_files_only=True, num_labels=kwargs["num_labels"])
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForSequenceClassification.from_config(
+            config, dtype=kwargs["dtype"], attn_implementation=kwargs["attn_implementation"]
+        )
 
 
 def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool):

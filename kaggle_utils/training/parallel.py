@@ -11,6 +11,10 @@ Two ways to train on the GPUs of one machine, both started by ``accelerate launc
   collective: evaluation runs the same number of forward calls on every rank (:meth:`Parallel.predict_proba`),
   and the full values of the trainable weights (adapter, best adapter) are gathered by every rank
   (:meth:`Parallel.gathered_trainable`). Resuming a checkpoint is not supported: none is written.
+  A full-precision model is read once: rank 0 loads the weights, the other ranks build the model on the meta device,
+  and :meth:`Parallel.wrap` broadcasts rank 0's weights into the shards (accelerate's ``cpu_ram_efficient_loading``,
+  set by :meth:`Parallel.from_env`). A 4-bit model is still loaded by every rank, then sharded: accelerate 1.15
+  does not broadcast bitsandbytes' Params4bit, and they cannot be built on the meta device without their weights.
 
 Started with plain ``python`` there is no accelerator and every method is a pass-through.
 """
@@ -107,6 +111,9 @@ class Parallel:
     accelerator: Any = None  # accelerate.Accelerator, in a launch of several processes only
     # the model is sharded (FSDP2): forwards and weight gathers are collectives of every rank
     fsdp: bool = False
+    # FSDP2 on full precision: only rank 0 reads the weight files; the others build the model on the meta device and
+    # receive rank 0's weights while it is sharded (4-bit: false, every rank loads its own copy)
+    load_once: bool = False
 
     @classmethod
     def from_env(cls, cfg: ModelConfig) -> Parallel:
@@ -122,7 +129,13 @@ class Parallel:
         accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=[ddp])
         plugin = _fsdp_plugin(accelerator)
         _check_launch(accelerator, shard.world, plugin)
-        return cls(shard, accelerator, fsdp=plugin is not None)
+        load_once = plugin is not None and not cfg.load_in_4bit
+        if plugin is not None:
+            # read by fsdp2_prepare_model: the model goes to meta, is sharded, and rank 0's full state dict is
+            # broadcast into the shards. Set here, not in fsdp.yaml: the launcher would also export it to
+            # transformers (FSDP_CPU_RAM_EFFICIENT_LOADING), whose from_pretrained then changes for 4-bit loads too
+            plugin.cpu_ram_efficient_loading = load_once
+        return cls(shard, accelerator, fsdp=plugin is not None, load_once=load_once)
 
     @property
     def world(self) -> int:
@@ -132,9 +145,15 @@ class Parallel:
     def is_main(self) -> bool:
         return self.shard.is_main
 
+    @property
+    def reads_weights(self) -> bool:
+        """This process reads the base's weight files (else it builds the model on meta and receives them)."""
+        return self.is_main or not self.load_once
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the training step calls: DDP around ``model``, ``model`` sharded in place (FSDP2), or
-        ``model``. Under FSDP2 the parameters are replaced by sharded DTensors: collect them after this."""
+        ``model``. Under FSDP2 the parameters are replaced by sharded DTensors: collect them after this; with
+        ``load_once`` rank 0's values (base, LoRA initialisation, head) are broadcast into every rank's shards."""
         if self.accelerator is None:
             return model
         if self.fsdp:
