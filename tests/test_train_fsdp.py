@@ -188,7 +188,7 @@ def test_the_fsdp_config_is_what_accelerate_reads() -> None:
     assert (cfg.distributed_type, cfg.num_machines, cfg.mixed_precision) == ("FSDP", 1, "no")
     fsdp = cfg.fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    # accelerate 1.15 does not broadcast rank 0's weights into a model holding Params4bit
+    # kaggle_utils.training.parallel sets cpu_ram_efficient_loading itself (on for full precision, off for 4-bit)
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_reshard_after_forward"] is True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,7 +347,10 @@ def _continue_adapter(model, lora: LoraSettings):
         )
     peft_cfg.lora_dropout = lora.dropout
     peft_cfg.inference_mode = False
-    with LOAD_LOCK:
+    with LOAD_LOCK, warnings.catch_warnings():
+        # a model on meta (a rank receiving rank 0's weights under FSDP) takes none of the adapter's values: torch
+        # warns once per tensor that the copy is a no-op, and rank 0's values arrive while the model is sharded
+        warnings.filterwarnings("ignore", "copying from a non-meta parameter", UserWarning)
         model = PeftModel.from_pretrained(model, folder, is_trainable=True, config=peft_cfg, local_files_only=True)
     if not lora.init_head:
         # peft keeps the base's head as ``original_module`` beside the trained copy: copying it back gives the head

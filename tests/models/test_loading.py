@@ -59,6 +59,33 @@ def test_full_precision_load(qwen_path, tokenizer) -> None:
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_model_on_meta_is_the_loaded_one_without_its_weights(qwen_path, tokenizer, monkeypatch) -> None:
+    """What a rank other than 0 builds under FSDP: the loaded model's tensors (names, shapes, dtypes, trainable
+    ones), parameters on meta, the rotary tables real (no rank sends them), and no weight file opened."""
+    cfg, lora = ModelConfig(model_path=qwen_path, load_in_4bit=False), LoraSettings(r=4, alpha=8, dropout=0.0)
+    loaded = load_classifier(cfg, tokenizer.pad_token_id, lora=lora)
+    import safetensors
+
+    def refuse(path, *args, **kwargs):
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr("transformers.modeling_utils.safe_open", refuse)
+    empty = load_classifier(cfg, tokenizer.pad_token_id, lora=lora, on_meta=True)
+    assert empty.training and empty.config.pad_token_id == tokenizer.pad_token_id
+    got, expected = empty.state_dict(), loaded.state_dict()
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert (got[name].shape, got[name].dtype) == (value.shape, value.dtype), name
+    assert all(p.is_meta for p in empty.parameters())
+    trainable = [n for n, p in empty.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, p in loaded.named_parameters() if p.requires_grad]
+    for name, buffer in loaded.named_buffers():
+        torch.testing.assert_close(dict(empty.named_buffers())[name], buffer, msg=name)
+    with pytest.raises(ValueError, match="a 4-bit model cannot be built on the meta device; every rank loads it"):
+        load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, on_meta=True)
+
+
 def test_gemma2_gets_eager_attention(gemma_path, tokenizer) -> None:
     model = load_classifier(ModelConfig(model_path=gemma_path, load_in_4bit=False), tokenizer.pad_token_id)
     assert model.config.model_type == "gemma2"
