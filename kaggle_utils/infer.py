@@ -112,8 +112,10 @@ class InferConfig(InputConfig):
     # the secondary's LoRA adapter folder; empty: the base model as is
     secondary_adapter: Path | None = None
     # weight of the secondary in the blend of calibrated logits on rows both scored, used when no blend.json (fitted
-    # on validation predictions, see notebook 03) lies beside the secondary adapter
+    # on validation predictions: python -m kaggle_utils.evaluation.calibration) lies beside the secondary adapter
     secondary_weight: float = 0.5
+    # apply a calibration.json / blend.json fitted for other adapter weights (said in report.json) instead of refusing
+    accept_stale_calibration: bool = False
     # load base weights 4-bit nf4 (as trained); else fp16/bf16
     load_in_4bit: bool = True
     # compute dtype: "auto" (bf16 on sm_80+, fp16 on a T4, fp32 on the CPU) or "fp16" / "bf16" / "fp32"
@@ -213,7 +215,9 @@ class Cascade:
         self.tta = np.zeros(len(test), dtype=bool)
         self.report: dict = {"rows": len(test), "repairs": repairs, "errors": [], "devices": self.devices, "plans": []}
         self.measured: dict[str, list] = {"primary": [], "secondary": []}  # batch logs, for a rehearsal
-        self.blender = Blender(cfg.primary_adapter, cfg.secondary_adapter, cfg.secondary_weight, self.report)
+        self.blender = Blender(
+            cfg.primary_adapter, cfg.secondary_adapter, cfg.secondary_weight, self.report, cfg.accept_stale_calibration
+        )
 
     def error(self, text: str) -> None:
         print(f"ERROR: {text}", flush=True)

@@ -3,7 +3,8 @@
 Every long job here can be killed at any moment (Kaggle's 12-hour limit, a pre-empted GPU, Ctrl-C) and is
 rerun to resume: a submission, a checkpoint, a part of teacher logits, a token cache entry or a job's state must
 then be the old file or the new one, never half of one. :func:`write_atomic` is the one way they are written.
-:func:`rows_fingerprint` keys what was computed from rows (token caches, pseudo-label parts) by their content.
+:func:`rows_fingerprint` keys what was computed from rows (token caches, pseudo-label parts) by their content;
+:func:`file_fingerprint` names the bytes of a file (an adapter's weights) that something was fitted for.
 """
 
 from __future__ import annotations
@@ -63,3 +64,12 @@ def rows_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
     return h.hexdigest()
+
+
+def file_fingerprint(path: Path | str, chunk: int = 1 << 20) -> str:
+    """``sha256:<hex>`` of the file's bytes, read in 1 MiB chunks (an adapter's weights: hundreds of MiB)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"

@@ -89,18 +89,13 @@ pd.concat({role: r.languages.set_index("language") for role, r in results.items(
 
 # %% [markdown]
 # ## Calibration and the blend
-# Each student's temperature was fitted on its validation fold and saved with its adapter (`calibration.json`).
-# The weight of the secondary in the cascade's blend is fitted here on the rows both scored, in calibrated logit
-# space, and saved beside the secondary adapter (`blend.json`), where inference reads it.
+# Each student's temperature and the weight of the secondary in the cascade's blend, fitted on the swap-averaged
+# validation margins (the blend on the share of rows the cascade sends the secondary) and written where inference
+# reads them: `calibration.json` beside each adapter, `blend.json` beside the secondary's. The same step from a
+# shell: `python -m kaggle_utils.evaluation.calibration --recipe calibrate-students`.
 
 # %%
 if {"primary", "secondary"} <= set(results):
-    cals = {role: calibration.Calibration.load(r.adapter_dir / "calibration.json") for role, r in results.items()}
-    blend = calibration.fit_blend_from_files(
-        results["primary"].adapter_dir.parent / "val_predictions.parquet",
-        results["secondary"].adapter_dir.parent / "val_predictions.parquet",
-        primary=cals["primary"],
-        secondary=cals["secondary"],
-    )
-    blend.save(results["secondary"].adapter_dir / "blend.json")
+    dirs = {f"{role}_dir": r.adapter_dir.parent for role, r in results.items()}
+    cals, blend = calibration.run(calibration.CalibrateConfig(**dirs))
     display(calibration.summary(cals, blend))

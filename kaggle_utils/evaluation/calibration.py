@@ -5,17 +5,23 @@ Everything works on the logit margin ``z = log(p_a / p_b)`` of a row (positive: 
 * **temperature scaling**: ``p_a = sigmoid(z / T)``, with ``T > 0`` fitted to minimise log loss on the model's
   ``val_predictions.parquet`` (written by the train stage); saved as ``calibration.json`` beside the adapter;
 * **blend**: two calibrated margins mixed in logit space, ``z = (1 - w) * z1 / T1 + w * z2 / T2``, with ``w`` in
-  [0, 1] fitted on the validation rows both models scored; saved as ``blend.json``;
+  [0, 1] fitted on the validation rows both models scored that the cascade would send to the secondary (the
+  primary's least certain share); saved as ``blend.json`` beside the secondary adapter;
 * **swap-TTA**: a row's calibrated margin averaged with the negated calibrated margin of its A/B-swapped view.
+
+Both fits use the swap-averaged margins (``val_predictions.parquet`` holds both orders: ``p_a_swapped`` /
+``p_b_swapped``), the averaging inference applies to the rows the blend serves; a file without them (written
+before both orders were kept) is fitted on the single order and the record says so. Each record holds the
+fingerprint of the adapter weights it was fitted for (:func:`adapter_fingerprint`): inference refuses a record
+fitted for other weights (:mod:`kaggle_utils.inference.blend`).
 
 Temperature scaling divides every margin by the same positive number, so it never changes which response a row
 predicts: accuracy is fixed, only log loss moves. Numpy and pandas only, so inference can import it cheaply.
 
-Run from a shell::
+Run from a shell, after both students' train stages, to write the files where inference reads them
+(``<dir>/adapter/calibration.json`` for each, ``<secondary dir>/adapter/blend.json``)::
 
-    python -m kaggle_utils.evaluation.calibration --val-predictions out/val_predictions.parquet \\
-        --out out/adapter/calibration.json \\
-        [--secondary-val-predictions out2/val_predictions.parquet --blend-out out/blend.json]
+    python -m kaggle_utils.evaluation.calibration --recipe calibrate-students
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -33,6 +40,7 @@ import pandas as pd
 from kaggle_utils.config.cli import parse_config
 from kaggle_utils.data import schema
 from kaggle_utils.evaluation.metrics import evaluate
+from kaggle_utils.store import file_fingerprint, write_text_atomic
 
 # Probabilities are clipped to [EPS, 1] before the log, so p = 0 or 1 gives a finite margin (|z| <= 16.1);
 # the same floor as metrics.log_loss.
@@ -48,6 +56,13 @@ DEFAULT_WEIGHT = 0.5
 TOL = 1e-7
 # Columns a val_predictions.parquet must have (written by kaggle_utils.train).
 VAL_COLUMNS = ("id", "p_a", "p_b", "winner")
+# The swapped view's probabilities in the original A/B order (schema.swap_probs); absent in files written before.
+SWAPPED_COLUMNS = ("p_a_swapped", "p_b_swapped")
+# The margins a record was fitted on.
+SWAP_AVERAGED = "swap-averaged"
+SINGLE_ORDER = "single order (the file has no p_a_swapped / p_b_swapped)"
+# The file of an adapter folder whose bytes name the adapter (peft's weights file).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CalibrationFileError(ValueError):
@@ -105,19 +120,17 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, tol: float
     return min(candidates)[1]
 
 
-def _usable(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Rows (N,) bool with both probabilities finite; labels must already be 0/1."""
-    return np.isfinite(np.asarray(probs, dtype=np.float64)).all(1) & np.isin(labels, (0, 1))
+def adapter_fingerprint(adapter: Path | str | None) -> str | None:
+    """Fingerprint of an adapter folder's weights file (``store.file_fingerprint``); None without one."""
+    weights = Path(adapter) / ADAPTER_WEIGHTS if adapter else None
+    return file_fingerprint(weights) if weights is not None and weights.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- records
 
 
 def _save_json(record, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
 
 
 def _read_json(cls, path: Path) -> dict:
@@ -155,6 +168,10 @@ class Calibration:
     reason: str = "identity"
     # the validation file it was fitted on, for the record
     source: str = ""
+    # the margins it was fitted on: swap-averaged (as inference averages them) or a single order
+    view: str = ""
+    # store.file_fingerprint of the adapter weights it was fitted for; None: unknown (a file written before)
+    adapter_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -204,6 +221,13 @@ class Blend:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # how the weight was reached: fitted, or why it is the default
     reason: str = "default weight"
+    # share of the primary's least certain validation rows it was fitted on (InferConfig.secondary_fraction)
+    fraction: float = 1.0
+    # the margins it was fitted on: swap-averaged (as inference averages them) or a single order
+    view: str = ""
+    # store.file_fingerprint of the primary's and the secondary's adapter weights; None: unknown
+    primary_fingerprint: str | None = None
+    secondary_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -244,14 +268,19 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, min_rows: int = MIN_R
     Golden-section search on ``log T`` over [T_MIN, T_MAX]: the loss is convex in ``1/T``, hence unimodal in
     ``log T``. Non-finite rows are dropped and counted; with fewer than ``min_rows`` usable rows T stays 1.
     """
-    labels = np.asarray(labels)
-    ok = _usable(probs, labels)  # (N,)
-    nan_rows = int((~np.isfinite(np.asarray(probs, dtype=np.float64)).all(1)).sum())
-    rows = int(ok.sum())
+    return fit_temperature_margins(margin(probs), labels, min_rows=min_rows, source=source)
+
+
+def fit_temperature_margins(z: np.ndarray, labels: np.ndarray, min_rows: int = MIN_ROWS, **record) -> Calibration:
+    """:func:`fit_temperature` on margins (N,) (NaN where a row was not scored); ``record``: more fields to keep
+    (``source``, ``view``, ``adapter_fingerprint``)."""
+    z, labels = np.asarray(z, dtype=np.float64), np.asarray(labels)
+    ok = np.isfinite(z) & np.isin(labels, (0, 1))  # (N,)
+    nan_rows, rows = int((~np.isfinite(z)).sum()), int(ok.sum())
     if rows < min_rows:
         reason = f"only {rows} usable rows (< min_rows={min_rows}): too few to fit, identity (T = 1)"
-        return Calibration(rows=rows, nan_rows=nan_rows, reason=reason, source=source)
-    z, y = margin(np.asarray(probs)[ok]), labels[ok]  # (R,), (R,)
+        return Calibration(rows=rows, nan_rows=nan_rows, reason=reason, **record)
+    z, y = z[ok], labels[ok]  # (R,), (R,)
     log_t = golden_section(lambda x: margin_log_loss(z * math.exp(-x), y), math.log(T_MIN), math.log(T_MAX))
     t = math.exp(log_t)
     reason = "fitted"
@@ -268,7 +297,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, min_rows: int = MIN_R
         log_loss_after=after["log_loss"],
         accuracy=after["accuracy"],
         reason=reason,
-        source=source,
+        **record,
     )
 
 
@@ -290,17 +319,30 @@ def fit_blend(
     probs (N, 2) each, labels (N,). The loss is convex in ``w`` and both ends are compared, so the blend's log
     loss on these rows is never above the better calibrated model's.
     """
+    return fit_blend_margins(margin(primary_probs), margin(secondary_probs), labels, primary, secondary, min_rows)
+
+
+def fit_blend_margins(
+    z1: np.ndarray,
+    z2: np.ndarray,
+    labels: np.ndarray,
+    primary: Calibration,
+    secondary: Calibration,
+    min_rows: int = MIN_ROWS,
+    **record,
+) -> Blend:
+    """:func:`fit_blend` on raw margins (N,) each (NaN where a model did not score); ``record``: more fields to keep
+    (``fraction``, ``view``, the fingerprints)."""
     labels = np.asarray(labels)
-    ok = _usable(primary_probs, labels) & _usable(secondary_probs, labels)  # (N,)
-    y = labels[ok]
-    z1, z2 = margin(np.asarray(primary_probs)[ok]), margin(np.asarray(secondary_probs)[ok])  # (R,) raw margins
+    ok = np.isfinite(z1) & np.isfinite(z2) & np.isin(labels, (0, 1))  # (N,)
+    y, z1, z2 = labels[ok], np.asarray(z1, dtype=np.float64)[ok], np.asarray(z2, dtype=np.float64)[ok]  # (R,)
     c1, c2 = z1 / primary.temperature, z2 / secondary.temperature  # (R,) calibrated
     temps = {"primary_temperature": primary.temperature, "secondary_temperature": secondary.temperature}
     if len(y) < min_rows:
         reason = f"only {len(y)} rows both scored (< min_rows={min_rows}): default weight {DEFAULT_WEIGHT}"
-        return Blend(weight=DEFAULT_WEIGHT, rows=len(y), reason=reason, **temps)
+        return Blend(weight=DEFAULT_WEIGHT, rows=len(y), reason=reason, **temps, **record)
     w = golden_section(lambda v: margin_log_loss(blend_margins(c1, c2, v), y), 0.0, 1.0)
-    p1, p2 = np.asarray(primary_probs, dtype=np.float64)[ok], np.asarray(secondary_probs, dtype=np.float64)[ok]
+    p1, p2 = probs_from_margin(z1), probs_from_margin(z2)  # (R, 2) each
     fixed = evaluate((1 - DEFAULT_WEIGHT) * p1 + DEFAULT_WEIGHT * p2, y)  # what infer did before: a fixed average
     metrics = {
         "fixed_average": {"accuracy": fixed["accuracy"], "log_loss": fixed["log_loss"]},
@@ -310,7 +352,7 @@ def fit_blend(
         "secondary_calibrated": _metrics(c2, y),
         "blend": _metrics(blend_margins(c1, c2, w), y),
     }
-    return Blend(weight=w, rows=len(y), metrics=metrics, reason="fitted", **temps)
+    return Blend(weight=w, rows=len(y), metrics=metrics, reason="fitted", **temps, **record)
 
 
 def swap_tta_margin(z: np.ndarray, z_swapped: np.ndarray) -> np.ndarray:
@@ -338,7 +380,8 @@ def _plain(value):
 
 
 def read_val_predictions(path: Path | str) -> pd.DataFrame:
-    """A ``val_predictions.parquet`` (id, p_a, p_b, winner) with the label as ``label`` (0 = A wins, -1 = unknown)."""
+    """A ``val_predictions.parquet`` (id, p_a, p_b, winner [, p_a_swapped, p_b_swapped]) with the label as ``label``
+    (0 = A wins, -1 = unknown)."""
     df = schema.read_table(path)
     missing = [c for c in VAL_COLUMNS if c not in df.columns]
     if missing:
@@ -350,16 +393,43 @@ def read_val_predictions(path: Path | str) -> pd.DataFrame:
             f"{path}: column 'id' row {row}: id {_plain(df['id'].iloc[row])!r} appears more than once"
         )
     known = df["winner"].isin(schema.WINNERS).to_numpy()  # (N,) ties or missing winners cannot be fitted on
-    out = df[["id", "p_a", "p_b"]].reset_index(drop=True)
+    swapped = [c for c in SWAPPED_COLUMNS if c in df.columns]
+    if swapped and len(swapped) < len(SWAPPED_COLUMNS):
+        raise CalibrationFileError(f"{path}: has {swapped} but not both of {list(SWAPPED_COLUMNS)}")
+    out = df[["id", "p_a", "p_b", *swapped]].reset_index(drop=True)
     out["label"] = np.where(known, schema.labels(df), -1)  # (N,)
     return out
 
 
-def fit_from_val_predictions(path: Path | str, min_rows: int = MIN_ROWS) -> Calibration:
-    """Temperature of one model from its ``val_predictions.parquet`` (rows without a known winner are skipped)."""
+def val_margins(df: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """Margins (N,) of read_val_predictions' rows as inference makes them, and which view they are: the average
+    of both orders (:func:`swap_tta_margin`, the swapped view's margin taken in its own order) when the file has
+    the swapped view, else the single order."""
+    z = margin(df[["p_a", "p_b"]].to_numpy(dtype=np.float64))  # (N,)
+    if not set(SWAPPED_COLUMNS) <= set(df.columns):
+        return z, SINGLE_ORDER
+    swapped = schema.swap_probs(df[list(SWAPPED_COLUMNS)].to_numpy(dtype=np.float64))  # (N, 2) in the swapped order
+    return swap_tta_margin(z, margin(swapped)), SWAP_AVERAGED
+
+
+def least_certain(p_a: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the ``round(fraction * N)`` rows with the smallest ``|p_a - 0.5|``: the rows the cascade sends to
+    the secondary (``InferConfig.secondary_fraction`` of the primary's rows, ranked on its single-order p_a)."""
+    order = np.argsort(np.abs(np.asarray(p_a, dtype=np.float64) - 0.5), kind="stable")  # (N,) NaN last
+    return order[: int(round(fraction * len(order)))]
+
+
+def fit_from_val_predictions(
+    path: Path | str, min_rows: int = MIN_ROWS, adapter: Path | str | None = None
+) -> Calibration:
+    """Temperature of one model from its ``val_predictions.parquet`` (rows without a known winner are skipped), on
+    swap-averaged margins where the file has both orders; ``adapter``: the folder whose weights it is fitted for."""
     df = read_val_predictions(path)
-    probs = df[["p_a", "p_b"]].to_numpy(dtype=np.float64)  # (N, 2)
-    return fit_temperature(probs, df["label"].to_numpy(), min_rows=min_rows, source=str(path))
+    z, view = val_margins(df)
+    fingerprint = adapter_fingerprint(adapter)
+    return fit_temperature_margins(
+        z, df["label"].to_numpy(), min_rows=min_rows, source=str(path), view=view, adapter_fingerprint=fingerprint
+    )
 
 
 def fit_blend_from_files(
@@ -368,11 +438,14 @@ def fit_blend_from_files(
     primary: Calibration | None = None,
     secondary: Calibration | None = None,
     min_rows: int = MIN_ROWS,
+    fraction: float = 1.0,
 ) -> Blend:
     """Blend weight from two ``val_predictions.parquet`` files joined on ``id``.
 
     Each model's temperature is fitted on all of its own validation rows unless given; the weight is then
-    fitted on the rows both files hold. The two files must agree on every shared row's winner.
+    fitted on the rows both files hold, restricted to the ``fraction`` the primary is least sure of (the rows the
+    cascade sends to the secondary), on swap-averaged margins when both files have both orders. The two files
+    must agree on every shared row's winner. The fingerprints recorded are the calibrations'.
     """
     a, b = read_val_predictions(primary_val), read_val_predictions(secondary_val)
     if primary is None:
@@ -387,9 +460,22 @@ def fit_blend_from_files(
             f"{primary_val} and {secondary_val} disagree on the winner of id {_plain(bad)!r}; "
             "fit the blend on predictions of the same validation labels"
         )
-    p1 = joined[["p_a_1", "p_b_1"]].to_numpy(dtype=np.float64)  # (R, 2)
-    p2 = joined[["p_a_2", "p_b_2"]].to_numpy(dtype=np.float64)  # (R, 2)
-    return fit_blend(p1, p2, joined["label_1"].to_numpy(), primary, secondary, min_rows=min_rows)
+    joined = joined.iloc[np.sort(least_certain(joined["p_a_1"].to_numpy(), fraction))]  # (S, ...) the cascade's share
+    (z1, v1), (z2, v2) = (val_margins(_side(joined, k)) for k in ("_1", "_2"))  # (S,) each
+    # a swapped column only one file has keeps its name in the join: both sides then read as single order (v1 == v2)
+    record = {
+        "fraction": fraction,
+        "view": v1,
+        "primary_fingerprint": primary.adapter_fingerprint,
+        "secondary_fingerprint": secondary.adapter_fingerprint,
+    }
+    return fit_blend_margins(z1, z2, joined["label_1"].to_numpy(), primary, secondary, min_rows=min_rows, **record)
+
+
+def _side(joined: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    """One file's columns of a join, without their suffix."""
+    cols = [c for c in joined.columns if c.endswith(suffix)]
+    return joined[cols].rename(columns={c: c[: -len(suffix)] for c in cols})
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -397,32 +483,41 @@ def fit_blend_from_files(
 
 @dataclass
 class CalibrateConfig:
-    """Fit a temperature on a model's validation predictions, and optionally a blend weight with a second model."""
+    """Fit each student's temperature and the blend weight on their validation predictions, and write them where
+    inference reads them: ``calibration.json`` beside each adapter, ``blend.json`` beside the secondary's."""
 
-    # the primary model's val_predictions.parquet (written by the train stage)
-    val_predictions: Path
-    # where the primary's calibration.json goes (beside its adapter)
-    out: Path
-    # the secondary model's val_predictions.parquet; empty: no blend
-    secondary_val_predictions: Path | None = None
-    # where the secondary's calibration.json goes; empty: not written (blend.json records its temperature anyway)
-    secondary_out: Path | None = None
-    # where blend.json goes; required with --secondary-val-predictions
-    blend_out: Path | None = None
+    STAGE: ClassVar[str] = "calibrate"
+
+    # the primary student's training output folder (val_predictions.parquet and adapter/, as the train stage writes)
+    primary_dir: Path
+    # the secondary student's training output folder; empty: no secondary, no blend
+    secondary_dir: Path | None = None
+    # share of the primary's least certain rows the cascade sends to the secondary: the infer recipe's
+    # secondary_fraction (the blend weight is fitted on those rows)
+    secondary_fraction: float = 1.0
     # fewer usable rows than this: no fit (T = 1, default blend weight)
     min_rows: int = MIN_ROWS
 
     def __post_init__(self) -> None:
-        self.val_predictions, self.out = Path(self.val_predictions), Path(self.out)
-        for name in ("secondary_val_predictions", "secondary_out", "blend_out"):
-            value = getattr(self, name)
-            setattr(self, name, Path(value) if value else None)
-        if self.secondary_val_predictions is not None and self.blend_out is None:
-            raise ValueError("--secondary-val-predictions needs --blend-out (where blend.json goes)")
-        if self.secondary_val_predictions is None and (self.blend_out or self.secondary_out):
-            raise ValueError("--blend-out / --secondary-out need --secondary-val-predictions")
+        self.primary_dir = Path(self.primary_dir)
+        self.secondary_dir = Path(self.secondary_dir) if self.secondary_dir else None
+        if not 0 < self.secondary_fraction <= 1:
+            raise ValueError(f"secondary_fraction={self.secondary_fraction} must be in (0, 1]")
         if self.min_rows < 1:
             raise ValueError(f"min_rows={self.min_rows} must be >= 1")
+
+    def roles(self) -> dict[str, Path]:
+        return {"primary": self.primary_dir} | ({"secondary": self.secondary_dir} if self.secondary_dir else {})
+
+
+def val_predictions_of(out_dir: Path) -> Path:
+    """``out_dir/val_predictions.parquet``, or an error naming it and the stage that writes it."""
+    path = out_dir / "val_predictions.parquet"
+    if not path.is_file():
+        raise CalibrationFileError(
+            f"no {path}: the train stage writes it into its out_dir; pass the student's training output folder"
+        )
+    return path
 
 
 def summary(calibrations: dict[str, Calibration], blend: Blend | None = None) -> pd.DataFrame:
@@ -461,21 +556,23 @@ def summary(calibrations: dict[str, Calibration], blend: Blend | None = None) ->
 
 def run(cfg: CalibrateConfig) -> tuple[dict[str, Calibration], Blend | None]:
     """Fit and save what ``cfg`` asks for; returns the calibrations by role and the blend (if any)."""
-    calibrations = {"primary": fit_from_val_predictions(cfg.val_predictions, min_rows=cfg.min_rows)}
-    calibrations["primary"].save(cfg.out)
-    blend = None
-    if cfg.secondary_val_predictions is not None:
-        calibrations["secondary"] = fit_from_val_predictions(cfg.secondary_val_predictions, min_rows=cfg.min_rows)
-        if cfg.secondary_out is not None:
-            calibrations["secondary"].save(cfg.secondary_out)
-        blend = fit_blend_from_files(
-            cfg.val_predictions,
-            cfg.secondary_val_predictions,
-            calibrations["primary"],
-            calibrations["secondary"],
-            min_rows=cfg.min_rows,
+    calibrations = {}
+    for role, out_dir in cfg.roles().items():
+        calibrations[role] = fit_from_val_predictions(
+            val_predictions_of(out_dir), min_rows=cfg.min_rows, adapter=out_dir / "adapter"
         )
-        blend.save(cfg.blend_out)
+        calibrations[role].save(out_dir / "adapter" / "calibration.json")
+    if cfg.secondary_dir is None:
+        return calibrations, None
+    blend = fit_blend_from_files(
+        val_predictions_of(cfg.primary_dir),
+        val_predictions_of(cfg.secondary_dir),
+        calibrations["primary"],
+        calibrations["secondary"],
+        min_rows=cfg.min_rows,
+        fraction=cfg.secondary_fraction,
+    )
+    blend.save(cfg.secondary_dir / "adapter" / "blend.json")
     return calibrations, blend
 
 
@@ -483,7 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(CalibrateConfig, argv)
     calibrations, blend = run(cfg)
     print(summary(calibrations, blend).to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    print(f"wrote {cfg.out}" + (f", {cfg.blend_out}" if blend is not None else ""))
+    written = [d / "adapter" / "calibration.json" for d in cfg.roles().values()]
+    written += [cfg.secondary_dir / "adapter" / "blend.json"] if blend is not None else []
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

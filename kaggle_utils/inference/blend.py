@@ -3,6 +3,11 @@ where no model did.
 
 Probabilities arrive raw (the models' own) and are calibrated here: swap TTA and the blend average margins, and a
 temperature divides margins, so averaging raw margins then calibrating is the same as averaging calibrated ones.
+
+``calibration.json`` and ``blend.json`` record the fingerprint of the adapter weights they were fitted for; one
+fitted for other weights (a stage-2 or fold-averaged adapter copied over the old one) is refused before any row is
+scored, unless ``accept_stale_calibration`` is set, which the report then says loudly. A file without a fingerprint
+(written before they were recorded) is applied, and the report says its adapter is unknown.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.evaluation.calibration import Blend, Calibration
+from kaggle_utils.evaluation.calibration import Blend, Calibration, adapter_fingerprint
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
+# What writes both files where inference reads them, after the students' train stages.
+REFIT = "python -m kaggle_utils.evaluation.calibration --recipe calibrate-students"
+
+
+class StaleCalibrationError(ValueError):
+    """A calibration.json or blend.json was fitted for other adapter weights than the ones inference loads."""
 
 
 def fallback_probs(df: pd.DataFrame) -> np.ndarray:
@@ -43,6 +54,47 @@ class Blender:
     # the secondary's weight when no blend.json lies beside its adapter
     secondary_weight: float
     report: dict
+    # apply a calibration.json / blend.json fitted for other adapter weights (said in the report) instead of refusing
+    accept_stale: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every file against the adapters' weights now, before hours of scoring, not when they are applied."""
+        self.fingerprints = {"primary": adapter_fingerprint(self.primary_adapter)}
+        self.fingerprints["secondary"] = adapter_fingerprint(self.secondary_adapter)
+        self.stale: dict[str, str] = {}  # file -> what the report says about its fingerprint
+        for what, adapter in (("primary", self.primary_adapter), ("secondary", self.secondary_adapter)):
+            path = adapter / "calibration.json" if adapter else None
+            if path is not None and path.is_file():
+                self.check(path, {what: Calibration.load(path).adapter_fingerprint})
+        path = self.secondary_adapter / "blend.json" if self.secondary_adapter else None
+        if path is not None and path.is_file():
+            blend = Blend.load(path)
+            self.check(path, {"primary": blend.primary_fingerprint, "secondary": blend.secondary_fingerprint})
+
+    def check(self, path: Path, recorded: dict[str, str | None]) -> None:
+        """Compare the fingerprints ``path`` records (role -> fingerprint) with the adapters'; refuse a mismatch."""
+        adapters = {"primary": self.primary_adapter, "secondary": self.secondary_adapter}
+        unknown = [role for role, fp in recorded.items() if fp is None or self.fingerprints[role] is None]
+        wrong = [role for role, fp in recorded.items() if role not in unknown and fp != self.fingerprints[role]]
+        if wrong:
+            names = ", ".join(f"the {r} adapter {adapters[r]} (weights {self.fingerprints[r]})" for r in wrong)
+            text = (
+                f"{path} was fitted for other weights than {names}: it records {[recorded[r] for r in wrong]}. "
+                f"Refit it for these adapters ({REFIT}, then upload each adapter again with make upload-model), "
+                "or set accept_stale_calibration to apply it anyway"
+            )
+            if not self.accept_stale:
+                raise StaleCalibrationError(text)
+            print(f"WARNING: STALE CALIBRATION ACCEPTED (accept_stale_calibration): {text}", flush=True)
+            self.stale[str(path)] = f"STALE, accepted by accept_stale_calibration: {text}"
+            self.report.setdefault("stale_calibration_accepted", []).append(text)
+        elif unknown:
+            self.stale[str(path)] = (
+                f"fitted for unknown adapter weights ({', '.join(unknown)}: no fingerprint recorded or no "
+                f"weights file to compare with), applied as is; {REFIT} records them"
+            )
+        else:
+            self.stale[str(path)] = "fitted for these adapter weights"
 
     def calibration(self, what: str, adapter: Path | None) -> Calibration:
         """The adapter's fitted temperature (``calibration.json``, written by the train stage), else identity."""
@@ -50,7 +102,10 @@ class Blender:
             cal = Calibration.identity("no adapter: the base model as is")
         else:
             cal = Calibration.load(adapter / "calibration.json")
-        self.report.setdefault("calibration", {})[what] = {"temperature": cal.temperature, "reason": cal.reason}
+        entry = {"temperature": cal.temperature, "reason": cal.reason, "view": cal.view or "unknown"}
+        if adapter is not None and str(adapter / "calibration.json") in self.stale:
+            entry["fingerprint"] = self.stale[str(adapter / "calibration.json")]
+        self.report.setdefault("calibration", {})[what] = entry
         return cal
 
     def blend(self) -> Blend:
@@ -67,6 +122,8 @@ class Blender:
                 reason=f"no blend.json beside the secondary adapter: secondary_weight={self.secondary_weight}",
             )
         self.report["blend"] = {"weight": blend.weight, "reason": blend.reason}
+        if fitted is not None and str(fitted) in self.stale:
+            self.report["blend"] |= {"fraction": blend.fraction, "fingerprint": self.stale[str(fitted)]}
         return blend
 
     def predictions(

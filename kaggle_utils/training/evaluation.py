@@ -127,13 +127,14 @@ def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
         adapter_dir = save_adapter(run)
     if not run.parallel.is_main:  # rank 0 writes the predictions and fits the calibration
         return adapter_dir, {}
-    save_val_predictions(run, run.best["probs"])
-    # the temperature inference applies to this adapter's probabilities, saved with the adapter it belongs to
-    fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet")
+    save_val_predictions(run, run.best["probs"], run.best.get("probs_swapped"))
+    # the temperature inference applies to this adapter's probabilities (swap-averaged, as inference averages them),
+    # saved with the adapter it belongs to and the fingerprint of its weights
+    fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet", adapter=adapter_dir)
     fitted.save(adapter_dir / "calibration.json")
     return adapter_dir, {
         "val": dict(run.best["metrics"]),
         "best": {"metric": cfg.best_metric, "step": run.best["step"], "evals": len(run.evals)},
         "val_languages": run.best["languages"],
-        "calibration": {"temperature": fitted.temperature, "reason": fitted.reason},
+        "calibration": {"temperature": fitted.temperature, "reason": fitted.reason, "view": fitted.view},
     }

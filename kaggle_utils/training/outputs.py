@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from kaggle_utils.config.cli import save_config
+from kaggle_utils.data import schema
 from kaggle_utils.training.errors import NonFiniteLossError
 from kaggle_utils.training.run import Run
 
@@ -35,13 +36,18 @@ def save_adapter(run: Run) -> Path:
     return adapter_dir
 
 
-def save_val_predictions(run: Run, probs: np.ndarray) -> Path:
-    """``val_predictions.parquet`` (id, p_a, p_b, winner) of the kept adapter, in the held-out rows' order."""
+def save_val_predictions(run: Run, probs: np.ndarray, probs_swapped: np.ndarray | None) -> Path:
+    """``val_predictions.parquet`` of the kept adapter, in the held-out rows' order: id, p_a, p_b, winner and the
+    swapped view's probabilities in the original A/B order (p_a_swapped: P(the original A wins) when shown second),
+    so that calibration fits the swap-averaged margins inference makes. probs, probs_swapped (N, 2), the latter in
+    the swapped order as scored (None, from a checkpoint written before both were kept: the single order only)."""
     path = run.cfg.out_dir / "val_predictions.parquet"
     val_df = run.val_df
-    pd.DataFrame({"id": val_df["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "winner": val_df["winner"]}).to_parquet(
-        path, index=False
-    )
+    table = {"id": val_df["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "winner": val_df["winner"]}
+    if probs_swapped is not None:
+        back = schema.swap_probs(probs_swapped)  # (N, 2) in the original order
+        table |= {"p_a_swapped": back[:, 0], "p_b_swapped": back[:, 1]}
+    pd.DataFrame(table).to_parquet(path, index=False)
     return path
 
 
