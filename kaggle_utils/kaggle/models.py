@@ -9,6 +9,7 @@ the ``adapter/`` folder itself (``adapter_config.json``, ``adapter_model.safeten
     adapter_config.json          \\
     adapter_model.safetensors     } every file of the adapter folder (sub-folders are skipped, and said so)
     tokenizer.json ...           /
+    calibration.json             its temperature, and blend.json (the secondary's): what inference reads beside it
     train_config.json            the training config of this adapter (from adapter/, else from DIR)
     metrics.json                 when the training wrote one
 
@@ -47,6 +48,8 @@ from kaggle_utils.kaggle.publish import (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAIN_CONFIG = "train_config.json"
+# fitted for these weights (kaggle_utils.evaluation.calibration); inference reads them beside the adapter
+CALIBRATION, BLEND = "calibration.json", "blend.json"
 METRICS = "metrics.json"
 # an adapter is bound by its base model's license (Qwen, Gemma), which is not one of Kaggle's choices
 LICENSE = "other"
@@ -141,6 +144,11 @@ def adapter_files(folder: Path) -> dict[str, Path]:
             f"Copy the {TRAIN_CONFIG} the training run saved next to the adapter, or pass its training output folder"
         )
     _json_object(files[TRAIN_CONFIG])
+    if CALIBRATION not in files:
+        print(
+            f"note: no {CALIBRATION} in {adapter}: inference will apply T = 1. Fit it with "
+            "python -m kaggle_utils.evaluation.calibration --recipe calibrate-students before uploading"
+        )
     return files
 
 

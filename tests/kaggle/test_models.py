@@ -107,6 +107,30 @@ def test_an_adapter_folder_itself_uploads_its_own_files(kaggle, tmp_path, capsys
     assert staged == {"model_path": "models/gemma2-tiny"}
 
 
+def test_the_calibration_and_blend_beside_the_adapter_are_uploaded_with_it(kaggle, run_dir, tmp_path, capsys):
+    """What the calibrate step wrote into adapter/ is what inference reads beside the adapter on Kaggle: uploaded."""
+    from kaggle_utils.evaluation.calibration import Blend, Calibration, adapter_fingerprint
+
+    fingerprint = adapter_fingerprint(run_dir / "adapter")
+    Calibration(temperature=1.7, reason="fitted", adapter_fingerprint=fingerprint).save(
+        run_dir / "adapter" / "calibration.json"
+    )
+    Blend(weight=0.3, reason="fitted", secondary_fingerprint=fingerprint).save(run_dir / "adapter" / "blend.json")
+    assert models.main(["upload", "--dir", str(run_dir), "--name", NAME, "--stage-dir", str(tmp_path / "m")]) == 0
+    assert {"calibration.json", "blend.json"} <= set(kaggle.uploads())
+    staged = tmp_path / "m" / NAME
+    assert Calibration.load(staged / "calibration.json").temperature == 1.7
+    # the staged copy is what inference loads: its weights keep the fingerprint the files were fitted for
+    assert adapter_fingerprint(staged) == fingerprint == Blend.load(staged / "blend.json").secondary_fingerprint
+    assert "no calibration.json" not in capsys.readouterr().out
+
+
+def test_an_adapter_without_calibration_is_uploaded_with_a_note(kaggle, run_dir, tmp_path, capsys):
+    assert models.main(["upload", "--dir", str(run_dir), "--name", NAME, "--stage-dir", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "no calibration.json" in out and "--recipe calibrate-students" in out
+
+
 def test_the_adapters_own_train_config_wins_over_the_run_folders(kaggle, run_dir, tmp_path):
     (run_dir / "adapter/train_config.json").write_text(json.dumps({"model_path": "the adapter's own"}))
     assert models.main(["upload", "--dir", str(run_dir), "--name", NAME, "--stage-dir", str(tmp_path / "m")]) == 0
