@@ -78,6 +78,12 @@ def margin(probs: np.ndarray) -> np.ndarray:
     return np.log(p[:, 0]) - np.log(p[:, 1])
 
 
+def _finite_margin(probs: np.ndarray) -> np.ndarray:
+    """:func:`margin` with NaN on every row holding a non-finite probability (an inf would clip to a finite one)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.where(np.isfinite(probs).all(1), margin(probs), np.nan)  # (N,)
+
+
 def probs_from_margin(z: np.ndarray) -> np.ndarray:
     """Probabilities (N, 2) from margins (N,): ``[sigmoid(z), sigmoid(-z)]``, stable for large |z|."""
     z = np.asarray(z, dtype=np.float64)
@@ -268,7 +274,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, min_rows: int = MIN_R
     Golden-section search on ``log T`` over [T_MIN, T_MAX]: the loss is convex in ``1/T``, hence unimodal in
     ``log T``. Non-finite rows are dropped and counted; with fewer than ``min_rows`` usable rows T stays 1.
     """
-    return fit_temperature_margins(margin(probs), labels, min_rows=min_rows, source=source)
+    return fit_temperature_margins(_finite_margin(probs), labels, min_rows=min_rows, source=source)
 
 
 def fit_temperature_margins(z: np.ndarray, labels: np.ndarray, min_rows: int = MIN_ROWS, **record) -> Calibration:
@@ -319,7 +325,8 @@ def fit_blend(
     probs (N, 2) each, labels (N,). The loss is convex in ``w`` and both ends are compared, so the blend's log
     loss on these rows is never above the better calibrated model's.
     """
-    return fit_blend_margins(margin(primary_probs), margin(secondary_probs), labels, primary, secondary, min_rows)
+    z1, z2 = _finite_margin(primary_probs), _finite_margin(secondary_probs)  # (N,) each
+    return fit_blend_margins(z1, z2, labels, primary, secondary, min_rows)
 
 
 def fit_blend_margins(
@@ -405,11 +412,11 @@ def val_margins(df: pd.DataFrame) -> tuple[np.ndarray, str]:
     """Margins (N,) of read_val_predictions' rows as inference makes them, and which view they are: the average
     of both orders (:func:`swap_tta_margin`, the swapped view's margin taken in its own order) when the file has
     the swapped view, else the single order."""
-    z = margin(df[["p_a", "p_b"]].to_numpy(dtype=np.float64))  # (N,)
+    z = _finite_margin(df[["p_a", "p_b"]].to_numpy(dtype=np.float64))  # (N,)
     if not set(SWAPPED_COLUMNS) <= set(df.columns):
         return z, SINGLE_ORDER
     swapped = schema.swap_probs(df[list(SWAPPED_COLUMNS)].to_numpy(dtype=np.float64))  # (N, 2) in the swapped order
-    return swap_tta_margin(z, margin(swapped)), SWAP_AVERAGED
+    return swap_tta_margin(z, _finite_margin(swapped)), SWAP_AVERAGED
 
 
 def least_certain(p_a: np.ndarray, fraction: float) -> np.ndarray:

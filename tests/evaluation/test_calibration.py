@@ -287,20 +287,104 @@ def test_val_predictions_with_a_repeated_id_names_it(tmp_path):
         fit_from_val_predictions(path)
 
 
-def test_cli_writes_both_records_and_prints_a_table(tmp_path, capsys):
+def student_dir(path, probs, labels, swapped=None, weights: bytes = b"weights"):
+    """A training output folder as the train stage leaves it: val_predictions.parquet and adapter/ with weights."""
+    (path / "adapter").mkdir(parents=True)
+    (path / "adapter" / cal.ADAPTER_WEIGHTS).write_bytes(weights)
+    val_file(path / "val_predictions.parquet", probs, labels)
+    if swapped is not None:  # the swapped view's probabilities in the original A/B order
+        df = pd.read_parquet(path / "val_predictions.parquet")
+        df["p_a_swapped"], df["p_b_swapped"] = swapped[:, 0], swapped[:, 1]
+        df.to_parquet(path / "val_predictions.parquet", index=False)
+    return path
+
+
+def test_cli_writes_each_file_where_inference_reads_it(tmp_path, capsys):
+    """calibration.json beside each adapter, blend.json beside the secondary's (kaggle_utils.inference.blend reads
+    them there), each with the fingerprint of the weights it was fitted for."""
     p1, p2, labels = two_models("better")
-    a = val_file(tmp_path / "a.parquet", p1, labels)
-    b = val_file(tmp_path / "b.parquet", p2, labels)
-    out, blend_out = tmp_path / "adapter" / "calibration.json", tmp_path / "blend.json"
-    argv = ["--val-predictions", str(a), "--out", str(out), "--secondary-val-predictions", str(b)]
-    cal.main([*argv, "--blend-out", str(blend_out)])
+    primary = student_dir(tmp_path / "qwen", p1, labels, weights=b"qwen")
+    secondary = student_dir(tmp_path / "gemma", p2, labels, weights=b"gemma")
+    cal.main(["--primary-dir", str(primary), "--secondary-dir", str(secondary)])
     printed = capsys.readouterr().out
-    assert Calibration.load(out).temperature == pytest.approx(fit_temperature(p1, labels).temperature)
-    assert Blend.load(blend_out).weight > 0.95
-    for word in ("primary", "secondary", "blend", "log_loss_before", "log_loss_after", "T", "w"):
+    first = Calibration.load(primary / "adapter" / "calibration.json")
+    assert first.temperature == pytest.approx(fit_temperature(p1, labels).temperature)
+    assert first.adapter_fingerprint == cal.adapter_fingerprint(primary / "adapter") is not None
+    second = Calibration.load(secondary / "adapter" / "calibration.json")
+    assert second.adapter_fingerprint == cal.adapter_fingerprint(secondary / "adapter") != first.adapter_fingerprint
+    blend = Blend.load(secondary / "adapter" / "blend.json")
+    assert blend.weight > 0.95 and not (primary / "adapter" / "blend.json").exists()
+    assert (blend.primary_fingerprint, blend.secondary_fingerprint) == (
+        first.adapter_fingerprint,
+        second.adapter_fingerprint,
+    )
+    for word in ("primary", "secondary", "blend", "log_loss_before", "log_loss_after", "T", "w", "wrote"):
         assert word in printed
-    with pytest.raises(ValueError, match="needs --blend-out"):
-        cal.main(argv)
+
+
+def test_the_recipes_write_beside_the_students_the_cascade_loads():
+    """calibrate-students reads the real students' out_dirs and fits the blend on the infer recipe's share; the
+    demo's likewise (notebook 03 uses CalibrateConfig's default share: the same)."""
+    from kaggle_utils.config import recipes
+    from kaggle_utils.infer import InferConfig
+    from kaggle_utils.train import TrainConfig
+
+    for name, primary, secondary, infer in (
+        ("calibrate-students", "student-qwen2.5-14b", "student-gemma2-9b", "infer-cascade-2xt4"),
+        ("demo-calibrate", "demo-student-qwen2", "demo-student-gemma2", "demo-infer"),
+    ):
+        cfg = recipes.load(name, cal.CalibrateConfig)
+        assert cfg.primary_dir == recipes.load(primary, TrainConfig).out_dir
+        assert cfg.secondary_dir == recipes.load(secondary, TrainConfig).out_dir
+        assert cfg.secondary_fraction == recipes.load(infer, InferConfig).secondary_fraction
+        assert cal.CalibrateConfig(cfg.primary_dir).secondary_fraction == cfg.secondary_fraction
+
+
+def test_a_student_without_val_predictions_names_the_file(tmp_path):
+    with pytest.raises(CalibrationFileError, match=r"no .*nowhere/val_predictions.parquet: the train stage writes"):
+        cal.run(cal.CalibrateConfig(tmp_path / "nowhere"))
+
+
+def biased_views(seed: int, bias: float = 1.5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A model with a position bias: margin z + b on a row, -z + b on its swapped view. Returns the true margins,
+    labels, the row's probabilities and the swapped view's in the original A/B order (as val_predictions holds)."""
+    z, labels = true_rows(seed=seed, n=5000)
+    probs = probs_from_margin(z + bias)
+    swapped_order = probs_from_margin(-z + bias)  # (N, 2) as scored on the swapped rows
+    return z, labels, probs, swapped_order[:, ::-1]
+
+
+def test_temperature_is_fitted_on_the_swap_averaged_margins(tmp_path):
+    """The fit sees what inference makes of a row: the average of both orders, where the position bias cancels."""
+    z, labels, probs, swapped = biased_views(seed=20)
+    fit = fit_from_val_predictions(student_dir(tmp_path / "s", probs, labels, swapped) / "val_predictions.parquet")
+    averaged = probs_from_margin(swap_tta_margin(margin(probs), margin(swapped[:, ::-1])))
+    assert fit.view == cal.SWAP_AVERAGED
+    assert fit.temperature == pytest.approx(fit_temperature(averaged, labels).temperature)
+    assert fit.temperature == pytest.approx(1.0, abs=0.1)  # the averaged margins are the true ones
+    assert fit.temperature != pytest.approx(fit_temperature(probs, labels).temperature, abs=0.1)
+    old = fit_from_val_predictions(val_file(tmp_path / "old.parquet", probs, labels))
+    assert old.view == cal.SINGLE_ORDER and old.temperature == pytest.approx(fit_temperature(probs, labels).temperature)
+
+
+def test_blend_is_fitted_on_the_least_certain_share_of_swap_averaged_rows(tmp_path):
+    """The weight is fitted on the rows the cascade sends the secondary: the primary's least certain share."""
+    z, labels, p1, s1 = biased_views(seed=21, bias=0.0)
+    rng = np.random.default_rng(3)
+    z2 = z + rng.normal(0, 1.0, len(z))  # a noisier secondary, biased towards A
+    p2, s2 = probs_from_margin(z2 + 1.0), probs_from_margin(-z2 + 1.0)[:, ::-1]
+    a = student_dir(tmp_path / "a", p1, labels, s1) / "val_predictions.parquet"
+    b = student_dir(tmp_path / "b", p2, labels, s2) / "val_predictions.parquet"
+    blend = fit_blend_from_files(a, b, Calibration(), Calibration(), fraction=0.3)
+    rows = cal.least_certain(p1[:, 0], 0.3)
+    assert blend.rows == len(rows) == 1500 and blend.fraction == 0.3 and blend.view == cal.SWAP_AVERAGED
+    assert np.abs(p1[rows, 0] - 0.5).max() <= np.abs(np.delete(p1[:, 0], rows) - 0.5).min()
+    z1 = swap_tta_margin(margin(p1[rows]), margin(s1[rows][:, ::-1]))
+    z2 = swap_tta_margin(margin(p2[rows]), margin(s2[rows][:, ::-1]))
+    direct = cal.fit_blend_margins(z1, z2, labels[rows], Calibration(), Calibration())
+    assert blend.weight == pytest.approx(direct.weight)
+    everything = fit_blend_from_files(a, b, Calibration(), Calibration())
+    assert everything.rows == 5000 and everything.weight != pytest.approx(blend.weight, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- (f) edge cases
