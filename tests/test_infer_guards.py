@@ -394,7 +394,10 @@ def test_the_adapters_fitted_temperature_and_blend_are_applied(
         )
     )
     report = _report(out)
-    assert report["blend"] == {"weight": 1.0, "reason": "fitted"} and (pred["source"] == "blend").all()
+    assert report["blend"]["weight"] == 1.0 and report["blend"]["reason"] == "fitted"
+    assert "unknown adapter weights" in report["blend"]["fingerprint"] and (pred["source"] == "blend").all()
+    # the train stage's calibration.json records the weights it was fitted for: the copied adapter has them too
+    assert report["calibration"]["primary"]["fingerprint"] == "fitted for these adapter weights"
     # weight 1: the secondary alone, at the blend's temperature 1 (the same model and adapter as the reference)
     np.testing.assert_allclose(margin(pred[["p_a", "p_b"]].to_numpy()), margin(ref) * fitted, atol=1e-3)
 
@@ -473,3 +476,79 @@ def test_a_recipe_setting_unlike_the_adapters_is_refused_at_run_time(demo_files,
     (tmp_path / "out2").mkdir()
     with pytest.raises(InferenceError, match="max_length = 512 in the inference recipe"):
         infer(_cfg(demo_files["test"], tmp_path / "out2", qwen_path, adapter, max_length=512, fail_soft=False))
+
+
+# ---------------------------------------------------------------------------------------------- stale calibration
+
+
+def _fitted_for(folder: Path, weights: bytes, calibration_for: bytes | None, blend_for: bytes | None = None) -> Path:
+    """An adapter folder with ``weights`` and a calibration.json (and blend.json) fitted for other bytes or the same."""
+    from kaggle_utils.evaluation.calibration import ADAPTER_WEIGHTS, Blend, Calibration
+    from kaggle_utils.store import file_fingerprint
+
+    folder.mkdir(parents=True)
+    (folder / ADAPTER_WEIGHTS).write_bytes(weights)
+
+    def fingerprint(content: bytes | None) -> str | None:
+        if content is None:
+            return None
+        (folder.parent / "other.bin").write_bytes(content)
+        return file_fingerprint(folder.parent / "other.bin")
+
+    Calibration(temperature=2.0, reason="fitted", adapter_fingerprint=fingerprint(calibration_for)).save(
+        folder / "calibration.json"
+    )
+    if blend_for is not None:
+        Blend(weight=0.8, reason="fitted", secondary_fingerprint=fingerprint(blend_for)).save(folder / "blend.json")
+    return folder
+
+
+def test_a_calibration_fitted_for_other_weights_is_refused_naming_file_adapter_and_fix(tmp_path):
+    from kaggle_utils.inference.blend import Blender, StaleCalibrationError
+
+    adapter = _fitted_for(tmp_path / "stage2", b"stage-2 weights", calibration_for=b"stage-1 weights")
+    with pytest.raises(StaleCalibrationError) as info:
+        Blender(adapter, None, 0.5, {})
+    text = str(info.value)
+    assert str(adapter / "calibration.json") in text and f"the primary adapter {adapter}" in text
+    assert "--recipe calibrate-students" in text and "accept_stale_calibration" in text
+    # the same for a blend.json fitted for another secondary
+    primary = _fitted_for(tmp_path / "p", b"p", calibration_for=b"p")
+    secondary = _fitted_for(tmp_path / "s", b"new s", calibration_for=b"new s", blend_for=b"old s")
+    with pytest.raises(StaleCalibrationError, match=r"s/blend.json was fitted for other weights than the secondary"):
+        Blender(primary, secondary, 0.5, {})
+
+
+def test_a_stale_calibration_is_accepted_with_the_flag_and_said_loudly(tmp_path, capsys):
+    from kaggle_utils.inference.blend import Blender
+
+    adapter = _fitted_for(tmp_path / "stage2", b"stage-2 weights", calibration_for=b"stage-1 weights")
+    report: dict = {}
+    blender = Blender(adapter, None, 0.5, report, accept_stale=True)
+    assert blender.calibration("primary", adapter).temperature == 2.0
+    assert report["calibration"]["primary"]["fingerprint"].startswith("STALE, accepted by accept_stale_calibration")
+    assert str(adapter / "calibration.json") in report["stale_calibration_accepted"][0]
+    assert "WARNING: STALE CALIBRATION ACCEPTED" in capsys.readouterr().out
+
+
+def test_matching_and_unknown_fingerprints_are_applied_and_said(tmp_path):
+    from kaggle_utils.inference.blend import Blender
+
+    primary = _fitted_for(tmp_path / "p", b"p", calibration_for=b"p")
+    secondary = _fitted_for(tmp_path / "s", b"s", calibration_for=None, blend_for=b"s")
+    report: dict = {}
+    blender = Blender(primary, secondary, 0.5, report)
+    blender.calibration("primary", primary), blender.calibration("secondary", secondary), blender.blend()
+    assert report["calibration"]["primary"]["fingerprint"] == "fitted for these adapter weights"
+    assert "unknown adapter weights (secondary" in report["calibration"]["secondary"]["fingerprint"]
+    # blend.json recorded only the secondary's weights: the primary's are unknown, which is said, not refused
+    assert report["blend"]["weight"] == 0.8 and "unknown adapter weights (primary" in report["blend"]["fingerprint"]
+
+
+def test_infer_refuses_a_stale_calibration_before_scoring(demo_files, qwen_path, tmp_path):
+    from kaggle_utils.inference.blend import StaleCalibrationError
+
+    adapter = _fitted_for(tmp_path / "stage2", b"stage-2 weights", calibration_for=b"stage-1 weights")
+    with pytest.raises(StaleCalibrationError, match="calibration.json was fitted for other weights"):
+        infer(_cfg(demo_files["test"], tmp_path / "out", qwen_path, adapter))
+    assert not (tmp_path / "out" / "submission.csv").exists()  # refused before anything was scored or written
