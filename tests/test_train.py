@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from kaggle_utils import train as train_module
 from kaggle_utils.config.cli import config_to_dict
 from kaggle_utils.data import schema
+from kaggle_utils.evaluation import calibration
 from kaggle_utils.inputs.batching import pad, token_budget_batches
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.loading import ModelConfig, ModelFilesError, load_classifier, load_tokenizer
@@ -118,6 +119,15 @@ def test_training_artifacts(trained, prepared) -> None:
     expected_ids = pd.read_parquet(prepared["train"]).query("fold == 0")["id"].tolist()
     assert val["id"].tolist() == expected_ids
     np.testing.assert_allclose(val["p_a"] + val["p_b"], 1.0, atol=1e-5)
+    # the swapped view, in the original A/B order, and the calibration fitted on the average of both orders for
+    # these weights (what inference applies: kaggle_utils.inference.blend)
+    np.testing.assert_allclose(val["p_a_swapped"] + val["p_b_swapped"], 1.0, atol=1e-5)
+    fitted = calibration.Calibration.load(adapter / "calibration.json")
+    assert fitted.view == calibration.SWAP_AVERAGED
+    assert fitted.adapter_fingerprint == calibration.adapter_fingerprint(adapter) is not None
+    read = calibration.read_val_predictions(out / "val_predictions.parquet")
+    z, _ = calibration.val_margins(read)
+    assert fitted.temperature == pytest.approx(calibration.fit_temperature_margins(z, read["label"]).temperature)
     # the checkpoint holds the final step
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 90 and len(state["history"]) == 90
@@ -475,6 +485,7 @@ def test_evaluation_every_n_steps_keeps_the_best_adapter(prepared, qwen_path, tm
     # the predictions and the calibration belong to the kept adapter
     val = pd.read_parquet(out / "val_predictions.parquet")
     np.testing.assert_allclose(val["p_a"], state["best"]["probs"][:, 0])
+    np.testing.assert_allclose(val["p_a_swapped"], state["best"]["probs_swapped"][:, 1])
     assert (out / "adapter" / "calibration.json").is_file()
 
 

@@ -33,6 +33,7 @@ OTHER_STAGES = {
     "fewshot": "kaggle_utils.api.fewshot:FewShotConfig",
     "multiple-choice": "kaggle_utils.multiple_choice:MultipleChoiceConfig",
     "pool": "kaggle_utils.data.pool:PoolConfig",
+    "calibrate": "kaggle_utils.evaluation.calibration:CalibrateConfig",
 }
 
 
