@@ -204,13 +204,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kaggle", default=None, help="the kaggle executable; default: the one beside python")
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("upload", help="publish a trained adapter as a Kaggle dataset (created if new)")
-    docs = field_docs(UploadConfig)  # the help is the comment above each field: written once
-    cmd.add_argument("--dir", required=True, help=docs["dir"])
-    cmd.add_argument("--name", required=True, help=docs["name"])
-    cmd.add_argument("-m", "--message", default="", help=docs["message"])
-    cmd.add_argument("--owner", default="", help=docs["owner"])
-    cmd.add_argument("--stage-dir", type=Path, default=UploadConfig.stage_dir, help=docs["stage_dir"])
+    cmd.add_argument("--dir", required=True, help=field_docs(UploadConfig)["dir"])
+    cmd.add_argument("--name", required=True, help=field_docs(UploadConfig)["name"])
+    add_dataset_version_args(cmd, UploadConfig)
     return parser
+
+
+def add_dataset_version_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--message``, ``--owner`` and ``--stage-dir`` of a dataset upload config ``cls``, help from its comments."""
+    docs = field_docs(cls)  # the help is the comment above each field: written once
+    parser.add_argument("-m", "--message", default="", help=docs["message"])
+    parser.add_argument("--owner", default="", help=docs["owner"])
+    parser.add_argument("--stage-dir", type=Path, default=cls.stage_dir, help=docs["stage_dir"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

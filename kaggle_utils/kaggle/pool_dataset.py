@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from kaggle_utils.config.cli import field_docs
 from kaggle_utils.data import pool, schema
+from kaggle_utils.kaggle.models import add_dataset_version_args
 from kaggle_utils.kaggle.publish import (
     DATASET_METADATA,
     OWNER,
@@ -138,11 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m kaggle_utils.kaggle.pool_dataset", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--kaggle", default=None, help="the kaggle executable; default: the one beside python")
-    docs = field_docs(PoolDatasetConfig)  # the help is the comment above each field: written once
-    parser.add_argument("--dir", type=Path, default=PoolDatasetConfig.dir, help=docs["dir"])
-    parser.add_argument("-m", "--message", default="", help=docs["message"])
-    parser.add_argument("--owner", default="", help=docs["owner"])
-    parser.add_argument("--stage-dir", type=Path, default=PoolDatasetConfig.stage_dir, help=docs["stage_dir"])
+    parser.add_argument("--dir", type=Path, default=PoolDatasetConfig.dir, help=field_docs(PoolDatasetConfig)["dir"])
+    add_dataset_version_args(parser, PoolDatasetConfig)
     return parser
 
 
