@@ -879,3 +879,17 @@ def test_out_of_fold_teacher_logits_are_joined_onto_the_rows_by_id(prepared, qwe
     schema.swap_ab(oof.head(3)).to_parquet(tmp_path / "flipped.parquet", index=False)
     with pytest.raises(schema.DataError, match="shows another response A"):
         split(replace(cfg, teacher_files=[str(tmp_path / "flipped.parquet")]))
+
+
+def test_a_step_whose_rows_all_weigh_zero_is_skipped(prepared, qwen_path, tmp_path) -> None:
+    """A step of total weight 0 (its loss would be 0 / 0) runs no backward and changes no weight; the schedule goes
+    on (the train stage leaves such rows out before batching; a step of them is still never taken as NaN)."""
+    cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = train_module.setup(cfg)
+    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg, run.data.lengths))
+    run.data.weight[np.concatenate(micro_batches)] = 0.0
+    before = [p.detach().clone() for p in run.params]
+    row = train_module.train_step(run, epoch, micro_batches, swapped)
+    assert row["skipped"] and row["loss"] == 0.0 and run.step == 1 and run.skipped_in_a_row == 0
+    assert all(torch.equal(p, q) for p, q in zip(run.params, before, strict=True))
