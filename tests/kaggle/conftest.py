@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kaggle_server import FAKE_KEY, OWNER, FakeKaggle
+
+from kaggle_utils.kaggle.loopback import FAKE_KEY, OWNER, FakeKaggle
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """`make data`: the competition and the recipe's datasets through the real kaggle CLI, against the loopback fake
-Kaggle (``kaggle_server.py``), with tiny files in the competition's schema."""
+Kaggle (``kaggle_utils/kaggle/loopback.py``), with tiny files in the competition's schema."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from kaggle_server import FAKE_KEY, RULES_NOT_ACCEPTED
 
 from kaggle_utils.config import recipes
 from kaggle_utils.data import schema
 from kaggle_utils.kaggle import download as dl
+from kaggle_utils.kaggle.loopback import FAKE_KEY, RULES_NOT_ACCEPTED
 from kaggle_utils.kaggle.publish import COMPETITION
 
 SEED_DATASET = "lizhecheng/kaggle-multilingual-chatbot-arena-datasets"

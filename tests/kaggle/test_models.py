@@ -1,5 +1,5 @@
 """`make upload-model`: a trained adapter published as a Kaggle dataset through the real kaggle CLI, against the
-loopback fake Kaggle (``kaggle_server.py``), with a tiny adapter folder built by hand."""
+loopback fake Kaggle (``kaggle_utils/kaggle/loopback.py``), with a tiny adapter folder built by hand."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kaggle_server import FAKE_KEY, OWNER
 from safetensors.numpy import load_file, save_file
 
 from kaggle_utils.kaggle import models
+from kaggle_utils.kaggle.loopback import FAKE_KEY, OWNER
 
 NAME = "wsdm-tiny-lora"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]

@@ -1,5 +1,5 @@
 """`make pool-dataset`: the pool stage's unlabelled pairs published as ``{owner}/wsdm-arena-pool`` through the real
-kaggle CLI, against the loopback fake Kaggle (``kaggle_server.py``); and notebook 02 on Kaggle reading that file."""
+kaggle CLI, against the loopback fake Kaggle (``kaggle/loopback.py``); and notebook 02 on Kaggle reading that file."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from kaggle_server import FAKE_KEY, OWNER
 
 from kaggle_utils.config import recipes
 from kaggle_utils.data import pool
 from kaggle_utils.kaggle import pool_dataset, staging
 from kaggle_utils.kaggle import publish as kc
+from kaggle_utils.kaggle.loopback import FAKE_KEY, OWNER
 
 ROOT = Path(__file__).resolve().parents[2]
 

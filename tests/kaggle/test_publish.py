@@ -1,7 +1,7 @@
 """Kaggle publishing: metadata rules, `make push` / `make dataset` through the real kaggle CLI, the notebooks'
 offline bootstrap, the wheels command, and the rendered docs being current.
 
-The CLI talks to ``tests/kaggle_server.py`` on 127.0.0.1 (docs/facts.md §5: ``KAGGLE_API_ENVIRONMENT=LOCALHOST`` plus
+The CLI talks to ``kaggle/loopback.py`` on 127.0.0.1 (docs/facts.md §5: ``KAGGLE_API_ENVIRONMENT=LOCALHOST`` plus
 ``HTTP_PROXY``); credentials are fake and live in a temporary HOME.
 """
 

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from kaggle_server import OWNER
 
 from kaggle_utils.kaggle import publish as kc
 from kaggle_utils.kaggle import push_order
+from kaggle_utils.kaggle.loopback import OWNER
 
 ROOT = Path(__file__).resolve().parents[2]
 PREP, POOL, TRAIN, INFER = (

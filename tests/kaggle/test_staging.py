@@ -8,12 +8,12 @@ from pathlib import Path
 
 import jupytext
 import pytest
-from kaggle_server import OWNER
 
 from kaggle_utils.config import recipes
 from kaggle_utils.infer import InferConfig
 from kaggle_utils.kaggle import publish as kc
 from kaggle_utils.kaggle import staging
+from kaggle_utils.kaggle.loopback import OWNER
 
 ROOT = Path(__file__).resolve().parents[2]
 INFER_KERNEL = ROOT / "kernel-metadata" / "wsdm-arena-04-inference"

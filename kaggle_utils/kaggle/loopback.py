@@ -1,4 +1,4 @@
-"""A stand-in for api.kaggle.com on 127.0.0.1, so the real ``kaggle`` CLI can be run end to end in tests.
+"""A stand-in for api.kaggle.com on 127.0.0.1: the real ``kaggle`` CLI run end to end (tests, `make rehearse`).
 
 The CLI sends every call as ``POST /api/v1/<service>/<Method>`` with a JSON body. With
 ``KAGGLE_API_ENVIRONMENT=LOCALHOST`` it targets ``http://localhost``; ``HTTP_PROXY`` pointing at this server
