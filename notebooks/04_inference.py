@@ -54,6 +54,7 @@ cfg = recipes.load(infer_recipe, InferConfig, infer_overrides)
 cfg = replace(
     cfg,
     test_file=env.locate_file(cfg.test_file, where),
+    out_dir=where.output_path(cfg.out_dir),
     primary_model=env.locate_soft(cfg.primary_model, where, env.locate_model),
     primary_adapter=env.locate_soft(cfg.primary_adapter, where, env.locate_adapter),
     secondary_model=env.locate_soft(cfg.secondary_model, where, env.locate_model),

@@ -13,7 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-kaggle_input = Path("/kaggle/input")
+# a rehearsal elsewhere names the folder standing in for /kaggle (kaggle_utils/kaggle/env.py: ROOT_VARIABLE)
+kaggle_input = Path(os.environ.get("KAGGLE_UTILS_KAGGLE_ROOT") or "/kaggle") / "input"
 
 
 def files_under(root, match):

@@ -14,6 +14,9 @@ from pathlib import Path
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
+# A folder standing in for /kaggle (its input/ and working/ below it), for a rehearsal of a Kaggle run on another
+# machine (`make rehearse`); unset on Kaggle. Recipes keep writing /kaggle/... paths either way.
+ROOT_VARIABLE = "KAGGLE_UTILS_KAGGLE_ROOT"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,14 @@ class Environment:
     @property
     def on_kaggle(self) -> bool:
         return self.kind != "local"
+
+    def output_path(self, path: str | Path) -> Path:
+        """A recipe's output path: one under /kaggle/working moved below this run's working folder (the same folder
+        on Kaggle; a rehearsal's stand-in elsewhere), any other as written."""
+        path = Path(path)
+        if not self.on_kaggle or not path.is_relative_to(KAGGLE_WORKING):
+            return path
+        return self.working_dir / path.relative_to(KAGGLE_WORKING)
 
     @property
     def is_rerun(self) -> bool:
@@ -44,6 +55,9 @@ def detect(environ: Mapping[str, str] | None = None, local_root: Path = Path("."
         kind = "kaggle-rerun"
     else:
         kind = "kaggle-batch" if run_type.lower() == "batch" else "kaggle-interactive"
+    root = environ.get(ROOT_VARIABLE)
+    if root:
+        return Environment(kind, Path(root) / KAGGLE_INPUT.name, Path(root) / KAGGLE_WORKING.name)
     return Environment(kind, KAGGLE_INPUT, KAGGLE_WORKING)
 
 

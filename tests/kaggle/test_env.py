@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kaggle_utils.kaggle import env
@@ -13,6 +15,19 @@ def test_detect_kinds():
     assert env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}).kind == "kaggle-batch"
     rerun = env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_IS_COMPETITION_RERUN": "True"})
     assert rerun.is_rerun and rerun.on_kaggle and str(rerun.working_dir) == "/kaggle/working"
+
+
+def test_a_rehearsal_root_stands_in_for_kaggle_and_output_paths_follow_it(tmp_path):
+    """``KAGGLE_UTILS_KAGGLE_ROOT`` moves /kaggle/input and /kaggle/working below it; a recipe's /kaggle/working
+    output lands in the stand-in, other paths stay as written; on Kaggle (no variable) nothing moves."""
+    where = env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch", env.ROOT_VARIABLE: str(tmp_path)})
+    assert (where.input_root, where.working_dir) == (tmp_path / "input", tmp_path / "working")
+    assert where.output_path("/kaggle/working") == tmp_path / "working"
+    assert where.output_path("/kaggle/working/sub/x.csv") == tmp_path / "working/sub/x.csv"
+    assert where.output_path("out/x.csv") == Path("out/x.csv")
+    kaggle = env.detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch"})
+    assert kaggle.output_path("/kaggle/working/x") == Path("/kaggle/working/x")
+    assert env.detect({env.ROOT_VARIABLE: str(tmp_path)}).output_path("/kaggle/working") == Path("/kaggle/working")
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import pytest
 from kaggle_utils.config import recipes
 from kaggle_utils.kaggle import publish as kc
 from kaggle_utils.kaggle import staging
+from kaggle_utils.kaggle.env import ROOT_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.py"))
@@ -326,15 +327,16 @@ def test_the_bootstrap_has_one_source_which_staging_adds_to_every_kaggle_noteboo
 
 
 def _run_bootstrap(root: Path, tmp_path: Path, then: str = "") -> subprocess.CompletedProcess:
-    """The bootstrap cell with ``root`` as /kaggle/input, in a Python that cannot see the installed package."""
-    cell = staging.bootstrap_source()
-    assert cell.count('Path("/kaggle/input")') == 1
-    probe = cell.replace('Path("/kaggle/input")', f"Path({str(root)!r})") + "\n" + then
+    """The bootstrap cell with ``root`` as /kaggle/input (``root``'s parent standing in for /kaggle, as a rehearsal
+    names it), in a Python that cannot see the installed package."""
+    assert root.name == "input"
+    probe = staging.bootstrap_source() + "\n" + then
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)  # before start-up, or Python caches "no such folder" for it
     # -S: no site-packages, so the installed kaggle_utils is out of sight and only the dataset copy can be found;
     # pip (a child with its normal site) installs into PIP_TARGET instead of the venv; TMPDIR: where a zip unpacks
     env = {**os.environ, "PIP_TARGET": str(site), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": str(site)}
+    env[ROOT_VARIABLE] = str(root.parent)
     env["TMPDIR"] = str(tmp_path / "tmp")
     (tmp_path / "tmp").mkdir(exist_ok=True)
     return subprocess.run(
