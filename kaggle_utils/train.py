@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.inputs.formatter import PromptFormatter
+from kaggle_utils.models.fused import apply_fused_kernels, compile_decoder_layers
 from kaggle_utils.models.loading import (
     LoraSettings,
     check_model_dir,
@@ -153,7 +154,7 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
     """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device (on meta where this
     rank receives rank 0's weights while sharding: :attr:`Parallel.load_once`)."""
     here = _here(cfg, parallel)
-    return load_classifier(
+    model = load_classifier(
         replace(cfg, device=here),
         pad_id,
         lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
@@ -164,6 +165,11 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         # FSDP, full precision, rank > 0: parameters on meta, filled with rank 0's by parallel.wrap
         on_meta=not parallel.reads_weights,
     )
+    if cfg.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
+        apply_fused_kernels(model, pick_device(here))
+    if cfg.compile_layers:
+        compile_decoder_layers(model, pick_device(here))
+    return model
 
 
 def _here(cfg: TrainConfig, parallel: Parallel) -> str:

@@ -77,6 +77,11 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     swap_fraction: float = 0.5
     # recompute activations in backward to fit long rows in memory (slower)
     gradient_checkpointing: bool = False
+    # liger-kernel's fused RMSNorm, gated-MLP activation and RoPE on a CUDA device (kaggle_utils.models.fused; LoRA
+    # is kept); needs `pip install liger-kernel`; off CUDA a printed no-op. Measured: benchmarks/RESULTS.md
+    fused_kernels: bool = False
+    # torch.compile each decoder layer on a CUDA device (dynamic shapes; the first steps compile); off CUDA a no-op
+    compile_layers: bool = False
     # wall-clock limit in minutes (0: none); training stops cleanly before the step that would pass it
     time_budget_minutes: float = 0.0
     # save a resumable checkpoint every this many steps (0: only at the end)
