@@ -18,7 +18,8 @@ runs for ``--minutes`` of steps; its figures are taken after the first step (war
   names a variant (that variant's rows, micro-batches, model and LoRA trained by a plain loop written here, no
   stage machinery), else the one-row-per-step variant.
 
-A variant that runs out of memory is reported as such and the next one runs. Ends with a ``train:`` line.
+A variant that runs out of memory or fails (a speed option that cannot run here) is reported as such and the next
+one runs; each row is printed as it ends (``bench row:``), the table at the end. Ends with a ``train:`` line.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks.bench_infer import SHAPES, build
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
+from kaggle_utils.models.fused import restore_torch_rope
 from kaggle_utils.prepare import PrepareConfig, prepare
 from kaggle_utils.train import TrainConfig, train
 
@@ -50,6 +52,8 @@ class Variant:
     checkpointing: bool
     packing: bool = False
     lora_dropout: float = 0.05  # the recipes' default; 0 skips a dropout copy of every linear layer's input
+    fused_kernels: bool = False  # liger-kernel's RMSNorm, gated activation and RoPE (kaggle_utils.models.fused)
+    compile_layers: bool = False  # torch.compile of each decoder layer
 
 
 def variants(max_length: int) -> list[Variant]:
@@ -65,6 +69,19 @@ def variants(max_length: int) -> list[Variant]:
         Variant("4K padded, no ckpt, drop 0", 4096, 16, False, lora_dropout=0.0),
         Variant("8K padded, no ckpt, drop 0", 8192, 16, False, lora_dropout=0.0),
         Variant("8K packed, no ckpt", 8192, 64, False, packing=True),
+        # issue 22, part 2: the best measured so far with each speed option
+        *(
+            Variant(
+                f"4K padded, no ckpt, drop 0, {name}",
+                4096,
+                16,
+                False,
+                lora_dropout=0.0,
+                fused_kernels=f,
+                compile_layers=c,
+            )
+            for name, f, c in (("fused", True, False), ("compiled", False, True), ("fused, compiled", True, True))
+        ),
     ]
 
 
@@ -106,7 +123,10 @@ def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, pea
         packing=v.packing,
         lora_r=16,
         lora_dropout=v.lora_dropout,
-        time_budget_minutes=args.minutes,
+        fused_kernels=v.fused_kernels,
+        compile_layers=v.compile_layers,
+        # compiling is done in the first steps, inside the budget: it gets its own minutes on top
+        time_budget_minutes=args.minutes + (args.compile_minutes if v.compile_layers else 0.0),
         epochs=1.0,
         save_every=0,
         val_fold=-1,
@@ -114,10 +134,20 @@ def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, pea
     )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    if not v.fused_kernels:
+        restore_torch_rope()  # a fused variant before this one routed RoPE to liger for the whole process
     try:
         hist = train(cfg).history.iloc[1:]
     except torch.OutOfMemoryError:
         return {"variant": v.name, "status": "out of memory"}
+    except Exception as err:  # a speed option that fails here (liger missing, compile on 4-bit) is a result too
+        return {"variant": v.name, "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}"}
+    finally:
+        if v.compile_layers:
+            torch._dynamo.reset()  # the compiled layers' code and guards hold the model: free it for the next
+    slow = hist["seconds"] > 3 * hist["seconds"].median()
+    if slow.any():  # recompiles (a new shape) land in the timed steps; said, not hidden
+        print(f"{v.name}: {int(slow.sum())} steps over 3x the median step, {hist['seconds'][slow].sum():.1f} s")
     if hist.empty:
         return {"variant": v.name, "status": "one step only: raise --minutes"}
     seconds = float(hist["seconds"].sum())
@@ -217,6 +247,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1200, help="training rows drawn (enough for every variant's minutes)")
     ap.add_argument("--max-length", type=int, default=2500)
     ap.add_argument("--minutes", type=float, default=2.0, help="training time per variant")
+    ap.add_argument("--compile-minutes", type=float, default=1.0, help="added to --minutes for compiled variants")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--bare", default="", help="a variant name: also train it by a bare loop, the ratio's reference")
     args = ap.parse_args()
@@ -235,8 +266,14 @@ def main() -> None:
     )
     chosen = [v for v in variants(args.max_length) if not args.only or v.name in args.only]
     bare = next((v for v in variants(args.max_length) if v.name == args.bare), None)
-    rows = [bare_loop(bare, args, data, model_dir, config, peak)] if bare is not None else []
-    rows += [run_variant(v, args, data, model_dir, config, peak) for v in chosen]
+    runs = ([(bare_loop, bare)] if bare is not None else []) + [(run_variant, v) for v in chosen]
+    rows = []
+    for run, v in runs:
+        rows.append(run(v, args, data, model_dir, config, peak))
+        print(f"bench row: {json.dumps(rows[-1])}", flush=True)  # each row as it ends: a cut-off run keeps its rows
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = next((r["tokens/s"] for r in rows if r["status"] == "ok"), float("nan"))
     print_table(rows, base)
     best = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["MFU"], default=None)

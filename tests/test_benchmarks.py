@@ -41,3 +41,40 @@ def test_the_baseline_runs_first_and_every_variant_fits_the_stage():
     assert (vs[0].max_rows, vs[0].batch_tokens) == (1, 2500)
     assert all(v.batch_tokens >= 2500 for v in vs) and len({v.name for v in vs}) == len(vs)
     assert set(SHAPES) >= {"qwen2.5-14b", "gemma2-9b", "qwen2-tiny"}
+
+
+def test_the_speed_options_ride_on_the_best_variant_and_reach_the_stage(monkeypatch, tmp_path):
+    """Each speed option is the best measured variant with that option alone changed, passed into the stage's config;
+    one that fails is a row of the table, not the end of the run."""
+    import argparse
+
+    import pandas as pd
+
+    import benchmarks.bench_train as bench
+
+    by_name = {v.name: v for v in variants(2500)}
+    best = by_name["4K padded, no ckpt, drop 0"]
+    options = {"compiled": (False, True), "fused": (True, False), "fused, compiled": (True, True)}
+    for suffix, (fused, compiled) in options.items():
+        v = by_name[f"{best.name}, {suffix}"]
+        assert (v.fused_kernels, v.compile_layers) == (fused, compiled)
+        assert (v.batch_tokens, v.max_rows, v.checkpointing, v.lora_dropout) == (4096, 16, False, 0.0)
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append((cfg.fused_kernels, cfg.compile_layers))
+        if cfg.compile_layers:
+            raise RuntimeError("compile failed\nsecond line")
+        hist = pd.DataFrame({"seconds": [9.0, 1.0, 1.0], "tokens": [4000, 4000, 4000], "tokens_sq": [4e6] * 3})
+        return type("R", (), {"history": hist})()
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    args = argparse.Namespace(work=tmp_path, device="cpu", max_length=2500, minutes=0.1, compile_minutes=1.0)
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config["num_key_value_heads"] = 2
+    ok = bench.run_variant(by_name[f"{best.name}, fused"], args, tmp_path, tmp_path, config, 1e12)
+    failed = bench.run_variant(by_name[f"{best.name}, compiled"], args, tmp_path, tmp_path, config, 1e12)
+    assert seen == [(True, False), (False, True)]
+    assert ok["status"] == "ok" and ok["steps"] == 2 and ok["tokens/s"] == pytest.approx(4000.0)
+    assert failed == {"variant": f"{best.name}, compiled", "status": "failed: RuntimeError: compile failed"}
