@@ -119,15 +119,16 @@ def test_training_artifacts(trained, prepared) -> None:
     expected_ids = pd.read_parquet(prepared["train"]).query("fold == 0")["id"].tolist()
     assert val["id"].tolist() == expected_ids
     np.testing.assert_allclose(val["p_a"] + val["p_b"], 1.0, atol=1e-5)
-    # the swapped view, in the original A/B order, and the calibration fitted on the average of both orders for
-    # these weights (what inference applies: kaggle_utils.inference.blend)
+    # the swapped view, in the original A/B order, and the calibration for these weights fitted on each view: the
+    # single order and the average of both orders (inference applies each to its rows: kaggle_utils.inference.blend)
     np.testing.assert_allclose(val["p_a_swapped"] + val["p_b_swapped"], 1.0, atol=1e-5)
     fitted = calibration.Calibration.load(adapter / "calibration.json")
-    assert fitted.view == calibration.SWAP_AVERAGED
+    assert fitted.view == calibration.SINGLE_ORDER and fitted.tta.view == calibration.SWAP_AVERAGED
     assert fitted.adapter_fingerprint == calibration.adapter_fingerprint(adapter) is not None
     read = calibration.read_val_predictions(out / "val_predictions.parquet")
-    z, _ = calibration.val_margins(read)
-    assert fitted.temperature == pytest.approx(calibration.fit_temperature_margins(z, read["label"]).temperature)
+    for record, view in ((fitted, calibration.SINGLE_ORDER), (fitted.tta, calibration.SWAP_AVERAGED)):
+        z = calibration.val_margins(read)[view]
+        assert record.temperature == pytest.approx(calibration.fit_temperature_margins(z, read["label"]).temperature)
     # the checkpoint holds the final step
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 90 and len(state["history"]) == 90

@@ -9,11 +9,15 @@ Everything works on the logit margin ``z = log(p_a / p_b)`` of a row (positive: 
   primary's least certain share); saved as ``blend.json`` beside the secondary adapter;
 * **swap-TTA**: a row's calibrated margin averaged with the negated calibrated margin of its A/B-swapped view.
 
-Both fits use the swap-averaged margins (``val_predictions.parquet`` holds both orders: ``p_a_swapped`` /
-``p_b_swapped``), the averaging inference applies to the rows the blend serves; a file without them (written
-before both orders were kept) is fitted on the single order and the record says so. Each record holds the
-fingerprint of the adapter weights it was fitted for (:func:`adapter_fingerprint`): inference refuses a record
-fitted for other weights (:mod:`kaggle_utils.inference.blend`).
+Each fitted number is fitted on the view of the rows it is applied to. At inference the primary scores every row in
+one order and averages the swapped view into its least certain ``tta_fraction`` (source ``+tta``); the secondary
+scores its rows in one order only. So ``calibration.json`` holds a temperature for single-order margins and, when
+``val_predictions.parquet`` has both orders (``p_a_swapped`` / ``p_b_swapped``), one for swap-averaged margins
+(``tta``); ``blend.json`` holds a weight for the blended rows whose primary margin is single-order and one for those
+it is swap-averaged (``tta``), the secondary single-order in both. A file written before (one temperature or weight
+and its ``view``) serves every row, as it did. Each record holds the fingerprint of the adapter weights it was
+fitted for (:func:`adapter_fingerprint`): inference refuses a record fitted for other weights
+(:mod:`kaggle_utils.inference.blend`).
 
 Temperature scaling divides every margin by the same positive number, so it never changes which response a row
 predicts: accuracy is fixed, only log loss moves. Numpy and pandas only, so inference can import it cheaply.
@@ -58,9 +62,10 @@ TOL = 1e-7
 VAL_COLUMNS = ("id", "p_a", "p_b", "winner")
 # The swapped view's probabilities in the original A/B order (schema.swap_probs); absent in files written before.
 SWAPPED_COLUMNS = ("p_a_swapped", "p_b_swapped")
-# The margins a record was fitted on.
+# The margins a record was fitted on (the ``view`` of a record): a row scored in one order, or the average of both
+# orders (swap_tta_margin). Files written before views were fitted apart may hold other texts (or ""); they are kept.
 SWAP_AVERAGED = "swap-averaged"
-SINGLE_ORDER = "single order (the file has no p_a_swapped / p_b_swapped)"
+SINGLE_ORDER = "single order"
 # The file of an adapter folder whose bytes name the adapter (peft's weights file).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -139,19 +144,29 @@ def _save_json(record, path: Path | str) -> Path:
     return write_text_atomic(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
 
 
-def _read_json(cls, path: Path) -> dict:
-    """The JSON object in ``path`` checked against the fields of ``cls``; errors name the file and the fix."""
+def _load_record(cls, path: Path):
+    """The record of class ``cls`` in the JSON file ``path`` (its ``tta`` record too); errors name the file."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CalibrationFileError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from exc
+    return _record(cls, data, path, "")
+
+
+def _record(cls, data, path: Path, where: str):
+    """``cls(**data)`` with ``data`` checked against its fields; ``where``: "" or the key of a nested record."""
     if not isinstance(data, dict):
-        raise CalibrationFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise CalibrationFileError(f"{path}:{where} expected a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise CalibrationFileError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(names)}")
-    return data
+        raise CalibrationFileError(f"{path}:{where} unknown key(s) {unknown}; expected some of {sorted(names)}")
+    if data.get("tta") is not None:
+        data = data | {"tta": _record(cls, data["tta"], path, f"{where} tta:")}
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationFileError(f"{path}:{where} {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -174,14 +189,23 @@ class Calibration:
     reason: str = "identity"
     # the validation file it was fitted on, for the record
     source: str = ""
-    # the margins it was fitted on: swap-averaged (as inference averages them) or a single order
+    # the margins it was fitted on (SINGLE_ORDER or SWAP_AVERAGED; a file written before: either, or "")
     view: str = ""
     # store.file_fingerprint of the adapter weights it was fitted for; None: unknown (a file written before)
     adapter_fingerprint: str | None = None
+    # the record fitted on swap-averaged margins, for the rows inference averages with their swapped view (source
+    # "+tta"); None: the validation file had one order (or was written before), and this record serves every row
+    tta: Calibration | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+        if self.tta is not None and self.tta.tta is not None:
+            raise ValueError("a tta record holds no tta record of its own")
+
+    def for_view(self, swap_averaged: bool) -> Calibration:
+        """The record for rows of this view: ``tta`` for swap-averaged rows when there is one, else this one."""
+        return self.tta if swap_averaged and self.tta is not None else self
 
     @classmethod
     def identity(cls, reason: str) -> Calibration:
@@ -204,11 +228,7 @@ class Calibration:
         path = Path(path)
         if not path.exists():
             return cls.identity(f"no calibration file at {path}: identity (T = 1)")
-        data = _read_json(cls, path)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise CalibrationFileError(f"{path}: {exc}") from exc
+        return _load_record(cls, path)
 
 
 @dataclass(frozen=True)
@@ -229,11 +249,17 @@ class Blend:
     reason: str = "default weight"
     # share of the primary's least certain validation rows it was fitted on (InferConfig.secondary_fraction)
     fraction: float = 1.0
-    # the margins it was fitted on: swap-averaged (as inference averages them) or a single order
+    # the margins it was fitted on, each model's (blend_view); a file written before: one view for both, or ""
     view: str = ""
     # store.file_fingerprint of the primary's and the secondary's adapter weights; None: unknown
     primary_fingerprint: str | None = None
     secondary_fingerprint: str | None = None
+    # share of the primary's least certain rows inference averages with their swapped view (InferConfig.tta_fraction)
+    # assumed by the fit: the blended rows among them are the ``tta`` record's, the others this one's
+    tta_fraction: float = 0.0
+    # the record for blended rows whose primary margin is swap-averaged (source "blend+tta"); None: this one serves
+    # every blended row (no swap-averaged validation margins, no TTA share, or a file written before)
+    tta: Blend | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -242,6 +268,13 @@ class Blend:
             t = getattr(self, name)
             if not (math.isfinite(t) and t > 0):
                 raise ValueError(f"{name}={t} must be a finite number > 0")
+        if self.tta is not None and self.tta.tta is not None:
+            raise ValueError("a tta record holds no tta record of its own")
+
+    def for_view(self, swap_averaged: bool) -> Blend:
+        """The record for blended rows whose primary margin is of this view: ``tta`` when swap-averaged and there is
+        one, else this one."""
+        return self.tta if swap_averaged and self.tta is not None else self
 
     def combine(self, primary_probs: np.ndarray, secondary_probs: np.ndarray) -> np.ndarray:
         """Blended probabilities (N, 2) of two models' probabilities (N, 2) on the same rows."""
@@ -258,11 +291,12 @@ class Blend:
         path = Path(path)
         if not path.exists():
             return cls(reason=f"no blend file at {path}: default weight {DEFAULT_WEIGHT}, temperatures 1")
-        data = _read_json(cls, path)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise CalibrationFileError(f"{path}: {exc}") from exc
+        return _load_record(cls, path)
+
+
+def blend_view(primary: str, secondary: str) -> str:
+    """The ``view`` of a blend: the margins of each model it mixes."""
+    return f"primary {primary or 'unknown'}, secondary {secondary or 'unknown'}"
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -408,20 +442,21 @@ def read_val_predictions(path: Path | str) -> pd.DataFrame:
     return out
 
 
-def val_margins(df: pd.DataFrame) -> tuple[np.ndarray, str]:
-    """Margins (N,) of read_val_predictions' rows as inference makes them, and which view they are: the average
-    of both orders (:func:`swap_tta_margin`, the swapped view's margin taken in its own order) when the file has
-    the swapped view, else the single order."""
-    z = _finite_margin(df[["p_a", "p_b"]].to_numpy(dtype=np.float64))  # (N,)
-    if not set(SWAPPED_COLUMNS) <= set(df.columns):
-        return z, SINGLE_ORDER
-    swapped = schema.swap_probs(df[list(SWAPPED_COLUMNS)].to_numpy(dtype=np.float64))  # (N, 2) in the swapped order
-    return swap_tta_margin(z, _finite_margin(swapped)), SWAP_AVERAGED
+def val_margins(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Margins (N,) of read_val_predictions' rows in each view inference makes: ``SINGLE_ORDER`` always, and
+    ``SWAP_AVERAGED`` (:func:`swap_tta_margin`, the swapped view's margin taken in its own order) when the file has
+    the swapped view; NaN where a probability is not finite."""
+    views = {SINGLE_ORDER: _finite_margin(df[["p_a", "p_b"]].to_numpy(dtype=np.float64))}  # (N,)
+    if set(SWAPPED_COLUMNS) <= set(df.columns):
+        swapped = schema.swap_probs(df[list(SWAPPED_COLUMNS)].to_numpy(dtype=np.float64))  # (N, 2) swapped order
+        views[SWAP_AVERAGED] = swap_tta_margin(views[SINGLE_ORDER], _finite_margin(swapped))
+    return views
 
 
 def least_certain(p_a: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the ``round(fraction * N)`` rows with the smallest ``|p_a - 0.5|``: the rows the cascade sends to
-    the secondary (``InferConfig.secondary_fraction`` of the primary's rows, ranked on its single-order p_a)."""
+    """Indices of the ``round(fraction * N)`` rows with the smallest ``|p_a - 0.5|``, least certain first: the rows
+    the cascade sends to the secondary (``InferConfig.secondary_fraction``) or the swapped view (``tta_fraction``),
+    ranked on the primary's single-order p_a as inference ranks them (``Cascade.plan_optional``)."""
     order = np.argsort(np.abs(np.asarray(p_a, dtype=np.float64) - 0.5), kind="stable")  # (N,) NaN last
     return order[: int(round(fraction * len(order)))]
 
@@ -429,14 +464,17 @@ def least_certain(p_a: np.ndarray, fraction: float) -> np.ndarray:
 def fit_from_val_predictions(
     path: Path | str, min_rows: int = MIN_ROWS, adapter: Path | str | None = None
 ) -> Calibration:
-    """Temperature of one model from its ``val_predictions.parquet`` (rows without a known winner are skipped), on
-    swap-averaged margins where the file has both orders; ``adapter``: the folder whose weights it is fitted for."""
+    """Temperatures of one model from its ``val_predictions.parquet`` (rows without a known winner are skipped): on
+    single-order margins, and on swap-averaged ones (the ``tta`` record) where the file has both orders;
+    ``adapter``: the folder whose weights they are fitted for."""
     df = read_val_predictions(path)
-    z, view = val_margins(df)
-    fingerprint = adapter_fingerprint(adapter)
-    return fit_temperature_margins(
-        z, df["label"].to_numpy(), min_rows=min_rows, source=str(path), view=view, adapter_fingerprint=fingerprint
-    )
+    record = {"source": str(path), "adapter_fingerprint": adapter_fingerprint(adapter)}
+    labels = df["label"].to_numpy()
+    fits = {
+        view: fit_temperature_margins(z, labels, min_rows=min_rows, view=view, **record)
+        for view, z in val_margins(df).items()
+    }
+    return dataclasses.replace(fits[SINGLE_ORDER], tta=fits.get(SWAP_AVERAGED))
 
 
 def fit_blend_from_files(
@@ -446,19 +484,22 @@ def fit_blend_from_files(
     secondary: Calibration | None = None,
     min_rows: int = MIN_ROWS,
     fraction: float = 1.0,
+    tta_fraction: float = 0.0,
 ) -> Blend:
-    """Blend weight from two ``val_predictions.parquet`` files joined on ``id``.
+    """Blend weights from two ``val_predictions.parquet`` files joined on ``id``, on the views inference blends.
 
-    Each model's temperature is fitted on all of its own validation rows unless given; the weight is then
-    fitted on the rows both files hold, restricted to the ``fraction`` the primary is least sure of (the rows the
-    cascade sends to the secondary), on swap-averaged margins when both files have both orders. The two files
-    must agree on every shared row's winner. The fingerprints recorded are the calibrations'.
+    Each model's temperatures are fitted on all of its own validation rows unless given. The blended rows are the
+    ``fraction`` the primary is least sure of (the rows the cascade sends to the secondary); the least certain
+    ``tta_fraction`` of all rows also get the primary's swapped view. The secondary scores one order, so its margin
+    is single-order everywhere; the primary's is swap-averaged on the TTA share (the ``tta`` record, fitted with
+    the primary's swap-averaged temperature, when the primary's file has both orders) and single-order on the rest
+    of the share (this record; on the whole share when fewer than ``min_rows`` rows are left outside the TTA share:
+    they serve where the planner cuts the swapped view short). The two files must agree on every shared row's
+    winner. The fingerprints recorded are the calibrations'.
     """
+    primary = primary or fit_from_val_predictions(primary_val, min_rows=min_rows)
+    secondary = secondary or fit_from_val_predictions(secondary_val, min_rows=min_rows)
     a, b = read_val_predictions(primary_val), read_val_predictions(secondary_val)
-    if primary is None:
-        primary = fit_from_val_predictions(primary_val, min_rows=min_rows)
-    if secondary is None:
-        secondary = fit_from_val_predictions(secondary_val, min_rows=min_rows)
     joined = a.merge(b, on="id", suffixes=("_1", "_2"), validate="1:1")  # (R, ...) rows in both files
     clash = joined["label_1"] != joined["label_2"]
     if clash.any():
@@ -467,22 +508,33 @@ def fit_blend_from_files(
             f"{primary_val} and {secondary_val} disagree on the winner of id {_plain(bad)!r}; "
             "fit the blend on predictions of the same validation labels"
         )
-    joined = joined.iloc[np.sort(least_certain(joined["p_a_1"].to_numpy(), fraction))]  # (S, ...) the cascade's share
-    (z1, v1), (z2, v2) = (val_margins(_side(joined, k)) for k in ("_1", "_2"))  # (S,) each
-    # a swapped column only one file has keeps its name in the join: both sides then read as single order (v1 == v2)
+    ids = joined["id"]
+    z1 = {v: z[pd.Index(a["id"]).get_indexer(ids)] for v, z in val_margins(a).items()}  # (R,) per view, join order
+    z2 = val_margins(b)[SINGLE_ORDER][pd.Index(b["id"]).get_indexer(ids)]  # (R,) the secondary: one order
+    labels = joined["label_1"].to_numpy()
+    order = least_certain(joined["p_a_1"].to_numpy(), 1.0)  # (R,) least certain first, as the cascade ranks
+    share = order[: int(round(fraction * len(order)))]  # the rows the secondary scores
+    in_tta = share[: int(round(tta_fraction * len(order)))] if SWAP_AVERAGED in z1 else share[:0]  # also swapped
+    single = share[len(in_tta) :] if len(share) - len(in_tta) >= min_rows else share
     record = {
         "fraction": fraction,
-        "view": v1,
+        "tta_fraction": tta_fraction,
         "primary_fingerprint": primary.adapter_fingerprint,
         "secondary_fingerprint": secondary.adapter_fingerprint,
     }
-    return fit_blend_margins(z1, z2, joined["label_1"].to_numpy(), primary, secondary, min_rows=min_rows, **record)
-
-
-def _side(joined: pd.DataFrame, suffix: str) -> pd.DataFrame:
-    """One file's columns of a join, without their suffix."""
-    cols = [c for c in joined.columns if c.endswith(suffix)]
-    return joined[cols].rename(columns={c: c[: -len(suffix)] for c in cols})
+    fit = fit_blend_margins(
+        z1[SINGLE_ORDER][single], z2[single], labels[single], primary, secondary, min_rows,
+        view=blend_view(SINGLE_ORDER, SINGLE_ORDER), **record,
+    )  # fmt: skip
+    if len(single) == len(share) and len(in_tta):
+        fit = dataclasses.replace(fit, reason=f"{fit.reason} (on the whole share: < min_rows rows outside the TTA)")
+    if not len(in_tta):
+        return fit
+    tta = fit_blend_margins(
+        z1[SWAP_AVERAGED][in_tta], z2[in_tta], labels[in_tta], primary.for_view(True), secondary, min_rows,
+        view=blend_view(SWAP_AVERAGED, SINGLE_ORDER), **record,
+    )  # fmt: skip
+    return dataclasses.replace(fit, tta=tta)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -502,6 +554,9 @@ class CalibrateConfig:
     # share of the primary's least certain rows the cascade sends to the secondary: the infer recipe's
     # secondary_fraction (the blend weight is fitted on those rows)
     secondary_fraction: float = 1.0
+    # share of the primary's least certain rows the cascade averages with their A/B-swapped view: the infer recipe's
+    # tta_fraction (the blended rows among them get a weight fitted on the primary's swap-averaged margins)
+    tta_fraction: float = 0.25
     # fewer usable rows than this: no fit (T = 1, default blend weight)
     min_rows: int = MIN_ROWS
 
@@ -510,6 +565,8 @@ class CalibrateConfig:
         self.secondary_dir = Path(self.secondary_dir) if self.secondary_dir else None
         if not 0 < self.secondary_fraction <= 1:
             raise ValueError(f"secondary_fraction={self.secondary_fraction} must be in (0, 1]")
+        if not 0 <= self.tta_fraction <= 1:
+            raise ValueError(f"tta_fraction={self.tta_fraction} must be in [0, 1]")
         if self.min_rows < 1:
             raise ValueError(f"min_rows={self.min_rows} must be >= 1")
 
@@ -528,37 +585,29 @@ def val_predictions_of(out_dir: Path) -> Path:
 
 
 def summary(calibrations: dict[str, Calibration], blend: Blend | None = None) -> pd.DataFrame:
-    """One row per model (before: raw, after: calibrated) and one for the blend (before: a fixed 0.5 average)."""
-    table = [
-        {
-            "model": name,
-            "rows": c.rows,
-            "T": c.temperature,
-            "w": None,
-            "log_loss_before": c.log_loss_before,
-            "log_loss_after": c.log_loss_after,
-            "accuracy_before": c.accuracy,
-            "accuracy_after": c.accuracy,
-            "reason": c.reason,
-        }
-        for name, c in calibrations.items()
-    ]
-    if blend is not None:
-        fixed, fitted = blend.metrics.get("fixed_average", {}), blend.metrics.get("blend", {})
+    """One row per model and view (before: raw, after: calibrated) and per view of the blend (before: a fixed 0.5
+    average); a view is named as inference names the rows it serves (``primary``, ``primary+tta``, ``blend``, ...)."""
+    table = []
+    for name, fitted in calibrations.items():
+        for label, c in _views(name, fitted):
+            table.append(
+                {"model": label, "rows": c.rows, "T": c.temperature, "w": None}
+                | {"log_loss_before": c.log_loss_before, "log_loss_after": c.log_loss_after}
+                | {"accuracy_before": c.accuracy, "accuracy_after": c.accuracy, "reason": c.reason}
+            )
+    for label, b in _views("blend", blend) if blend is not None else ():
+        fixed, fitted = b.metrics.get("fixed_average", {}), b.metrics.get("blend", {})
         table.append(
-            {
-                "model": "blend",
-                "rows": blend.rows,
-                "T": None,
-                "w": blend.weight,
-                "log_loss_before": fixed.get("log_loss"),
-                "log_loss_after": fitted.get("log_loss"),
-                "accuracy_before": fixed.get("accuracy"),
-                "accuracy_after": fitted.get("accuracy"),
-                "reason": blend.reason,
-            }
+            {"model": label, "rows": b.rows, "T": None, "w": b.weight}
+            | {"log_loss_before": fixed.get("log_loss"), "log_loss_after": fitted.get("log_loss")}
+            | {"accuracy_before": fixed.get("accuracy"), "accuracy_after": fitted.get("accuracy"), "reason": b.reason}
         )
     return pd.DataFrame(table)
+
+
+def _views(name: str, record):
+    """(label, record) for a record and its ``tta`` record: ``name`` and ``name+tta``."""
+    return [(name, record)] + ([(f"{name}+tta", record.tta)] if record.tta is not None else [])
 
 
 def run(cfg: CalibrateConfig) -> tuple[dict[str, Calibration], Blend | None]:
@@ -578,6 +627,7 @@ def run(cfg: CalibrateConfig) -> tuple[dict[str, Calibration], Blend | None]:
         calibrations["secondary"],
         min_rows=cfg.min_rows,
         fraction=cfg.secondary_fraction,
+        tta_fraction=cfg.tta_fraction,
     )
     blend.save(cfg.secondary_dir / "adapter" / "blend.json")
     return calibrations, blend

@@ -128,8 +128,8 @@ def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
     if not run.parallel.is_main:  # rank 0 writes the predictions and fits the calibration
         return adapter_dir, {}
     save_val_predictions(run, run.best["probs"], run.best.get("probs_swapped"))
-    # the temperature inference applies to this adapter's probabilities (swap-averaged, as inference averages them),
-    # saved with the adapter it belongs to and the fingerprint of its weights
+    # the temperatures inference applies to this adapter's probabilities (single-order rows, and swap-averaged ones
+    # where the swapped view was scored), saved with the adapter they belong to and the fingerprint of its weights
     fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet", adapter=adapter_dir)
     fitted.save(adapter_dir / "calibration.json")
     return adapter_dir, {

@@ -8,6 +8,7 @@ tolerance of 5% below is about 3 standard deviations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -222,12 +223,39 @@ def test_calibration_round_trip(tmp_path):
     path = fit.save(tmp_path / "adapter" / "calibration.json")
     assert Calibration.load(path) == fit
     assert json.loads(path.read_text())["temperature"] == fit.temperature
+    both = dataclasses.replace(fit, tta=cal.fit_temperature_margins(1.5 * z, labels, view=cal.SWAP_AVERAGED))
+    assert Calibration.load(both.save(tmp_path / "both.json")) == both
 
 
 def test_blend_round_trip(tmp_path):
     p1, p2, labels = two_models("noise")
     blend = fit_blend(p1, p2, labels, fit_temperature(p1, labels), fit_temperature(p2, labels))
     assert Blend.load(blend.save(tmp_path / "blend.json")) == blend
+    both = dataclasses.replace(blend, tta=fit_blend(p1[:500], p2[:500], labels[:500], Calibration(2.0), Calibration()))
+    assert Blend.load(both.save(tmp_path / "both.json")) == both
+
+
+# the files as written before views were fitted apart: one temperature (one weight) and the view it was fitted on
+OLD_CALIBRATION = {"temperature": 1.7, "rows": 4000, "nan_rows": 0, "log_loss_before": 0.69, "log_loss_after": 0.68,
+                   "accuracy": 0.6, "reason": "fitted", "source": "output/s/val_predictions.parquet",
+                   "view": "swap-averaged", "adapter_fingerprint": None}  # fmt: skip
+OLD_BLEND = {"weight": 0.3, "primary_temperature": 1.7, "secondary_temperature": 1.2, "rows": 4000, "metrics": {},
+             "reason": "fitted", "fraction": 1.0, "view": "swap-averaged", "primary_fingerprint": None,
+             "secondary_fingerprint": None}  # fmt: skip
+
+
+def test_an_old_calibration_or_blend_file_loads_and_serves_every_row(tmp_path):
+    """A file with one temperature (weight) and its view loads as it is, and that one record serves both views."""
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(OLD_CALIBRATION))
+    old = Calibration.load(path)
+    assert (old.temperature, old.view, old.tta) == (1.7, cal.SWAP_AVERAGED, None)
+    assert old.for_view(False) is old and old.for_view(True) is old
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps(OLD_BLEND))
+    blend = Blend.load(path)
+    assert (blend.weight, blend.primary_temperature, blend.tta, blend.tta_fraction) == (0.3, 1.7, None, 0.0)
+    assert blend.for_view(False) is blend and blend.for_view(True) is blend
 
 
 def test_missing_files_are_identity_with_a_reason(tmp_path):
@@ -247,6 +275,9 @@ def test_missing_files_are_identity_with_a_reason(tmp_path):
         ("[1, 2]", "expected a JSON object"),
         ('{"temperature": -1.0}', "must be a finite number > 0"),
         ('{"temperature": 1.0, "temprature": 2.0}', "unknown key"),
+        ('{"temperature": 1.0, "tta": {"temperature": 0.0}}', r"tta: temperature=0.0 must be a finite number > 0"),
+        ('{"temperature": 1.0, "tta": {"temprature": 2.0}}', r"tta: unknown key"),
+        ('{"tta": {"tta": {}}}', "a tta record holds no tta record of its own"),
     ],
 )
 def test_malformed_calibration_names_the_file(tmp_path, text, message):
@@ -338,6 +369,8 @@ def test_the_recipes_write_beside_the_students_the_cascade_loads():
         assert cfg.secondary_dir == recipes.load(secondary, TrainConfig).out_dir
         assert cfg.secondary_fraction == recipes.load(infer, InferConfig).secondary_fraction
         assert cal.CalibrateConfig(cfg.primary_dir).secondary_fraction == cfg.secondary_fraction
+        assert cfg.tta_fraction == recipes.load(infer, InferConfig).tta_fraction
+        assert cal.CalibrateConfig(cfg.primary_dir).tta_fraction == cfg.tta_fraction
 
 
 def test_a_student_without_val_predictions_names_the_file(tmp_path):
@@ -354,37 +387,65 @@ def biased_views(seed: int, bias: float = 1.5) -> tuple[np.ndarray, np.ndarray, 
     return z, labels, probs, swapped_order[:, ::-1]
 
 
-def test_temperature_is_fitted_on_the_swap_averaged_margins(tmp_path):
-    """The fit sees what inference makes of a row: the average of both orders, where the position bias cancels."""
+def test_each_view_gets_the_temperature_fitted_on_it(tmp_path):
+    """Single-order margins (what inference makes of most rows) and swap-averaged ones (its +tta rows) are fitted
+    apart: a position bias makes the single order look over- or under-confident, the average of both orders not."""
     z, labels, probs, swapped = biased_views(seed=20)
     fit = fit_from_val_predictions(student_dir(tmp_path / "s", probs, labels, swapped) / "val_predictions.parquet")
     averaged = probs_from_margin(swap_tta_margin(margin(probs), margin(swapped[:, ::-1])))
-    assert fit.view == cal.SWAP_AVERAGED
-    assert fit.temperature == pytest.approx(fit_temperature(averaged, labels).temperature)
-    assert fit.temperature == pytest.approx(1.0, abs=0.1)  # the averaged margins are the true ones
-    assert fit.temperature != pytest.approx(fit_temperature(probs, labels).temperature, abs=0.1)
-    old = fit_from_val_predictions(val_file(tmp_path / "old.parquet", probs, labels))
-    assert old.view == cal.SINGLE_ORDER and old.temperature == pytest.approx(fit_temperature(probs, labels).temperature)
+    assert fit.view == cal.SINGLE_ORDER and fit.tta.view == cal.SWAP_AVERAGED
+    assert fit.temperature == pytest.approx(fit_temperature(probs, labels).temperature)
+    assert fit.tta.temperature == pytest.approx(fit_temperature(averaged, labels).temperature)
+    assert fit.tta.temperature == pytest.approx(1.0, abs=0.1)  # the averaged margins are the true ones
+    assert fit.temperature > 1.2  # the biased single order is over-confident on half of the rows
+    assert fit.for_view(False) is fit and fit.for_view(True) is fit.tta
+    assert fit.tta.source == fit.source and fit.tta.adapter_fingerprint == fit.adapter_fingerprint
+    old = fit_from_val_predictions(val_file(tmp_path / "old.parquet", probs, labels))  # one order only
+    assert old.view == cal.SINGLE_ORDER and old.tta is None and old.for_view(True) is old
+    assert old.temperature == pytest.approx(fit.temperature)
 
 
-def test_blend_is_fitted_on_the_least_certain_share_of_swap_averaged_rows(tmp_path):
-    """The weight is fitted on the rows the cascade sends the secondary: the primary's least certain share."""
-    z, labels, p1, s1 = biased_views(seed=21, bias=0.0)
+def test_blend_is_fitted_on_the_views_inference_blends(tmp_path):
+    """The secondary's rows are the primary's least certain share; of them the least certain tta_fraction (of all
+    rows) have a swap-averaged primary margin: one weight for those (``tta``), one for the rest, the secondary's
+    margin single-order in both (inference scores it in one order), each with the temperature of its view."""
+    z, labels = true_rows(seed=21, n=5000)
     rng = np.random.default_rng(3)
-    z2 = z + rng.normal(0, 1.0, len(z))  # a noisier secondary, biased towards A
-    p2, s2 = probs_from_margin(z2 + 1.0), probs_from_margin(-z2 + 1.0)[:, ::-1]
+    z1, z2 = z + rng.normal(0, 1.0, len(z)), z + rng.normal(0, 1.0, len(z))  # two noisy models, biased towards A
+    p1, s1 = probs_from_margin(z1 + 0.8), probs_from_margin(-z1 + 0.8)[:, ::-1]
+    p2, s2 = probs_from_margin(z2 + 1.5), probs_from_margin(-z2 + 1.5)[:, ::-1]
     a = student_dir(tmp_path / "a", p1, labels, s1) / "val_predictions.parquet"
     b = student_dir(tmp_path / "b", p2, labels, s2) / "val_predictions.parquet"
-    blend = fit_blend_from_files(a, b, Calibration(), Calibration(), fraction=0.3)
-    rows = cal.least_certain(p1[:, 0], 0.3)
-    assert blend.rows == len(rows) == 1500 and blend.fraction == 0.3 and blend.view == cal.SWAP_AVERAGED
-    assert np.abs(p1[rows, 0] - 0.5).max() <= np.abs(np.delete(p1[:, 0], rows) - 0.5).min()
-    z1 = swap_tta_margin(margin(p1[rows]), margin(s1[rows][:, ::-1]))
-    z2 = swap_tta_margin(margin(p2[rows]), margin(s2[rows][:, ::-1]))
-    direct = cal.fit_blend_margins(z1, z2, labels[rows], Calibration(), Calibration())
-    assert blend.weight == pytest.approx(direct.weight)
-    everything = fit_blend_from_files(a, b, Calibration(), Calibration())
-    assert everything.rows == 5000 and everything.weight != pytest.approx(blend.weight, abs=1e-3)
+    first, second = fit_from_val_predictions(a), fit_from_val_predictions(b)
+    blend = fit_blend_from_files(a, b, first, second, fraction=0.6, tta_fraction=0.2)
+    order = cal.least_certain(p1[:, 0], 1.0)
+    tta_rows, single_rows = order[:1000], order[1000:3000]  # 5000 rows: a share of 3000, the first 1000 swapped
+    assert np.abs(p1[order[:3000], 0] - 0.5).max() <= np.abs(p1[order[3000:], 0] - 0.5).min()
+    assert (blend.rows, blend.tta.rows, blend.fraction, blend.tta_fraction) == (2000, 1000, 0.6, 0.2)
+    assert blend.view == cal.blend_view(cal.SINGLE_ORDER, cal.SINGLE_ORDER)
+    assert blend.tta.view == cal.blend_view(cal.SWAP_AVERAGED, cal.SINGLE_ORDER)
+    z1_swapped = swap_tta_margin(margin(p1), margin(s1[:, ::-1]))  # (N,) the primary on its +tta rows
+    direct = cal.fit_blend_margins(margin(p1)[single_rows], margin(p2)[single_rows], labels[single_rows], first, second)
+    assert blend.weight == pytest.approx(direct.weight) and blend.primary_temperature == first.temperature
+    direct_tta = cal.fit_blend_margins(
+        z1_swapped[tta_rows], margin(p2)[tta_rows], labels[tta_rows], first.tta, second
+    )  # fmt: skip
+    assert blend.tta.weight == pytest.approx(direct_tta.weight)
+    assert (blend.tta.primary_temperature, blend.tta.secondary_temperature) == (
+        first.tta.temperature,
+        second.temperature,
+    )
+    # what the fit would be on the views inference does not make: each differs
+    z2_swapped = swap_tta_margin(margin(p2), margin(s2[:, ::-1]))
+    wrong = cal.fit_blend_margins(z1_swapped[tta_rows], z2_swapped[tta_rows], labels[tta_rows], first.tta, second.tta)
+    assert blend.tta.weight != pytest.approx(wrong.weight, abs=1e-2)
+    wrong = cal.fit_blend_margins(margin(p1)[tta_rows], margin(p2)[tta_rows], labels[tta_rows], first, second)
+    assert blend.tta.weight != pytest.approx(wrong.weight, abs=1e-2)
+    # without the swapped view in the primary's file there is no tta record: one weight on the whole share
+    plain = fit_blend_from_files(
+        val_file(tmp_path / "p1.parquet", p1, labels), b, first, second, fraction=0.6, tta_fraction=0.2
+    )
+    assert plain.tta is None and plain.rows == 3000
 
 
 # ---------------------------------------------------------------------------------------------- (f) edge cases
