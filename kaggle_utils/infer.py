@@ -151,9 +151,11 @@ class InferConfig(InputConfig):
     # across the GPUs, scoring.placement); 2 GiB holds a 8K-token batch of Qwen2.5-14B at 2,500 tokens (0.12 MiB/token)
     activation_reserve_gib: float = 2.0
     # most share of the rows (least certain first) the primary re-scores A/B-swapped while still loaded, averaged
-    # in logit space (position bias cancels); the planner decides how much of it fits; 0: no swap TTA
+    # in logit space (position bias cancels); the planner decides how much of it fits; 0: no swap TTA. Those rows
+    # (source "+tta") get the swap-averaged temperature and blend weight; calibrate's tta_fraction should match it
     tta_fraction: float = 0.25
-    # most share of the rows (least certain first) the secondary re-scores; the planner decides how much fits
+    # most share of the rows (least certain first) the secondary re-scores (in one order); the planner decides how
+    # much fits; calibrate's secondary_fraction should match it
     secondary_fraction: float = 1.0
     # > 0: rehearse on this many synthetic rows of the competition's length profile, then project a full run
     rehearse: int = 0

@@ -249,7 +249,8 @@ def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
     primary_run, demo_files, qwen_path, tokenizer, competition_test, tmp_path
 ) -> None:
     """With time to spare, the primary re-scores the least certain quarter A/B-swapped; those rows get the mean
-    of the two calibrated margins (the swapped view's negated), the others keep the primary's."""
+    of the two margins (the swapped view's negated) at the primary's swap-averaged temperature, the others keep the
+    primary's single-order one."""
     primary_cfg, primary_pred = primary_run
     cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=primary_cfg.primary_adapter)
     pred = infer(replace(cfg, tta_fraction=0.25))
@@ -266,10 +267,13 @@ def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
     rows = PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(swapped)
     p_swapped = predict_proba(model, rows, tokenizer.pad_token_id, 4096).probs
     cal = calibration.Calibration.load(cfg.primary_adapter / "calibration.json")
-    z = calibration.swap_tta_margin(
-        calibration.margin(primary_pred[["p_a", "p_b"]].to_numpy()[tta]), cal.scaled_margin(p_swapped)
-    )
+    assert cal.tta is not None and cal.tta.temperature != pytest.approx(cal.temperature, abs=1e-3)
+    raw = calibration.margin(primary_pred[["p_a", "p_b"]].to_numpy()[tta]) * cal.temperature  # undo the single T
+    z = calibration.swap_tta_margin(raw, calibration.margin(p_swapped)) / cal.tta.temperature
     np.testing.assert_allclose(calibration.margin(pred[["p_a", "p_b"]].to_numpy()[tta]), z, atol=1e-3)
+    served = report["calibration"]["primary"]["served"]
+    assert served["primary+tta"] == {"rows": 30, "temperature": cal.tta.temperature, "view": calibration.SWAP_AVERAGED}
+    assert served["primary"]["temperature"] == cal.temperature and served["primary"]["rows"] == len(pred) - 30
     rest = np.setdiff1d(np.arange(len(pred)), tta)
     np.testing.assert_allclose(pred[["p_a", "p_b"]].to_numpy()[rest], primary_pred[["p_a", "p_b"]].to_numpy()[rest])
 

@@ -4,6 +4,14 @@ where no model did.
 Probabilities arrive raw (the models' own) and are calibrated here: swap TTA and the blend average margins, and a
 temperature divides margins, so averaging raw margins then calibrating is the same as averaging calibrated ones.
 
+Each row gets the fitted numbers of the view it has: the primary's margin is swap-averaged on the rows its swapped
+view was averaged into (source ``+tta``) and single-order elsewhere; the secondary's is always single-order. So a
+``primary+tta`` row is divided by the primary's swap-averaged temperature, a ``primary`` row by its single-order one,
+and ``blend+tta`` and ``blend`` rows take the blend record fitted on those views (``Calibration.for_view``,
+``Blend.for_view``). A file written before views were fitted apart holds one temperature (or weight): it serves every
+row, as it did, and the report says which view it was fitted on. ``report.json`` names, per source, the temperature or
+weight that served its rows and its view.
+
 ``calibration.json`` and ``blend.json`` record the fingerprint of the adapter weights they were fitted for; one
 fitted for other weights (a stage-2 or fold-averaged adapter copied over the old one) is refused before any row is
 scored, unless ``accept_stale_calibration`` is set, which the report then says loudly. A file without a fingerprint
@@ -18,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.evaluation.calibration import Blend, Calibration, adapter_fingerprint
+from kaggle_utils.evaluation.calibration import Blend, Calibration, adapter_fingerprint, blend_view
 
 # Probability given to the longer response on rows that no model scored.
 FALLBACK_LONGER_WINS = 0.55
@@ -103,6 +111,8 @@ class Blender:
         else:
             cal = Calibration.load(adapter / "calibration.json")
         entry = {"temperature": cal.temperature, "reason": cal.reason, "view": cal.view or "unknown"}
+        if cal.tta is None and adapter is not None and (adapter / "calibration.json").is_file():
+            entry["note"] = "one temperature, fitted on this view: it serves every row, single-order and +tta alike"
         if adapter is not None and str(adapter / "calibration.json") in self.stale:
             entry["fingerprint"] = self.stale[str(adapter / "calibration.json")]
         self.report.setdefault("calibration", {})[what] = entry
@@ -115,13 +125,23 @@ class Blender:
         if fitted is not None and fitted.is_file():
             blend = Blend.load(fitted)
         else:
-            blend = Blend(
+            first = self.calibration("primary", self.primary_adapter)
+            second = self.calibration("secondary", self.secondary_adapter)
+            default = dict(
                 weight=self.secondary_weight,
-                primary_temperature=self.calibration("primary", self.primary_adapter).temperature,
-                secondary_temperature=self.calibration("secondary", self.secondary_adapter).temperature,
+                secondary_temperature=second.temperature,
                 reason=f"no blend.json beside the secondary adapter: secondary_weight={self.secondary_weight}",
             )
-        self.report["blend"] = {"weight": blend.weight, "reason": blend.reason}
+            tta = first.for_view(True)  # the primary's swap-averaged temperature for blend+tta rows, where fitted
+            blend = Blend(
+                primary_temperature=first.temperature,
+                view=blend_view(first.view, second.view),
+                tta=Blend(primary_temperature=tta.temperature, view=blend_view(tta.view, second.view), **default),
+                **default,
+            )
+        self.report["blend"] = {"weight": blend.weight, "reason": blend.reason, "view": blend.view or "unknown"}
+        if blend.tta is None:
+            self.report["blend"]["note"] = "one weight, fitted on this view: it serves every blended row"
         if fitted is not None and str(fitted) in self.stale:
             self.report["blend"] |= {"fraction": blend.fraction, "fingerprint": self.stale[str(fitted)]}
         return blend
@@ -130,18 +150,42 @@ class Blender:
         self, test: pd.DataFrame, raw: np.ndarray, secondary_raw: np.ndarray, tta: np.ndarray
     ) -> pd.DataFrame:
         """``raw``, ``secondary_raw`` (N, 2): each model's probabilities, NaN where it did not score; ``tta`` (N,):
-        rows the swapped view was averaged into. The source of each row says which of them made it."""
+        rows the swapped view was averaged into. The source of each row says which of them made it; each row is
+        calibrated with the record of its view, and the report says which record served which source's rows."""
         probs, source = fallback_probs(test), np.full(len(test), "fallback", dtype=object)
         primary = np.isfinite(raw).all(1)
-        if primary.any():
-            probs[primary] = self.calibration("primary", self.primary_adapter).apply(raw[primary])
-            source[primary] = "primary"
         both = primary & np.isfinite(secondary_raw).all(1)
-        if both.any():
-            probs[both] = self.blend().combine(raw[both], secondary_raw[both])
-            source[both] = "blend"
+        if not primary.any():
+            return _frame(test, probs, source)
+        cal = self.calibration("primary", self.primary_adapter)
+        blend = self.blend() if both.any() else None  # (it may read the calibrations again: their entries are reset)
+        served: dict[str, dict] = {"primary": {}, "blend": {}}
+        for swapped in (False, True):
+            view = primary & (tta == swapped)
+            for rows, name, record in ((view & ~both, "primary", cal), (view & both, "blend", blend)):
+                if not rows.any():
+                    continue
+                record = record.for_view(swapped)
+                if name == "primary":
+                    probs[rows] = record.apply(raw[rows])
+                else:
+                    probs[rows] = record.combine(raw[rows], secondary_raw[rows])
+                served[name][name + "+tta" * swapped] = _served(record, int(rows.sum()))
+        self.report["calibration"]["primary"]["served"] = served["primary"]
+        if blend is not None:
+            self.report["blend"]["served"] = served["blend"]
+        source[primary] = np.where(both[primary], "blend", "primary")
         source[tta] = source[tta] + "+tta"
         return _frame(test, probs, source)
+
+
+def _served(record: Calibration | Blend, rows: int) -> dict:
+    """What the report says about the record that served ``rows`` rows of one source: its numbers and its view."""
+    if isinstance(record, Calibration):
+        numbers = {"temperature": record.temperature}
+    else:
+        numbers = {k: getattr(record, k) for k in ("weight", "primary_temperature", "secondary_temperature")}
+    return {"rows": rows, **numbers, "view": record.view or "unknown"}
 
 
 def uncalibrated(test: pd.DataFrame, raw: np.ndarray) -> pd.DataFrame:
