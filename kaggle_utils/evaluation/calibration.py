@@ -500,14 +500,7 @@ def fit_blend_from_files(
     primary = primary or fit_from_val_predictions(primary_val, min_rows=min_rows)
     secondary = secondary or fit_from_val_predictions(secondary_val, min_rows=min_rows)
     a, b = read_val_predictions(primary_val), read_val_predictions(secondary_val)
-    joined = a.merge(b, on="id", suffixes=("_1", "_2"), validate="1:1")  # (R, ...) rows in both files
-    clash = joined["label_1"] != joined["label_2"]
-    if clash.any():
-        bad = joined["id"].to_numpy()[clash.to_numpy()][0]
-        raise CalibrationFileError(
-            f"{primary_val} and {secondary_val} disagree on the winner of id {_plain(bad)!r}; "
-            "fit the blend on predictions of the same validation labels"
-        )
+    joined = _join(a, b, f"{primary_val} and {secondary_val}")  # (R, ...) rows in both files
     ids = joined["id"]
     z1 = {v: z[pd.Index(a["id"]).get_indexer(ids)] for v, z in val_margins(a).items()}  # (R,) per view, join order
     z2 = val_margins(b)[SINGLE_ORDER][pd.Index(b["id"]).get_indexer(ids)]  # (R,) the secondary: one order
@@ -534,7 +527,24 @@ def fit_blend_from_files(
         z1[SWAP_AVERAGED][in_tta], z2[in_tta], labels[in_tta], primary.for_view(True), secondary, min_rows,
         view=blend_view(SWAP_AVERAGED, SINGLE_ORDER), **record,
     )  # fmt: skip
+    if tta.rows < min_rows:  # too few to fit: the other blended rows' weight says more than a fixed one
+        reason = f"only {tta.rows} rows both scored (< min_rows={min_rows}): the weight fitted on the single-order rows"
+        tta = dataclasses.replace(tta, weight=fit.weight, reason=reason)
     return dataclasses.replace(fit, tta=tta)
+
+
+def _join(a: pd.DataFrame, b: pd.DataFrame, files: str) -> pd.DataFrame:
+    """The rows of two read_val_predictions frames with the same id (columns suffixed _1, _2), which must agree on
+    the winner; ``files`` names both in the error."""
+    joined = a.merge(b, on="id", suffixes=("_1", "_2"), validate="1:1")
+    clash = joined["label_1"] != joined["label_2"]
+    if clash.any():
+        bad = joined["id"].to_numpy()[clash.to_numpy()][0]
+        raise CalibrationFileError(
+            f"{files} disagree on the winner of id {_plain(bad)!r}; fit the blend on predictions of the same "
+            "validation labels"
+        )
+    return joined
 
 
 # ---------------------------------------------------------------------------------------------- command line

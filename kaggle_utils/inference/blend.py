@@ -143,7 +143,8 @@ class Blender:
         if blend.tta is None:
             self.report["blend"]["note"] = "one weight, fitted on this view: it serves every blended row"
         if fitted is not None and str(fitted) in self.stale:
-            self.report["blend"] |= {"fraction": blend.fraction, "fingerprint": self.stale[str(fitted)]}
+            self.report["blend"] |= {"fraction": blend.fraction, "tta_fraction": blend.tta_fraction}
+            self.report["blend"]["fingerprint"] = self.stale[str(fitted)]
         return blend
 
     def predictions(

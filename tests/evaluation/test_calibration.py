@@ -441,6 +441,10 @@ def test_blend_is_fitted_on_the_views_inference_blends(tmp_path):
     assert blend.tta.weight != pytest.approx(wrong.weight, abs=1e-2)
     wrong = cal.fit_blend_margins(margin(p1)[tta_rows], margin(p2)[tta_rows], labels[tta_rows], first, second)
     assert blend.tta.weight != pytest.approx(wrong.weight, abs=1e-2)
+    # too few rows in the TTA share to fit: its weight is the other blended rows', at its own temperatures
+    small = fit_blend_from_files(a, b, first, second, fraction=0.6, tta_fraction=0.01)
+    assert small.tta.rows == 50 and small.tta.weight == small.weight and "(< min_rows=100)" in small.tta.reason
+    assert small.tta.primary_temperature == first.tta.temperature
     # without the swapped view in the primary's file there is no tta record: one weight on the whole share
     plain = fit_blend_from_files(
         val_file(tmp_path / "p1.parquet", p1, labels), b, first, second, fraction=0.6, tta_fraction=0.2
