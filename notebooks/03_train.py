@@ -89,10 +89,11 @@ pd.concat({role: r.languages.set_index("language") for role, r in results.items(
 
 # %% [markdown]
 # ## Calibration and the blend
-# Each student's temperature and the weight of the secondary in the cascade's blend, fitted on the swap-averaged
-# validation margins (the blend on the share of rows the cascade sends the secondary) and written where inference
-# reads them: `calibration.json` beside each adapter, `blend.json` beside the secondary's. The same step from a
-# shell: `python -m kaggle_utils.evaluation.calibration --recipe calibrate-students`.
+# Each student's temperatures and the weights of the secondary in the cascade's blend, each fitted on the validation
+# margins of the view it serves (`+tta`: the primary's swap-averaged margin; otherwise single-order; the blend on the
+# share of rows the cascade sends the secondary) and written where inference reads them: `calibration.json` beside
+# each adapter, `blend.json` beside the secondary's. The same step from a shell:
+# `python -m kaggle_utils.evaluation.calibration --recipe calibrate-students`.
 
 # %%
 if {"primary", "secondary"} <= set(results):
