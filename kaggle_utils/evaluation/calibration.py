@@ -497,8 +497,10 @@ def fit_blend_from_files(
     they serve where the planner cuts the swapped view short). The two files must agree on every shared row's
     winner. The fingerprints recorded are the calibrations'.
     """
-    primary = primary or fit_from_val_predictions(primary_val, min_rows=min_rows)
-    secondary = secondary or fit_from_val_predictions(secondary_val, min_rows=min_rows)
+    if primary is None:
+        primary = fit_from_val_predictions(primary_val, min_rows=min_rows)
+    if secondary is None:
+        secondary = fit_from_val_predictions(secondary_val, min_rows=min_rows)
     a, b = read_val_predictions(primary_val), read_val_predictions(secondary_val)
     joined = _join(a, b, f"{primary_val} and {secondary_val}")  # (R, ...) rows in both files
     ids = joined["id"]
@@ -520,7 +522,8 @@ def fit_blend_from_files(
         view=blend_view(SINGLE_ORDER, SINGLE_ORDER), **record,
     )  # fmt: skip
     if len(single) == len(share) and len(in_tta):
-        fit = dataclasses.replace(fit, reason=f"{fit.reason} (on the whole share: < min_rows rows outside the TTA)")
+        note = f"on the whole share: < {min_rows} rows outside the TTA share"
+        fit = dataclasses.replace(fit, reason=f"{fit.reason} ({note})")
     if not len(in_tta):
         return fit
     tta = fit_blend_margins(
@@ -596,7 +599,8 @@ def val_predictions_of(out_dir: Path) -> Path:
 
 def summary(calibrations: dict[str, Calibration], blend: Blend | None = None) -> pd.DataFrame:
     """One row per model and view (before: raw, after: calibrated) and per view of the blend (before: a fixed 0.5
-    average); a view is named as inference names the rows it serves (``primary``, ``primary+tta``, ``blend``, ...)."""
+    average); a view is named as inference names the rows it serves (``primary``, ``primary+tta``, ``blend``, ...).
+    ``secondary+tta`` is recorded but serves no row: inference scores the secondary in one order."""
     table = []
     for name, fitted in calibrations.items():
         for label, c in _views(name, fitted):

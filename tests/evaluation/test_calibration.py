@@ -445,6 +445,9 @@ def test_blend_is_fitted_on_the_views_inference_blends(tmp_path):
     small = fit_blend_from_files(a, b, first, second, fraction=0.6, tta_fraction=0.01)
     assert small.tta.rows == 50 and small.tta.weight == small.weight and "(< min_rows=100)" in small.tta.reason
     assert small.tta.primary_temperature == first.tta.temperature
+    # a TTA share covering the secondary's: the single-order weight (for rows the planner leaves unswapped) on all
+    covered = fit_blend_from_files(a, b, first, second, fraction=0.2, tta_fraction=0.25)
+    assert covered.rows == covered.tta.rows == 1000 and "on the whole share" in covered.reason
     # without the swapped view in the primary's file there is no tta record: one weight on the whole share
     plain = fit_blend_from_files(
         val_file(tmp_path / "p1.parquet", p1, labels), b, first, second, fraction=0.6, tta_fraction=0.2
