@@ -30,6 +30,7 @@ from kaggle_utils.train import TrainConfig, train
 from kaggle_utils.training import eval_cost, evaluation
 from kaggle_utils.training import schedule as schedule_module
 from kaggle_utils.training import step as step_module
+from kaggle_utils.training.checkpoints import _resume_blockers
 from kaggle_utils.training.errors import NonFiniteLossError, TrainMemoryError
 from kaggle_utils.training.outputs import save_adapter
 from kaggle_utils.training.precision import Precision, trainable_in_fp32
@@ -164,6 +165,17 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, mon
     _assert_same_history(result.history, trained.result.history)
     _assert_same_weights(_adapter_weights(out), _adapter_weights(trained.cfg.out_dir))
     assert result.metrics["val"] == pytest.approx(trained.result.metrics["val"], abs=1e-6)
+
+
+def test_a_field_added_after_the_checkpoint_blocks_resuming_only_off_its_default() -> None:
+    """A package upgrade adds a config field: at its default it resumes; set to something else it is refused."""
+    saved = {"lr": 1e-4, "epochs": 1.0}
+    defaults = {"lr": 1e-4, "epochs": 1.0, "new_option": False}
+    assert _resume_blockers(saved, {**saved, "new_option": False}, defaults) == []
+    assert _resume_blockers(saved, {**saved, "new_option": True}, defaults) == ["new_option"]
+    assert _resume_blockers(saved, {"lr": 1e-3, "epochs": 1.0, "new_option": False}, defaults) == ["lr"]
+    # a recorded field changed back to its default still blocks: the checkpoint was trained otherwise
+    assert _resume_blockers({**saved, "new_option": True}, {**saved, "new_option": False}, defaults) == ["new_option"]
 
 
 def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) -> None:

@@ -16,9 +16,12 @@ from kaggle_utils.training.run import Run
 RESUMABLE_CHANGES = frozenset({"time_budget_minutes", "save_every", "device", "out_dir", "eval_every_steps"})
 
 
-def _resume_blockers(saved: dict, current: dict) -> list[str]:
-    """Config fields whose change makes a checkpoint's schedule or weights meaningless for this run."""
-    return sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+def _resume_blockers(saved: dict, current: dict, defaults: dict) -> list[str]:
+    """Config fields whose change makes a checkpoint's schedule or weights meaningless for this run. A field the
+    checkpoint does not record (added to the package after it was written) blocks only when set off its default:
+    at its default it does what the run that wrote the checkpoint did."""
+    changed = (k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    return sorted(k for k in changed if k in saved or current[k] != defaults.get(k))
 
 
 def refuse_fsdp_resume(cfg: TrainConfig, parallel: Parallel) -> None:
@@ -63,7 +66,7 @@ def load_checkpoint(run: Run) -> None:
     from peft import set_peft_model_state_dict
 
     state = torch.load(path, map_location="cpu", weights_only=False)
-    changed = _resume_blockers(state.get("config", {}), config_to_dict(run.cfg))
+    changed = _resume_blockers(state.get("config", {}), config_to_dict(run.cfg), config_to_dict(type(run.cfg)()))
     if changed:
         raise RuntimeError(
             f"{path} was written with a different config ({', '.join(changed)}); "
