@@ -170,6 +170,18 @@ render: $(STAMP)  ## the demo-executed notebooks as Markdown in docs/notebooks/ 
 	if [ "$$(cat $(OUT)/inputs.sha256 2>/dev/null)" != "$$h" ]; then $(MAKE) demo; echo $$h > $(OUT)/inputs.sha256; fi
 	$(BIN)/python docs/render.py --demo-dir $(OUT) --out-dir docs/notebooks
 
+# ---- The real path end to end (benchmarks/rehearse.py) -----------------------------------------------------------
+# the shell recipes in order on the demo rows and tiny models (CPU), the students uploaded to the loopback Kaggle,
+# notebook 04 staged and executed as Kaggle runs it under a stand-in /kaggle; one line per step. Outputs stay in
+# REHEARSE_DIR; a step whose outputs exist is kept unless FRESH=1 (the default here: a clean run)
+REHEARSE_DIR ?= build/rehearse
+FRESH ?= 1
+
+.PHONY: rehearse
+
+rehearse: $(STAMP)  ## the real path on the CPU: shell recipes, upload (loopback), notebook 04 as staged for Kaggle
+	$(BIN)/python -m benchmarks.rehearse --work "$(REHEARSE_DIR)" $(if $(filter 1,$(FRESH)),--fresh)
+
 # ---- Data layer benchmark (benchmarks/bench_data.py) -----------------------------------------------------------
 # pairs of synthetic data in the public formats: normalise + filter + dedup + leakage + language + folds
 PAIRS ?= 560000
