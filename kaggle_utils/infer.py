@@ -91,6 +91,44 @@ class InferConfig(InputConfig):
 
     # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "infer"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("test_file", "out_dir", "labels_file"),
+        "models": (
+            "primary_model",
+            "primary_adapter",
+            "secondary_model",
+            "secondary_adapter",
+            "secondary_weight",
+            "load_in_4bit",
+            "dtype",
+            "devices",
+        ),
+        "inputs": (
+            "max_length",
+            "prompt_fraction",
+            "template",
+            "truncation",
+            "head_fraction",
+            "split_special_tokens",
+            "num_proc",
+            "fast_bpe",
+            "cache_dir",
+        ),
+        "budget": (
+            "time_budget_minutes",
+            "reserve_minutes",
+            "started_at",
+            "batch_tokens",
+            "max_batch_tokens",
+            "max_rows",
+            "activation_reserve_gib",
+            "tta_fraction",
+            "secondary_fraction",
+        ),
+        "safety": ("fail_soft", "first_batch_seconds_per_token", "checkpoint_seconds", "accept_stale_calibration"),
+        "rehearsal": ("rehearse", "rehearse_minutes", "project_rows"),
+    }
 
     # the token-id settings (max_length, template, truncation, prompt_fraction, head_fraction, split_special_tokens):
     # empty, each role takes its adapter's own (its train_config.json), so primary and secondary may differ; a value

@@ -74,6 +74,24 @@ class MultipleChoiceConfig:
 
     # the stage its recipes name (``stage = "multiple-choice"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "multiple-choice"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model_path", "device", "dtype", "cpu_threads"),
+        "inputs": ("max_length", "prompt_fraction", "head_fraction"),
+        "data": ("train_file", "out_dir", "val_fold", "max_train_rows", "swap_fraction"),
+        "optim": (
+            "lr",
+            "weight_decay",
+            "warmup_fraction",
+            "epochs",
+            "batch_tokens",
+            "max_rows",
+            "grad_accum",
+            "max_grad_norm",
+        ),
+        "awp": ("awp_lr", "awp_eps", "awp_start_epoch", "awp_steps", "awp_params"),
+        "schedule": ("eval_every", "eval_batch_tokens", "time_budget_minutes", "seed"),
+    }
     # rows are padded, never packed (the shared schedule, training.schedule.Batching, asks)
     packing: ClassVar[bool] = False
 

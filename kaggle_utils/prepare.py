@@ -27,6 +27,10 @@ class PrepareConfig:
 
     # the stage its recipes name (``stage = "prepare"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "prepare"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("data_dir", "unlabeled_file", "out_dir", "n_folds", "clean"),
+    }
 
     # folder holding the competition files (train.parquet, test.parquet); found by search on Kaggle
     data_dir: Path = Path("demo/data")

@@ -86,6 +86,34 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
 
     # the stage its recipes name (``stage = "pseudo_label"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "pseudo_label"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": (
+            "model_path",
+            "load_in_4bit",
+            "device",
+            "attn_implementation",
+            "dtype",
+            "split_reserve_gib",
+            "adapter_dir",
+            "oof_adapters",
+            "teacher_name",
+        ),
+        "inputs": (
+            "max_length",
+            "prompt_fraction",
+            "template",
+            "truncation",
+            "head_fraction",
+            "split_special_tokens",
+            "num_proc",
+            "fast_bpe",
+            "cache_dir",
+        ),
+        "data": ("input_file", "out_file"),
+        "run": ("tta", "chunk_rows", "batch_tokens", "max_rows", "wait_minutes"),
+        "engine": ("engine", "tensor_parallel_size", "gpu_memory_utilization", "answer_tokens"),
+    }
 
     # the teacher's LoRA adapter (train stage output ``adapter/``); empty: the base model as is
     adapter_dir: Path | None = Path("demo/work/teacher/adapter")

@@ -53,6 +53,26 @@ class FewShotConfig(ApiConfig):
 
     # the stage its recipes name (``stage = "fewshot"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "fewshot"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("input_file", "out_dir", "n_eval", "seed", "max_field_chars", "shot_max_chars"),
+        "model": ("model", "temperature", "max_tokens"),
+        "shots": ("selection", "shots", "ngram", "ngram_dim", "max_pool_per_language", "both_orders"),
+        "api": (
+            "base_url",
+            "api_key_env",
+            "workers",
+            "timeout_s",
+            "max_attempts",
+            "backoff_base_s",
+            "backoff_max_s",
+            "malformed_retries",
+            "max_consecutive_failures",
+            "retry_failed",
+            "prices",
+            "max_cost_usd",
+        ),
+    }
 
     # labelled rows in the competition schema (.parquet or .csv), with a ``language`` column
     input_file: Path = Path("output/prepared/train.parquet")

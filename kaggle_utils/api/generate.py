@@ -50,6 +50,26 @@ class GenerateConfig(ApiConfig):
 
     # the stage its recipes name (``stage = "generate_pairs"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "generate_pairs"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("pool_file", "out_file"),
+        "sampling": ("n_prompts", "language_weights", "seed", "max_prompt_chars"),
+        "answers": ("models", "temperature", "max_tokens", "pairs_per_prompt", "system_prompt"),
+        "api": (
+            "base_url",
+            "api_key_env",
+            "workers",
+            "timeout_s",
+            "max_attempts",
+            "backoff_base_s",
+            "backoff_max_s",
+            "malformed_retries",
+            "max_consecutive_failures",
+            "retry_failed",
+            "prices",
+            "max_cost_usd",
+        ),
+    }
 
     # prompt pool (.parquet or .csv): a ``prompt`` column, optionally ``language``
     pool_file: Path = Path("data/pools/prompts.parquet")

@@ -74,6 +74,34 @@ class JudgeConfig(ApiConfig):
 
     # the stage its recipes name (``stage = "judge"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "judge"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("input_file", "work_dir", "n_train", "n_valid", "seed", "max_field_chars", "swap_train"),
+        "fine_tuning": (
+            "base_model",
+            "suffix",
+            "n_epochs",
+            "training_prices",
+            "poll_interval_s",
+            "poll_max_interval_s",
+            "max_poll_s",
+        ),
+        "test": ("test_models", "delete_model", "both_orders", "temperature", "max_tokens"),
+        "api": (
+            "base_url",
+            "api_key_env",
+            "workers",
+            "timeout_s",
+            "max_attempts",
+            "backoff_base_s",
+            "backoff_max_s",
+            "malformed_retries",
+            "max_consecutive_failures",
+            "retry_failed",
+            "prices",
+            "max_cost_usd",
+        ),
+    }
 
     # labelled rows in the competition schema (.parquet or .csv)
     input_file: Path = Path("output/prepared/train.parquet")

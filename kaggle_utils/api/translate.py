@@ -53,6 +53,26 @@ class TranslateConfig(ApiConfig):
 
     # the stage its recipes name (``stage = "translate"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "translate"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("input_file", "out_file"),
+        "choice": ("target_languages", "source_languages", "n_rows", "max_chars", "seed"),
+        "model": ("model", "temperature", "max_tokens"),
+        "api": (
+            "base_url",
+            "api_key_env",
+            "workers",
+            "timeout_s",
+            "max_attempts",
+            "backoff_base_s",
+            "backoff_max_s",
+            "malformed_retries",
+            "max_consecutive_failures",
+            "retry_failed",
+            "prices",
+            "max_cost_usd",
+        ),
+    }
 
     # labelled rows in the competition schema (.parquet or .csv)
     input_file: Path = Path("data/competition/train.parquet")

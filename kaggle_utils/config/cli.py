@@ -1,7 +1,8 @@
 """Turn a stage's typed config dataclass into a command line, so every stage runs from a shell.
 
-Each field becomes ``--field-name``; its help text is the comment written above the field in the
-dataclass source (one place to document a field, read by both the notebook reader and ``--help``).
+Each field becomes ``--field-name`` (its flat name: :mod:`kaggle_utils.config.sections`), grouped in ``--help`` by
+the config's sections; its help text is the comment written above the field in the dataclass source (one place to
+document a field, read by both the notebook reader and ``--help``).
 """
 
 from __future__ import annotations
@@ -11,19 +12,35 @@ import dataclasses
 import inspect
 import json
 import re
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kaggle_utils.config import recipes
 from kaggle_utils.config.recipes import base_type
+from kaggle_utils.config.sections import (
+    flat_fields,
+    from_flat,
+    is_sectioned,
+    section_classes,
+    section_doc,
+    sections,
+    to_flat,
+)
 
 C = TypeVar("C")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The ``#`` comment lines directly above each field in the source of ``cls`` and its bases."""
+    """The ``#`` comment lines directly above each field in the source of ``cls`` and its bases; for a sectioned
+    config, those of its sections' fields, under their flat names."""
+    if is_sectioned(cls):
+        docs = {name: _source_docs(klass) for name, klass in section_classes(cls).items()}
+        return {f.name: docs[f.section][f.local] for f in flat_fields(cls).values() if f.local in docs[f.section]}
+    return _source_docs(cls)
+
+
+def _source_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -84,36 +101,30 @@ def build_parser(
     description: str | None = None,
     defaults: Mapping[str, Any] | None = None,
     epilog: str | None = None,
-    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--option`` per field of the dataclass ``cls``.
+    """An argparse parser with one ``--option`` per field of the config dataclass ``cls`` (its flat names),
+    grouped by the config's sections.
 
     ``defaults`` (a recipe's values) replace the dataclass defaults; a required field they set is no longer required.
-    ``sections`` (section → fields, a stage's recipe sections) group the options in ``--help``.
     """
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip(),
         epilog=epilog,
         formatter_class=_HelpFormatter,
     )
-    groups = {name: parser.add_argument_group(f"[{name}]") for name in (sections or {})}
-    group_of = {field: groups[name] for name, fields in (sections or {}).items() for field in fields}
-    hints = typing.get_type_hints(cls)
+    groups = {name: parser.add_argument_group(f"[{name}]", section_doc(cls, name) or None) for name in sections(cls)}
     docs = field_docs(cls)
     defaults = defaults or {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    for f in flat_fields(cls).values():
+        required, default = f.default is dataclasses.MISSING, f.default
         if f.name in defaults:
             required, default = False, defaults[f.name]
-        group_of.get(f.name, parser).add_argument(
+        groups.get(f.section, parser).add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_converter(hints[f.name]),
+            type=_converter(f.type),
             required=required,
-            default=default,
+            default=None if default is dataclasses.MISSING else default,
             # argparse %-formats help strings: a literal "%" in a comment (e.g. "10%") must be doubled
             help=docs.get(f.name, "").replace("%", "%%"),
         )
@@ -131,22 +142,23 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
     override it; ``--help`` lists the stage's recipes.
     """
     if not getattr(cls, "STAGE", None):
-        return cls(**vars(build_parser(cls).parse_args(argv)))
+        return from_flat(cls, vars(build_parser(cls).parse_args(argv)))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default="")
     known, rest = pre.parse_known_args(argv)
     values = recipes.recipe_values(known.recipe, cls) if known.recipe else {}
     lines = [f"  {r.name:<28} {r.summary}" for r in recipes.available(cls.STAGE)]
     epilog = "recipes for this stage (--recipe NAME, or a path to a .toml file):\n" + "\n".join(lines)
-    parser = build_parser(cls, defaults=values, epilog=epilog, sections=recipes.sections(cls.STAGE))
+    parser = build_parser(cls, defaults=values, epilog=epilog)
     parser.add_argument("--recipe", default=known.recipe, help="recipe name or .toml path; flags override it")
     args = vars(parser.parse_args(rest))
     args.pop("recipe")
-    return cls(**args)
+    return from_flat(cls, args)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass (paths as strings), for saving next to artifacts."""
+    """A JSON-ready dict of a config dataclass (paths as strings), for saving next to artifacts: flat names, so
+    that files written before the configs had sections read the same (:func:`kaggle_utils.config.sections.to_flat`)."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, Path):
@@ -157,7 +169,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: convert(v) for k, v in value.items()}
         return value
 
-    return {f.name: convert(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return {name: convert(value) for name, value in to_flat(cfg).items()}
 
 
 def config_to_argv(values: Mapping[str, Any]) -> list[str]:

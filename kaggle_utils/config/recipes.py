@@ -8,12 +8,13 @@ is a :class:`RecipeError` naming the file and the key. Layout of a recipe (``kag
     stage = "train"                 # which stage's dataclass it fills
     extends = "student-base"        # optional: a recipe (name, or path relative to this file) it overrides
 
-    [inputs]                        # the section the field belongs to (recipes/sections.toml)
+    [inputs]                        # the section the field belongs to: the config's ``inputs`` section
     max_length = 2500
 
-Sections are flattened into the config's fields, and each field has one section (``recipes/sections.toml``,
-per stage): a key under another section is an error naming the file, the section and the key; a key at the top
-of the file is allowed. ``--help`` groups a stage's flags by the same sections.
+The ``[section]`` tables are the sections of the stage's config (:mod:`kaggle_utils.config.sections`: a sectioned
+config's section attributes, or a flat config's ``SECTIONS``); a key under a section is the field's name there.
+A key under another section is an error naming the file, the section and the key; a key at the top of the file is
+allowed and takes the field's flat name (its ``--flag``). ``--help`` groups a stage's flags by the same sections.
 
 A variant ``extends`` its base and writes only what differs, so no two files drift apart. Empty strings stand
 for ``None`` in optional fields (TOML has no null), as on the command line.
@@ -24,9 +25,7 @@ runs: ``demo`` (a CPU laptop), ``kaggle`` (2×T4, what ``make push`` ships) and 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import functools
 import sys
 import types
 import typing
@@ -34,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kaggle_utils.config.sections import flat_fields, from_flat, sections
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +54,6 @@ def base_type(tp: Any) -> Any:
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 PROFILES_FILE = RECIPES_DIR / "profiles.toml"
-SECTIONS_FILE = RECIPES_DIR / "sections.toml"
 PROFILES = ("demo", "kaggle", "shell")
 # keys of a recipe that are not config fields
 META_KEYS = ("stage", "extends")
@@ -99,13 +99,20 @@ def _summary(text: str) -> str:
     return ""
 
 
-def _flatten(raw: dict[str, Any], path: Path, dict_fields: frozenset[str]) -> dict[str, Any]:
-    """Sections are for reading only: ``[optim] lr = 1e-4`` is the field ``lr``. A field set twice is an error."""
+def _flatten(raw: dict[str, Any], path: Path, cls: type | None) -> dict[str, Any]:
+    """Sections are for reading only: ``[optim] lr = 1e-4`` is the field ``lr`` (``[primary] model`` is
+    ``primary_model``). A table named after a dict field is that field's value. A field set twice is an error."""
+    layout = sections(cls) if cls is not None else {}
+    dict_fields = _dict_fields(cls) if cls is not None else frozenset()
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key in META_KEYS:
             continue
-        items = value.items() if isinstance(value, dict) and key not in dict_fields else [(key, value)]
+        if isinstance(value, dict) and key not in dict_fields:
+            names = layout.get(key, {})
+            items = [(names.get(local, local), v) for local, v in value.items()]
+        else:
+            items = [(key, value)]
         for field, v in items:
             if field in flat:
                 raise RecipeError(f"{path}: key {field!r} is set twice (sections are flattened: set it once)")
@@ -113,8 +120,9 @@ def _flatten(raw: dict[str, Any], path: Path, dict_fields: frozenset[str]) -> di
     return flat
 
 
-def read(name_or_path: str | Path, dict_fields: frozenset[str] = frozenset(), _seen: tuple = ()) -> Recipe:
-    """Parse a recipe and the chain it extends; child values override the base's."""
+def read(name_or_path: str | Path, cls: type | None = None, _seen: tuple = ()) -> Recipe:
+    """Parse a recipe and the chain it extends; child values override the base's. With the stage's config ``cls``
+    the values are its flat names (without it, a key under a section is taken as written)."""
     path = recipe_path(name_or_path, _seen[-1].parent if _seen else RECIPES_DIR).resolve()
     if path in _seen:
         raise RecipeError(f"{path}: 'extends' loops back to itself ({' → '.join(p.name for p in (*_seen, path))})")
@@ -127,13 +135,13 @@ def read(name_or_path: str | Path, dict_fields: frozenset[str] = frozenset(), _s
     chain: tuple[Path, ...] = (path,)
     stage = raw.get("stage")
     if "extends" in raw:
-        base = read(raw["extends"], dict_fields, (*_seen, path))
+        base = read(raw["extends"], cls, (*_seen, path))
         if stage and stage != base.stage:
             raise RecipeError(f"{path}: stage {stage!r} differs from the stage {base.stage!r} of {base.path}")
         stage, values, chain = base.stage, dict(base.values), (*base.chain, path)
     if not isinstance(stage, str) or not stage:
         raise RecipeError(f"{path}: no 'stage' key (e.g. stage = \"train\"), and nothing it extends has one")
-    values.update(_flatten(raw, path, dict_fields))
+    values.update(_flatten(raw, path, cls))
     name = path.stem if path.parent == RECIPES_DIR.resolve() else str(path)
     return Recipe(name, path, stage, _summary(text), values, chain)
 
@@ -159,46 +167,40 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def check_values(values: Mapping[str, Any], cls: type, where: str) -> None:
-    """Every key is a field of ``cls`` and every value has the field's type; else RecipeError naming ``where``."""
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    """Every key is a field of ``cls`` (its flat name) and every value has the field's type; else RecipeError
+    naming ``where``."""
+    fields = flat_fields(cls)
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"{where}: unknown key {key!r}{hint}; {cls.__name__} has no such field")
-        if not _type_ok(value, hints[key]):
-            want = getattr(base_type(hints[key]), "__name__", str(hints[key]))
+        if not _type_ok(value, fields[key].type):
+            want = getattr(base_type(fields[key].type), "__name__", str(fields[key].type))
             raise RecipeError(f"{where}: key {key!r} = {value!r} should be {want}")
 
 
-@functools.cache
-def sections(stage: str) -> dict[str, tuple[str, ...]]:
-    """The sections of a stage's recipes, in order: section → the fields written under it (``sections.toml``)."""
-    table = tomllib.loads(SECTIONS_FILE.read_text()).get(stage, {})
-    return {name: tuple(fields) for name, fields in table.items()}
-
-
-def check_sections(raw: Mapping[str, Any], path: Path, stage: str, dict_fields: frozenset[str]) -> None:
+def check_sections(raw: Mapping[str, Any], path: Path, cls: type) -> None:
     """Every key under a ``[section]`` belongs to that section; else RecipeError naming file, section and key.
 
     A key that is no field at all is left to :func:`check_values` (it names the closest field).
     """
-    layout = sections(stage)
-    owner = {field: name for name, fields in layout.items() for field in fields}
+    layout, fields = sections(cls), flat_fields(cls)
     for name, value in raw.items():
-        if name in META_KEYS or not isinstance(value, dict) or name in dict_fields or not layout:
+        if name in META_KEYS or not isinstance(value, dict) or name in _dict_fields(cls) or not layout:
             continue
         if name not in layout:
-            raise RecipeError(f"{path}: unknown section [{name}]; {stage!r} recipes have {', '.join(layout)}")
+            raise RecipeError(f"{path}: unknown section [{name}]; {stage_name(cls)!r} recipes have {', '.join(layout)}")
         for key in value:
-            if key in owner and owner[key] != name:
-                raise RecipeError(f"{path}: key {key!r} is under [{name}]; it belongs in [{owner[key]}]")
+            owner = fields.get(key)
+            if key not in layout[name] and owner is not None and owner.section not in (None, name):
+                local = f" (as {owner.local!r})" if owner.local != key else ""
+                raise RecipeError(f"{path}: key {key!r} is under [{name}]; it belongs in [{owner.section}]{local}")
 
 
 def _dict_fields(cls: type) -> frozenset[str]:
-    hints = typing.get_type_hints(cls)
-    return frozenset(f.name for f in dataclasses.fields(cls) if typing.get_origin(base_type(hints[f.name])) is dict)
+    """Flat names of the dict-valued fields (a TOML table of that name is the field's value, not a section)."""
+    return frozenset(f.name for f in flat_fields(cls).values() if typing.get_origin(base_type(f.type)) is dict)
 
 
 def stage_name(cls: type) -> str:
@@ -211,7 +213,7 @@ def stage_name(cls: type) -> str:
 
 def recipe_values(name_or_path: str | Path, cls: type) -> dict[str, Any]:
     """The recipe's resolved values for ``cls``, checked key by key (file and key named on error)."""
-    recipe = read(name_or_path, _dict_fields(cls))
+    recipe = read(name_or_path, cls)
     if recipe.stage != stage_name(cls):
         raise RecipeError(
             f"{recipe.path}: a recipe for the {recipe.stage!r} stage, not {stage_name(cls)!r}; "
@@ -219,8 +221,8 @@ def recipe_values(name_or_path: str | Path, cls: type) -> dict[str, Any]:
         )
     for path in recipe.chain:  # name the file that holds a bad key, not the last of the chain
         raw = tomllib.loads(path.read_text())
-        check_sections(raw, path, stage_name(cls), _dict_fields(cls))
-        check_values(_flatten(raw, path, _dict_fields(cls)), cls, str(path))
+        check_sections(raw, path, cls)
+        check_values(_flatten(raw, path, cls), cls, str(path))
     return recipe.values
 
 
@@ -231,7 +233,7 @@ def load(name_or_path: str | Path, cls: type[C], overrides: Mapping[str, Any] | 
         check_values(overrides, cls, f"overrides of recipe {name_or_path}")
         values = {**values, **overrides}
     try:
-        return cls(**values)
+        return from_flat(cls, values)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"recipe {name_or_path}: {err}") from err
 
@@ -240,7 +242,7 @@ def available(stage: str | None = None) -> list[Recipe]:
     """Every recipe in the package (for one stage), sorted by name."""
     out = []
     for path in sorted(RECIPES_DIR.glob("*.toml")):
-        if path in (PROFILES_FILE, SECTIONS_FILE):
+        if path == PROFILES_FILE:
             continue
         recipe = read(path)
         if stage is None or recipe.stage == stage:

@@ -220,6 +220,21 @@ class PoolConfig:
 
     # the stage its recipes name (``stage = "pool"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "pool"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sources": ("sources",),
+        "holdout": ("holdout_files", "near_leaks", "leak_threshold"),
+        "select": (
+            "language_shares",
+            "language_caps",
+            "labelled_rows",
+            "unlabelled_rows",
+            "min_response_chars",
+            "balance_ab",
+            "seed",
+        ),
+        "output": ("out_dir", "chunk_rows", "keep_work"),
+    }
 
     # the manifest: a list of tables (TOML [[sources]]) with name, path, format, labelled, cap, weight, languages,
     # keep_ties

@@ -559,6 +559,11 @@ class CalibrateConfig:
     inference reads them: ``calibration.json`` beside each adapter, ``blend.json`` beside the secondary's."""
 
     STAGE: ClassVar[str] = "calibrate"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "students": ("primary_dir", "secondary_dir"),
+        "cascade": ("secondary_fraction", "tta_fraction", "min_rows"),
+    }
 
     # the primary student's training output folder (val_predictions.parquet and adapter/, as the train stage writes)
     primary_dir: Path

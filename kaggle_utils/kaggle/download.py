@@ -62,6 +62,11 @@ class DownloadConfig:
 
     # the stage its recipes name (``stage = "data"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "data"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "source": ("competition", "datasets"),
+        "output": ("dest", "force"),
+    }
 
     # the competition whose files to download ("" for none); its rules must have been accepted on kaggle.com
     competition: str = COMPETITION

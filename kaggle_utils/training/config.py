@@ -19,6 +19,58 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
 
     # the stage its recipes name (``stage = "train"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "train"
+    # its recipes' [sections] and the groups of --help: section -> the fields written under it
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": (
+            "model_path",
+            "load_in_4bit",
+            "device",
+            "attn_implementation",
+            "dtype",
+            "split_reserve_gib",
+            "init_adapter",
+            "init_head",
+            "fused_kernels",
+            "compile_layers",
+        ),
+        "inputs": (
+            "max_length",
+            "prompt_fraction",
+            "template",
+            "truncation",
+            "head_fraction",
+            "split_special_tokens",
+            "num_proc",
+            "fast_bpe",
+            "cache_dir",
+        ),
+        "data": ("train_file", "teacher_files", "extra_files", "out_dir", "val_fold", "extras_only", "max_train_rows"),
+        "mix": ("mix_min_confidence", "mix_agree_with_human", "mix_source_caps"),
+        "loss": ("loss", "kl_weight", "temperature", "cos_weight", "source_weights"),
+        "lora": ("lora_r", "lora_alpha", "lora_dropout"),
+        "optim": (
+            "lr",
+            "warmup_fraction",
+            "epochs",
+            "batch_tokens",
+            "max_rows",
+            "packing",
+            "grad_accum",
+            "swap_fraction",
+            "gradient_checkpointing",
+        ),
+        "schedule": (
+            "time_budget_minutes",
+            "save_every",
+            "eval_every_steps",
+            "best_metric",
+            "eval_languages",
+            "eval_batch_tokens",
+            "eval_max_rows",
+            "max_val_rows",
+            "seed",
+        ),
+    }
 
     # prepared training file with a ``fold`` column (stage 1 output); may carry teacher ``p_a``/``p_b``
     train_file: Path = Path("demo/work/prepared/train.parquet")

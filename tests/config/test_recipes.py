@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 
 from kaggle_utils.config import recipes
+from kaggle_utils.config.sections import flat_fields, is_sectioned, sections
 from kaggle_utils.kaggle.staging import STAGE_CONFIGS
 from kaggle_utils.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE_FILES = sorted(
-    p for p in recipes.RECIPES_DIR.glob("*.toml") if p not in (recipes.PROFILES_FILE, recipes.SECTIONS_FILE)
-)
+RECIPE_FILES = sorted(p for p in recipes.RECIPES_DIR.glob("*.toml") if p != recipes.PROFILES_FILE)
 
 
 # stages without a notebook of their own: "module:Class" of their configs
@@ -46,8 +45,9 @@ def config_class(stage: str) -> type:
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
 def test_every_recipe_loads_into_its_stage_config(path):
-    recipe = recipes.read(path)
-    cfg = recipes.load(path.stem, config_class(recipe.stage))
+    cls = config_class(recipes.read(path).stage)
+    recipe = recipes.read(path, cls)
+    cfg = recipes.load(path.stem, cls)
     assert type(cfg).STAGE == recipe.stage
     # the header says what it is for; every field it sets reaches the config
     assert path.read_text().startswith("#") and recipe.summary
@@ -60,12 +60,14 @@ STAGES = sorted({*OTHER_STAGES, *STAGE_CONFIGS})
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_every_field_of_a_stage_has_exactly_one_section(stage):
-    import dataclasses
-
-    fields = [f.name for f in dataclasses.fields(config_class(stage)) if f.init]
-    placed = [field for names in recipes.sections(stage).values() for field in names]
-    assert sorted(placed) == sorted(fields), "recipes/sections.toml and the config's fields differ"
+def test_every_field_of_a_stage_has_exactly_one_section_and_a_unique_flat_name(stage):
+    cls = config_class(stage)
+    fields = list(flat_fields(cls))  # builds the flat names: a name in two sections is a TypeError
+    placed = [name for keys in sections(cls).values() for name in keys.values()]
+    assert sorted(placed) == sorted(fields), f"{cls.__name__}: the sections and the config's fields differ"
+    assert len(set(fields)) == len(fields), "flat names must be unique"
+    if is_sectioned(cls):  # cfg.<section> is the section, so no flat name may be a section's name
+        assert not set(fields) & set(sections(cls))
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
