@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,7 @@ def baselines(model, enc, batch_tokens: int) -> dict[str, float]:
 
 
 def bench_engine(name: str, model_dir: Path, test_file: Path, out: Path, args) -> list[dict]:
-    cfg = InferConfig(
+    cfg = InferConfig.flat(
         test_file=test_file, primary_model=model_dir, out_dir=out, max_length=2500, batch_tokens=args.batch_tokens,
         max_rows=args.max_rows, devices="cuda:0", dtype="fp16", checkpoint_seconds=1e9, tta_fraction=0.0,
         max_batch_tokens=args.max_batch_tokens,
@@ -178,7 +177,7 @@ def bench_engine(name: str, model_dir: Path, test_file: Path, out: Path, args) -
     test, _ = read_test(test_file)
     role, rows = load_role(cfg, model_dir), []
     for variant, tokens in (("fixed", args.batch_tokens), ("measured", 0)):
-        run_cfg = replace(cfg, batch_tokens=tokens, out_dir=out / f"{name}-{variant}")
+        run_cfg = cfg.replace(batch_tokens=tokens, out_dir=out / f"{name}-{variant}")
         r = engine(run_cfg, role, test, f"{name} {variant}")
         if variant == "fixed":
             base = baselines(role.copies.models[0], r["enc"], args.batch_tokens)
@@ -190,7 +189,7 @@ def bench_engine(name: str, model_dir: Path, test_file: Path, out: Path, args) -
 
 def bench_formats(name: str, model_dir: Path, test_file: Path, out: Path, args) -> list[dict]:
     """nf4 (as trained) vs int8 vs dense fp16 through the same engine pass, uncapped, at the fixed budget."""
-    cfg = InferConfig(
+    cfg = InferConfig.flat(
         test_file=test_file, primary_model=model_dir, out_dir=out, max_length=2500, batch_tokens=args.batch_tokens,
         max_rows=args.max_rows, devices="cuda:0", dtype="fp16", checkpoint_seconds=1e9, tta_fraction=0.0,
     )  # fmt: skip
@@ -198,7 +197,7 @@ def bench_formats(name: str, model_dir: Path, test_file: Path, out: Path, args) 
     rows = []
     for fmt in ("nf4", "int8", "fp16"):
         t0 = time.perf_counter()
-        run_cfg = replace(cfg, load_in_4bit=fmt == "nf4", out_dir=out / f"{name}-{fmt}")
+        run_cfg = cfg.replace(load_in_4bit=fmt == "nf4", out_dir=out / f"{name}-{fmt}")
         role = load_role(run_cfg, model_dir, int8_loader(model_dir) if fmt == "int8" else None)
         weights = torch.cuda.memory_allocated() / 2**30
         r = engine(run_cfg, role, test, f"{name} {fmt}")
@@ -211,7 +210,7 @@ def bench_formats(name: str, model_dir: Path, test_file: Path, out: Path, args) 
 
 def rehearse(work: Path, test_file: Path, args) -> None:
     """The stage's ``--rehearse`` with both models on one capped GPU: the projection of a 25K-row run."""
-    cfg = InferConfig(
+    cfg = InferConfig.flat(
         test_file=test_file, primary_model=work / "qwen2.5-14b", secondary_model=work / "gemma2-9b",
         out_dir=work / "reh",
         max_length=2500, batch_tokens=0, max_batch_tokens=args.max_batch_tokens, max_rows=args.max_rows,

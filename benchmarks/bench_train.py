@@ -111,7 +111,7 @@ def model_flops(config: dict, tokens: float, tokens_sq: float) -> float:
 
 def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, peak: float) -> dict:
     """Train for ``args.minutes`` with this variant's settings; figures over the steps after the first."""
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=model_dir,
         train_file=data,
         out_dir=args.work / "runs" / v.name.replace(" ", "_").replace("/", "-").replace(",", ""),

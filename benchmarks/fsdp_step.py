@@ -90,7 +90,7 @@ def one_depth(args, data: Path, folder: Path, layers: int) -> dict:
     n_rows = int((pd.read_parquet(data, columns=["fold"])["fold"] != 0).sum())
     shard = Shard.from_env()
     gpu = torch.device(f"cuda:{shard.local_rank}") if args.device == "cuda" else None
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=folder,
         train_file=data,
         out_dir=args.work / f"run-{layers}-layers",

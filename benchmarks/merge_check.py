@@ -31,7 +31,7 @@ def adapters(root: Path, models: dict[str, Path]) -> dict[str, Path]:
         DemoDataConfig(out_dir=root / "data", n_train=600, n_test=120, n_unlabeled=120, length_scale=0.05)
     )
     prepare(PrepareConfig(data_dir=files["train"].parent, out_dir=root / "prepared", n_folds=5))
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=models["qwen2-tiny"], train_file=root / "prepared/train.parquet", out_dir=root / "trained",
         max_length=256, lr=2e-3, epochs=3, batch_tokens=4096, max_rows=16, save_every=30,
     )  # fmt: skip

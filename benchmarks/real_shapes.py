@@ -70,7 +70,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     result = train(
-        TrainConfig(
+        TrainConfig.flat(
             model_path=w / "qwen2.5-14b-random",
             train_file=w / "prepared/train.parquet",
             out_dir=w / "student",
@@ -103,7 +103,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     infer(
-        InferConfig(
+        InferConfig.flat(
             test_file=w / "data/test.parquet",
             primary_model=w / "qwen2.5-14b-random",
             primary_adapter=result.adapter_dir,

@@ -36,7 +36,7 @@ def main() -> None:
         total = torch.cuda.get_device_properties(i).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(args.cap_gib / total, i)
     for name, four_bit in (("dense-fp16", False), ("nf4", True)):
-        cfg = InferConfig(
+        cfg = InferConfig.flat(
             test_file=data["test"], primary_model=model, out_dir=args.work / name, load_in_4bit=four_bit,
             dtype="fp16", devices="cuda:0,cuda:1", batch_tokens=0, max_batch_tokens=16384, max_length=2500,
             tta_fraction=0.0, fail_soft=True,

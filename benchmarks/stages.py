@@ -55,7 +55,7 @@ def main() -> None:
     teacher = timed(
         "train teacher (qwen2, nf4)",
         lambda: train(
-            TrainConfig(
+            TrainConfig.flat(
                 model_path=models["qwen2-tiny"],
                 train_file=w / "prepared/train.parquet",
                 out_dir=w / "teacher",
@@ -67,7 +67,7 @@ def main() -> None:
     timed(
         "pseudo-label (tta)",
         lambda: pseudo_label(
-            PseudoLabelConfig(
+            PseudoLabelConfig.flat(
                 model_path=models["qwen2-tiny"],
                 adapter_dir=teacher.adapter_dir,
                 input_file=w / "prepared/unlabeled.parquet",
@@ -82,7 +82,7 @@ def main() -> None:
         students[name] = timed(
             f"train student {name} (mixed)",
             lambda name=name: train(
-                TrainConfig(
+                TrainConfig.flat(
                     model_path=models[name],
                     train_file=w / "prepared/train.parquet",
                     extra_files=[str(w / "pseudo.parquet")],
@@ -96,7 +96,7 @@ def main() -> None:
     timed(
         "infer (cascade)",
         lambda: infer(
-            InferConfig(
+            InferConfig.flat(
                 test_file=w / "data/test.parquet",
                 primary_model=models["qwen2-tiny"],
                 primary_adapter=students["qwen2-tiny"].adapter_dir,

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.config.cli import config_to_dict, parse_config, save_config
+from kaggle_utils.config.sections import Sectioned
 from kaggle_utils.data import schema
 from kaggle_utils.evaluation.calibration import margin, probs_from_margin, swap_tta_margin
 from kaggle_utils.inference import outputs
@@ -86,49 +87,60 @@ __all__ = [
 
 
 @dataclass
-class InferConfig(InputConfig):
-    """Time-budgeted cascade inference; every field is also a ``--flag``."""
+class InferFilesConfig:
+    """The test rows read, the folder written, and an optional answer key."""
 
-    # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
-    STAGE: ClassVar[str] = "infer"
-    # its recipes' [sections] and the groups of --help: section -> the fields written under it
-    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "data": ("test_file", "out_dir", "labels_file"),
-        "models": (
-            "primary_model",
-            "primary_adapter",
-            "secondary_model",
-            "secondary_adapter",
-            "secondary_weight",
-            "load_in_4bit",
-            "dtype",
-            "devices",
-        ),
-        "inputs": (
-            "max_length",
-            "prompt_fraction",
-            "template",
-            "truncation",
-            "head_fraction",
-            "split_special_tokens",
-            "num_proc",
-            "fast_bpe",
-            "cache_dir",
-        ),
-        "budget": (
-            "time_budget_minutes",
-            "reserve_minutes",
-            "started_at",
-            "batch_tokens",
-            "max_batch_tokens",
-            "max_rows",
-            "activation_reserve_gib",
-            "tta_fraction",
-            "secondary_fraction",
-        ),
-        "safety": ("fail_soft", "first_batch_seconds_per_token", "checkpoint_seconds", "accept_stale_calibration"),
-        "rehearsal": ("rehearse", "rehearse_minutes", "project_rows"),
-    }
+    # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.kaggle.env)
+    test_file: Path = Path("demo/data/test.parquet")
+    # folder that receives submission.csv, predictions.parquet and report.json
+    out_dir: Path = Path("demo/work/submission")
+    # optional answer key (id, winner) to print accuracy; the demo data has one, the competition does not
+    labels_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.test_file, self.out_dir = Path(self.test_file), Path(self.out_dir)
+        self.labels_file = Path(self.labels_file) if self.labels_file else None
+
+
+@dataclass
+class RoleConfig:
+    """One model of the cascade: the primary scores every row, the secondary re-scores the least certain ones.
+    Its flags carry the role's name: ``--primary-model``, ``--secondary-adapter``."""
+
+    # model folder; empty: no such role (the secondary only: primary alone)
+    model: Path | None = None
+    # the role's LoRA adapter folder; empty: the base model as is
+    adapter: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model) if self.model else None
+        self.adapter = Path(self.adapter) if self.adapter else None
+
+
+@dataclass
+class InferModelsConfig:
+    """How both roles are loaded, on which devices, and how their predictions are blended."""
+
+    # weight of the secondary in the blend of calibrated logits on rows both scored, used when no blend.json (fitted
+    # on validation predictions: python -m kaggle_utils.evaluation.calibration) lies beside the secondary adapter
+    secondary_weight: float = 0.5
+    # load base weights 4-bit nf4 (as trained); else fp16/bf16
+    load_in_4bit: bool = True
+    # compute dtype: "auto" (bf16 on sm_80+, fp16 on a T4, fp32 on the CPU) or "fp16" / "bf16" / "fp32"
+    dtype: str = "auto"
+    # "auto": every visible GPU (one model copy and thread each), else the CPU; or e.g. "cuda:0,cuda:1"
+    devices: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.secondary_weight <= 1:
+            raise ValueError(f"secondary_weight={self.secondary_weight} must be in [0, 1]")
+        if not self.devices.strip(",; "):
+            raise ValueError("devices is empty: use 'auto' (every GPU, else the CPU), 'cpu' or e.g. 'cuda:0,cuda:1'")
+
+
+@dataclass
+class InferInputsConfig(InputConfig):
+    """How a row becomes token ids: each role's adapter's own settings, unless the recipe sets one."""
 
     # the token-id settings (max_length, template, truncation, prompt_fraction, head_fraction, split_special_tokens):
     # empty, each role takes its adapter's own (its train_config.json), so primary and secondary may differ; a value
@@ -139,27 +151,16 @@ class InferConfig(InputConfig):
     truncation: str | None = None
     head_fraction: float | None = None
     split_special_tokens: bool | None = None
-    # test rows in competition format (on Kaggle: found under /kaggle/input by kaggle_utils.kaggle.env)
-    test_file: Path = Path("demo/data/test.parquet")
-    # primary model folder (scores every row)
-    primary_model: Path = Path("demo/models/qwen2-tiny")
-    # the primary's LoRA adapter folder; empty: the base model as is
-    primary_adapter: Path | None = None
-    # secondary model folder (re-scores the least certain rows); empty: primary only
-    secondary_model: Path | None = None
-    # the secondary's LoRA adapter folder; empty: the base model as is
-    secondary_adapter: Path | None = None
-    # weight of the secondary in the blend of calibrated logits on rows both scored, used when no blend.json (fitted
-    # on validation predictions: python -m kaggle_utils.evaluation.calibration) lies beside the secondary adapter
-    secondary_weight: float = 0.5
-    # apply a calibration.json / blend.json fitted for other adapter weights (said in report.json) instead of refusing
-    accept_stale_calibration: bool = False
-    # load base weights 4-bit nf4 (as trained); else fp16/bf16
-    load_in_4bit: bool = True
-    # compute dtype: "auto" (bf16 on sm_80+, fp16 on a T4, fp32 on the CPU) or "fp16" / "bf16" / "fp32"
-    dtype: str = "auto"
-    # "auto": every visible GPU (one model copy and thread each), else the CPU; or e.g. "cuda:0,cuda:1"
-    devices: str = "auto"
+
+    def __post_init__(self) -> None:
+        role_inputs(self, None, "recipe")  # the settings it does give are valid ones
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
+
+
+@dataclass
+class InferBudgetConfig:
+    """The wall-clock budget, the batches, and the shares of optional work the planner may fit into it."""
+
     # the whole budget in minutes, counted from ``started_at`` (Kaggle allows 720; the winners capped at 690)
     time_budget_minutes: float = 690.0
     # minutes kept back for writing files and the notebook's last cells
@@ -173,18 +174,6 @@ class InferConfig(InputConfig):
     max_batch_tokens: int = 32_768
     # most rows in one batch
     max_rows: int = 64
-    # folder that receives submission.csv, predictions.parquet and report.json
-    out_dir: Path = Path("demo/work/submission")
-    # optional answer key (id, winner) to print accuracy; the demo data has one, the competition does not
-    labels_file: Path | None = None
-    # on a model error keep what was scored, report the error and return normally (a Kaggle notebook that raises
-    # scores nothing); false: raise once the submission is written (for development and the demo)
-    fail_soft: bool = True
-    # seconds per padded token assumed for a model's first batch, before anything is measured, so that a first
-    # batch started close to the deadline is counted (0.005 = 200 tokens/s: slower than a 14B nf4 model on a T4)
-    first_batch_seconds_per_token: float = 0.005
-    # scored batches are saved in parts at least this often, so a rerun after a kill resumes with the same output
-    checkpoint_seconds: float = 60.0
     # GiB of each GPU kept for activations when deciding whether a model fits one card (else its layers are split
     # across the GPUs, scoring.placement); 2 GiB holds a 8K-token batch of Qwen2.5-14B at 2,500 tokens (0.12 MiB/token)
     activation_reserve_gib: float = 2.0
@@ -195,23 +184,8 @@ class InferConfig(InputConfig):
     # most share of the rows (least certain first) the secondary re-scores (in one order); the planner decides how
     # much fits; calibrate's secondary_fraction should match it
     secondary_fraction: float = 1.0
-    # > 0: rehearse on this many synthetic rows of the competition's length profile, then project a full run
-    rehearse: int = 0
-    # the rehearsal's own time budget, minutes
-    rehearse_minutes: float = 5.0
-    # rows of the test set the rehearsal projects (the hidden test set: ~25K rows, docs/facts.md §1)
-    project_rows: int = 25_000
 
     def __post_init__(self) -> None:
-        role_inputs(self, None, "recipe")  # the settings it does give are valid ones
-        self.cache_dir = Path(self.cache_dir) if self.cache_dir else None
-        for name in ("test_file", "primary_model", "out_dir"):
-            setattr(self, name, Path(getattr(self, name)))
-        for name in ("primary_adapter", "secondary_model", "secondary_adapter", "labels_file"):
-            value = getattr(self, name)
-            setattr(self, name, Path(value) if value else None)
-        if not 0 <= self.secondary_weight <= 1:
-            raise ValueError(f"secondary_weight={self.secondary_weight} must be in [0, 1]")
         if self.time_budget_minutes <= self.reserve_minutes:
             raise ValueError(
                 f"time_budget_minutes={self.time_budget_minutes} must exceed reserve_minutes={self.reserve_minutes}"
@@ -221,11 +195,70 @@ class InferConfig(InputConfig):
         for name in ("tta_fraction", "secondary_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        check_started_at(self.started_at)
+
+
+@dataclass
+class InferSafetyConfig:
+    """What a model error, a first batch and a kill may cost."""
+
+    # on a model error keep what was scored, report the error and return normally (a Kaggle notebook that raises
+    # scores nothing); false: raise once the submission is written (for development and the demo)
+    fail_soft: bool = True
+    # seconds per padded token assumed for a model's first batch, before anything is measured, so that a first
+    # batch started close to the deadline is counted (0.005 = 200 tokens/s: slower than a 14B nf4 model on a T4)
+    first_batch_seconds_per_token: float = 0.005
+    # scored batches are saved in parts at least this often, so a rerun after a kill resumes with the same output
+    checkpoint_seconds: float = 60.0
+    # apply a calibration.json / blend.json fitted for other adapter weights (said in report.json) instead of refusing
+    accept_stale_calibration: bool = False
+
+
+@dataclass
+class RehearsalConfig:
+    """``--rehearse N``: a short run on synthetic rows, projected onto the full test set."""
+
+    # > 0: rehearse on this many synthetic rows of the competition's length profile, then project a full run
+    rehearse: int = 0
+    # the rehearsal's own time budget, minutes
+    rehearse_minutes: float = 5.0
+    # rows of the test set the rehearsal projects (the hidden test set: ~25K rows, docs/facts.md §1)
+    project_rows: int = 25_000
+
+    def __post_init__(self) -> None:
         if self.rehearse < 0 or self.rehearse_minutes <= 0 or self.project_rows < 1:
             raise ValueError("rehearse must be >= 0 rows, rehearse_minutes > 0 and project_rows >= 1")
-        if not self.devices.strip(",; "):
-            raise ValueError("devices is empty: use 'auto' (every GPU, else the CPU), 'cpu' or e.g. 'cuda:0,cuda:1'")
-        check_started_at(self.started_at)
+
+
+@dataclass
+class InferConfig(Sectioned):
+    """Time-budgeted cascade inference; every field is also a ``--flag``. Made of sections (``cfg.primary.adapter``,
+    ``cfg.budget.max_rows``), each a ``[section]`` of the recipes; flat names (``--primary-adapter``,
+    ``cfg.max_rows``) reach the same fields (:mod:`kaggle_utils.config.sections`)."""
+
+    # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "infer"
+
+    # test file, output folder, answer key
+    data: InferFilesConfig = field(default_factory=InferFilesConfig)
+    # the model that scores every row
+    primary: RoleConfig = field(default_factory=lambda: RoleConfig(model=Path("demo/models/qwen2-tiny")))
+    # the model that re-scores the least certain rows (none by default)
+    secondary: RoleConfig = field(default_factory=RoleConfig)
+    # loading, devices and blend
+    models: InferModelsConfig = field(default_factory=InferModelsConfig)
+    # the token-id settings, each adapter's own by default
+    inputs: InferInputsConfig = field(default_factory=InferInputsConfig)
+    # time, batches and optional work
+    budget: InferBudgetConfig = field(default_factory=InferBudgetConfig)
+    # errors, first batches, parts
+    safety: InferSafetyConfig = field(default_factory=InferSafetyConfig)
+    # a rehearsal instead of a run
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
+
+    def __post_init__(self) -> None:
+        if self.primary.model is None:
+            raise ValueError("primary_model is empty: the primary model scores every row, give its folder")
 
 
 def check_started_at(started_at: float, now: float | None = None) -> None:
@@ -355,7 +388,7 @@ class Cascade:
     def inputs_of(self, role: Role) -> InputConfig:
         """The role's token-id settings (its adapter's own, :func:`role_inputs`), recorded in the report."""
         if role.inputs is None:
-            role.inputs = role_inputs(self.cfg, role.adapter, role.name)
+            role.inputs = role_inputs(self.cfg.inputs, role.adapter, role.name)
             self.report.setdefault("inputs", {})[role.name] = {k: getattr(role.inputs, k) for k in INPUT_CONTRACT}
         return role.inputs
 
@@ -543,7 +576,7 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
     """
     test = synthetic_test(cfg.rehearse, seed=0)
     out = cfg.out_dir / "rehearsal"
-    run_cfg = replace(cfg, rehearse=0, out_dir=out, labels_file=None, checkpoint_seconds=1e9)
+    run_cfg = cfg.replace(rehearse=0, out_dir=out, labels_file=None, checkpoint_seconds=1e9)
     shutil.rmtree(out / "parts", ignore_errors=True)  # a rehearsal measures: nothing is resumed
     run = run_cascade(run_cfg, test, {}, Deadline(cfg.rehearse_minutes * 60))
     run.report["projection"] = project_rehearsal(run.report, run.measured, len(run.devices), cfg)
@@ -557,7 +590,7 @@ class InferenceError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(InferConfig, argv)
-    infer(replace(cfg, started_at=cfg.started_at or time.time()))
+    infer(cfg.replace(started_at=cfg.started_at or time.time()))
     print((cfg.out_dir / "report.json").read_text())
 
 

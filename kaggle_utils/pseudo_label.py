@@ -38,7 +38,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kaggle_utils.config.cli import parse_config, save_config
+from kaggle_utils.config.sections import Sectioned
 from kaggle_utils.data import schema
 from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
 from kaggle_utils.models.loading import (
@@ -81,39 +82,8 @@ Scorer = Callable[[list[list[int]]], np.ndarray]
 
 
 @dataclass
-class PseudoLabelConfig(ModelConfig, InputConfig):
-    """Score a pool with a teacher; every field is also a ``--flag``."""
-
-    # the stage its recipes name (``stage = "pseudo_label"`` in kaggle_utils/recipes/*.toml)
-    STAGE: ClassVar[str] = "pseudo_label"
-    # its recipes' [sections] and the groups of --help: section -> the fields written under it
-    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "model": (
-            "model_path",
-            "load_in_4bit",
-            "device",
-            "attn_implementation",
-            "dtype",
-            "split_reserve_gib",
-            "adapter_dir",
-            "oof_adapters",
-            "teacher_name",
-        ),
-        "inputs": (
-            "max_length",
-            "prompt_fraction",
-            "template",
-            "truncation",
-            "head_fraction",
-            "split_special_tokens",
-            "num_proc",
-            "fast_bpe",
-            "cache_dir",
-        ),
-        "data": ("input_file", "out_file"),
-        "run": ("tta", "chunk_rows", "batch_tokens", "max_rows", "wait_minutes"),
-        "engine": ("engine", "tensor_parallel_size", "gpu_memory_utilization", "answer_tokens"),
-    }
+class TeacherConfig(ModelConfig):
+    """The teacher: its base weights, loaded as for training, and its LoRA adapter(s)."""
 
     # the teacher's LoRA adapter (train stage output ``adapter/``); empty: the base model as is
     adapter_dir: Path | None = Path("demo/work/teacher/adapter")
@@ -121,12 +91,32 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
     # says which, ``val_fold``); a row is scored only by the teacher that did not see its fold, so the input needs a
     # ``fold`` column (the prepare stage's train file). adapter_dir is then unused. Empty: adapter_dir scores every row
     oof_adapters: list[str] = field(default_factory=list)
+    # name written in the ``teacher`` column; empty: "<model folder>+<adapter>" (the adapter's training folder)
+    teacher_name: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.adapter_dir = Path(self.adapter_dir) if self.adapter_dir else None
+
+
+@dataclass
+class LabelFilesConfig:
+    """The pool read and the labelled file written."""
+
     # rows in competition format (no winner needed)
     input_file: Path = Path("demo/work/prepared/unlabeled.parquet")
     # output: the input rows plus p_a, p_b, logit_a, logit_b, teacher, label_key
     out_file: Path = Path("demo/work/pseudo.parquet")
-    # name written in the ``teacher`` column; empty: "<model folder>+<adapter>" (the adapter's training folder)
-    teacher_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.input_file = Path(self.input_file)
+        self.out_file = Path(self.out_file)
+
+
+@dataclass
+class LabelRunConfig:
+    """How the rows are scored: both A/B orders, parts, batches, and the wait for the other processes."""
+
     # also score every row A/B-swapped and average the two views' logits
     tta: bool = True
     # rows per resumable part (a kill loses at most one part per process)
@@ -137,6 +127,18 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
     max_rows: int = 64
     # several processes: minutes rank 0 waits for the other ranks' parts after its own (a rerun resumes after it)
     wait_minutes: float = 240.0
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows={self.chunk_rows} must be positive")
+        if self.wait_minutes < 0:
+            raise ValueError(f"wait_minutes={self.wait_minutes} must be >= 0")
+
+
+@dataclass
+class BackendConfig:
+    """The engine that scores: transformers (the reference) or vLLM, and vLLM's settings."""
+
     # "transformers" (the reference: base + adapter as trained) or "vllm" (optional, not installed by the package:
     # a merged *ForSequenceClassification folder, or a *ForCausalLM answering answer_tokens; adapter_dir empty)
     engine: str = "transformers"
@@ -148,15 +150,6 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
     answer_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
 
     def __post_init__(self) -> None:
-        ModelConfig.__post_init__(self)
-        InputConfig.__post_init__(self)
-        self.adapter_dir = Path(self.adapter_dir) if self.adapter_dir else None
-        self.input_file = Path(self.input_file)
-        self.out_file = Path(self.out_file)
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows={self.chunk_rows} must be positive")
-        if self.wait_minutes < 0:
-            raise ValueError(f"wait_minutes={self.wait_minutes} must be >= 0")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}; expected one of {ENGINES}")
         if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
@@ -164,7 +157,29 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
                 f"need tensor_parallel_size >= 1 and 0 < gpu_memory_utilization <= 1; got "
                 f"{self.tensor_parallel_size}, {self.gpu_memory_utilization}"
             )
-        if self.engine == "vllm" and (self.adapter_dir or self.oof_adapters):
+
+
+@dataclass
+class PseudoLabelConfig(Sectioned):
+    """Score a pool with a teacher; every field is also a ``--flag``. Made of sections (``cfg.model.adapter_dir``),
+    each a ``[section]`` of the recipes; flat names reach the same fields (:mod:`kaggle_utils.config.sections`)."""
+
+    # the stage its recipes name (``stage = "pseudo_label"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "pseudo_label"
+
+    # the teacher: base weights and adapter(s)
+    model: TeacherConfig = field(default_factory=TeacherConfig)
+    # how a row becomes token ids
+    inputs: InputConfig = field(default_factory=InputConfig)
+    # the pool and the output file
+    data: LabelFilesConfig = field(default_factory=LabelFilesConfig)
+    # parts, batches, A/B views
+    run: LabelRunConfig = field(default_factory=LabelRunConfig)
+    # the scoring engine
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend.engine == "vllm" and (self.model.adapter_dir or self.model.oof_adapters):
             raise ValueError(
                 "engine='vllm' serves no LoRA adapter (it was trained on a 4-bit nf4 base, and vLLM has no 4-bit "
                 "bitsandbytes base to attach it to): merge it into the dequantised base first, "
@@ -174,7 +189,7 @@ class PseudoLabelConfig(ModelConfig, InputConfig):
 
     @property
     def parts_dir(self) -> Path:
-        return self.out_file.with_name(self.out_file.stem + ".parts")
+        return self.data.out_file.with_name(self.data.out_file.stem + ".parts")
 
 
 @dataclass(frozen=True)
@@ -334,7 +349,7 @@ def load_scorer(cfg: PseudoLabelConfig, tok, teacher: Teacher) -> Scorer:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             answer_ids=answer_token_ids(tok, cfg.answer_tokens) if mode == ANSWER_LOGPROBS else None,
         )
-    model = load_classifier(cfg, tok.pad_token_id, adapter=teacher.adapter)
+    model = load_classifier(cfg.model, tok.pad_token_id, adapter=teacher.adapter)
     return lambda rows: predict_logits(model, rows, tok.pad_token_id, cfg.batch_tokens, cfg.max_rows)
 
 
@@ -355,9 +370,9 @@ def score_parts(cfg: PseudoLabelConfig, pool: pd.DataFrame, parts: list[Part], s
     todo = [i for i in range(len(parts)) if shard.owns(i) and i not in done]
     if not todo:
         return 0
-    cfg = replace(cfg, device=shard.device(cfg.device, torch.cuda.is_available()))
+    cfg = cfg.replace(device=shard.device(cfg.device, torch.cuda.is_available()))
     tok = load_tokenizer(cfg.model_path)
-    fmt = PromptFormatter(tok, cfg)
+    fmt = PromptFormatter(tok, cfg.inputs)
     for teacher, group in itertools.groupby(todo, key=lambda i: parts[i].teacher):
         score = load_scorer(cfg, tok, teacher)
         for i in tqdm(list(group), desc=f"{teacher.name} parts", unit="part"):

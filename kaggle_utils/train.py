@@ -54,7 +54,6 @@ from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.fused import apply_fused_kernels, compile_decoder_layers
 from kaggle_utils.models.loading import (
-    LoraSettings,
     check_model_dir,
     compute_dtype,
     load_classifier,
@@ -155,9 +154,9 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
     rank receives rank 0's weights while sharding: :attr:`Parallel.load_once`)."""
     here = _here(cfg, parallel)
     model = load_classifier(
-        replace(cfg, device=here),
+        replace(cfg.model, device=here),
         pad_id,
-        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_adapter, cfg.init_head),
+        lora=cfg.lora.settings,
         gradient_checkpointing=cfg.gradient_checkpointing,
         packing=cfg.packing,
         # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage

@@ -33,7 +33,6 @@ pseudo_label_overrides = {}
 
 # %%
 import json
-from dataclasses import replace
 
 from kaggle_utils import plots
 from kaggle_utils.config import recipes
@@ -45,7 +44,7 @@ from kaggle_utils.train import TrainConfig, train
 # on Kaggle, notebook 01's output and the models are attached inputs, found wherever they are mounted
 where = env.detect()
 cfg = recipes.load(pseudo_label_recipe, PseudoLabelConfig, pseudo_label_overrides)
-cfg = replace(cfg, model_path=env.locate_model(cfg.model_path, where), input_file=env.locate_file(cfg.input_file, where))
+cfg = cfg.replace(model_path=env.locate_model(cfg.model.model_path, where), input_file=env.locate_file(cfg.data.input_file, where))
 
 # %% [markdown]
 # ## The teacher
@@ -53,16 +52,16 @@ cfg = replace(cfg, model_path=env.locate_model(cfg.model_path, where), input_fil
 # %%
 if teacher_recipe:
     teacher = recipes.load(teacher_recipe, TrainConfig, teacher_overrides)
-    teacher = replace(
-        teacher, model_path=env.locate_model(teacher.model_path, where), train_file=env.locate_file(teacher.train_file, where)
+    teacher = teacher.replace(
+        model_path=env.locate_model(teacher.model.model_path, where), train_file=env.locate_file(teacher.data.train_file, where)
     )
     result = train(teacher)
-    cfg = replace(cfg, adapter_dir=result.adapter_dir)
+    cfg = cfg.replace(adapter_dir=result.adapter_dir)
     plots.training_curve(result.history, "Teacher loss")
     print(json.dumps(result.metrics, indent=2))
 else:
-    cfg = replace(cfg, adapter_dir=env.locate_adapter(cfg.adapter_dir, where))
-    print(f"teacher adapter: {cfg.adapter_dir}")
+    cfg = cfg.replace(adapter_dir=env.locate_adapter(cfg.model.adapter_dir, where))
+    print(f"teacher adapter: {cfg.model.adapter_dir}")
 
 # %% [markdown]
 # ## Soft labels for the pool

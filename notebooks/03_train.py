@@ -31,7 +31,6 @@ secondary_recipe = "demo-student-gemma2"
 secondary_overrides = {}
 
 # %%
-from dataclasses import replace
 
 import pandas as pd
 
@@ -51,15 +50,15 @@ for role, (recipe, overrides) in students.items():
     if not recipe:
         continue
     cfg = recipes.load(recipe, TrainConfig, overrides)
-    cfg = replace(
-        cfg,
-        model_path=env.locate_model(cfg.model_path, where),
-        train_file=env.locate_file(cfg.train_file, where),
-        extra_files=[str(env.locate_file(f, where)) for f in cfg.extra_files],
+    cfg = cfg.replace(
+        model_path=env.locate_model(cfg.model.model_path, where),
+        train_file=env.locate_file(cfg.data.train_file, where),
+        extra_files=[str(env.locate_file(f, where)) for f in cfg.data.extra_files],
     )
+    loss = cfg.objective
     print(
-        f"{role}: {recipe} · {cfg.model_path} · max_length {cfg.max_length} · loss {cfg.loss} "
-        f"(kl_weight {cfg.kl_weight}, T {cfg.temperature}) · eval every {cfg.eval_every_steps or 'end only'}"
+        f"{role}: {recipe} · {cfg.model.model_path} · max_length {cfg.inputs.max_length} · loss {loss.loss} "
+        f"(kl_weight {loss.kl_weight}, T {loss.temperature}) · eval every {cfg.schedule.eval_every_steps or 'end only'}"
     )
     # train() prints the extra rows per source (the pool's pseudo-labelled pairs, its human-labelled set) and what
     # the recipe's mixing settings keep

@@ -38,7 +38,6 @@ infer_overrides = {}
 
 # %%
 import json
-from dataclasses import replace
 
 import pandas as pd
 
@@ -51,20 +50,21 @@ from kaggle_utils.kaggle import env
 # adapter that is not attached is reported by the stage, which then runs without it (no primary: the fallback)
 where = env.detect()
 cfg = recipes.load(infer_recipe, InferConfig, infer_overrides)
-cfg = replace(
-    cfg,
-    test_file=env.locate_file(cfg.test_file, where),
-    out_dir=where.output_path(cfg.out_dir),
-    primary_model=env.locate_soft(cfg.primary_model, where, env.locate_model),
-    primary_adapter=env.locate_soft(cfg.primary_adapter, where, env.locate_adapter),
-    secondary_model=env.locate_soft(cfg.secondary_model, where, env.locate_model),
-    secondary_adapter=env.locate_soft(cfg.secondary_adapter, where, env.locate_adapter),
-    labels_file=cfg.labels_file if cfg.labels_file and cfg.labels_file.is_file() else None,
+labels = cfg.data.labels_file
+cfg = cfg.replace(
+    test_file=env.locate_file(cfg.data.test_file, where),
+    out_dir=where.output_path(cfg.data.out_dir),
+    primary_model=env.locate_soft(cfg.primary.model, where, env.locate_model),
+    primary_adapter=env.locate_soft(cfg.primary.adapter, where, env.locate_adapter),
+    secondary_model=env.locate_soft(cfg.secondary.model, where, env.locate_model),
+    secondary_adapter=env.locate_soft(cfg.secondary.adapter, where, env.locate_adapter),
+    labels_file=labels if labels and labels.is_file() else None,
     started_at=started_at,
 )
 print(where.kind, cfg)
 pred = infer(cfg)
-report_dir = cfg.out_dir / "rehearsal" if cfg.rehearse else cfg.out_dir  # a rehearsal writes no submission
+out_dir = cfg.data.out_dir
+report_dir = out_dir / "rehearsal" if cfg.rehearsal.rehearse else out_dir  # a rehearsal writes no submission
 report = json.loads((report_dir / "report.json").read_text())
 print(json.dumps({k: v for k, v in report.items() if k != "projection"}, indent=2))
 if "projection" in report:
@@ -90,4 +90,4 @@ plots.confidence(pred[["p_a", "p_b"]].to_numpy(), "Final p(A)");
 # %%
 if "accuracy" in report:
     print(f"held-out demo accuracy: {report['accuracy']['accuracy']:.3f} on {report['accuracy']['rows']} rows")
-pd.read_csv(cfg.out_dir / "submission.csv").head()
+pd.read_csv(out_dir / "submission.csv").head()

@@ -125,7 +125,7 @@ def trained(shared_dir: Path, prepared: dict[str, Path], qwen_path: Path) -> Tra
     import contextlib
     import io
 
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=qwen_path,
         load_in_4bit=True,
         train_file=prepared["train"],

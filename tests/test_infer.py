@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ def _cfg(demo_files, out_dir: Path, **kw) -> InferConfig:
         tta_fraction=0.0,  # swap TTA has its own tests; here the primary's probabilities stay comparable
     )
     params.update(kw)
-    return InferConfig(**params)
+    return InferConfig.flat(**params)
 
 
 def _outputs(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -237,7 +236,7 @@ def test_write_submission_refuses_incomplete_predictions(tmp_path: Path) -> None
 )
 def test_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        InferConfig(**kwargs)
+        InferConfig.flat(**kwargs)
 
 
 def test_resolve_devices() -> None:
@@ -253,7 +252,7 @@ def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
     primary's single-order one."""
     primary_cfg, primary_pred = primary_run
     cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=primary_cfg.primary_adapter)
-    pred = infer(replace(cfg, tta_fraction=0.25))
+    pred = infer(cfg.replace(tta_fraction=0.25))
     _, _, report = _outputs(tmp_path)
     tta = np.flatnonzero(pred["source"] == "primary+tta")
     assert len(tta) == 30 and report["tta"]["scored"] == 30 and report["tta"]["planned_rows"] == 30
@@ -306,7 +305,7 @@ def test_rehearsal_projects_a_full_run_from_measured_batches(primary_run, demo_f
 
 def test_a_measured_budget_falls_back_on_the_cpu_and_is_read_back_on_a_rerun(primary_run, demo_files, tmp_path) -> None:
     primary_cfg, primary_pred = primary_run
-    cfg = replace(primary_cfg, out_dir=tmp_path, batch_tokens=0)
+    cfg = primary_cfg.replace(out_dir=tmp_path, batch_tokens=0)
     pred = infer(cfg)
     budget = _outputs(tmp_path)[2]["token_budget"]["primary"]
     assert budget["tokens"] == infer_module.CPU_BATCH_TOKENS and "cpu" in budget["how"].lower()

@@ -38,7 +38,7 @@ def _cfg(test_file: Path, out_dir: Path, qwen_path: Path, adapter: Path, **kw) -
         checkpoint_seconds=0.0,
         tta_fraction=0.0,
     )
-    return InferConfig(**{**params, **kw})
+    return InferConfig.flat(**{**params, **kw})
 
 
 def _report(out_dir: Path) -> dict:
@@ -332,9 +332,9 @@ def test_a_started_at_that_cannot_be_a_start_time_is_refused(started_at, match) 
     with pytest.raises(ValueError, match=match):
         check_started_at(started_at)
     with pytest.raises(ValueError, match=match):
-        InferConfig(started_at=started_at)
+        InferConfig.flat(started_at=started_at)
     with pytest.raises(ValueError, match="devices is empty"):
-        InferConfig(devices="")
+        InferConfig.flat(devices="")
 
 
 class Killed(BaseException):

@@ -52,7 +52,7 @@ def _run(cfg: PseudoLabelConfig, shard: Shard | None = None) -> tuple[pd.DataFra
 
 
 def _variant(cfg: PseudoLabelConfig, **changes) -> PseudoLabelConfig:
-    return PseudoLabelConfig(**{**config_to_dict(cfg), **changes})
+    return PseudoLabelConfig.flat(**{**config_to_dict(cfg), **changes})
 
 
 def _parts(folder: Path) -> list[Path]:
@@ -76,7 +76,7 @@ def _count_scoring(monkeypatch, kill_after: int | None = None) -> list[int]:
 
 @pytest.fixture(scope="module")
 def labelled(trained, prepared, qwen_path, tmp_path_factory):
-    cfg = PseudoLabelConfig(
+    cfg = PseudoLabelConfig.flat(
         model_path=qwen_path,
         load_in_4bit=True,
         adapter_dir=trained.result.adapter_dir,
@@ -420,4 +420,4 @@ def test_label_summary(labelled) -> None:
 
 def test_chunk_rows_validated() -> None:
     with pytest.raises(ValueError, match="chunk_rows=0"):
-        PseudoLabelConfig(chunk_rows=0)
+        PseudoLabelConfig.flat(chunk_rows=0)

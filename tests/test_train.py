@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +90,7 @@ def test_training_artifacts(trained, prepared) -> None:
     out = trained.cfg.out_dir
     saved_cfg = json.loads((out / "train_config.json").read_text())
     assert saved_cfg == config_to_dict(trained.cfg)
-    assert TrainConfig(**saved_cfg) == trained.cfg
+    assert TrainConfig.flat(**saved_cfg) == trained.cfg
     assert json.loads((out / "metrics.json").read_text()) == trained.result.metrics
     hist = pd.read_csv(out / "history.csv")
     assert set(HISTORY_COLUMNS) <= set(hist.columns)
@@ -144,7 +143,7 @@ def test_adapter_carries_its_training_config(trained) -> None:
     assert carried.read_text() == (out / "train_config.json").read_text()
     saved = json.loads(carried.read_text())
     assert (saved["max_length"], saved["template"], saved["truncation"]) == (MAX_LENGTH, "tagged", "right")
-    assert TrainConfig(**saved) == trained.cfg
+    assert TrainConfig.flat(**saved) == trained.cfg
 
 
 def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, monkeypatch) -> None:
@@ -155,7 +154,7 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, mon
     calls = []
     original = step_module.preference_loss
     monkeypatch.setattr(step_module, "preference_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cfg = TrainConfig(**{**config_to_dict(trained.cfg), "out_dir": out})
+    cfg = TrainConfig.flat(**{**config_to_dict(trained.cfg), "out_dir": out})
     result, stdout = _run(cfg)
     assert f"resuming from {out / 'checkpoint.pt'} at step 90/90" in stdout
     assert calls == []  # no training step ran
@@ -181,7 +180,7 @@ def test_a_field_added_after_the_checkpoint_blocks_resuming_only_off_its_default
 def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(trained.cfg.out_dir, out)
-    cfg = TrainConfig(**{**config_to_dict(trained.cfg), "out_dir": out, "lr": 1e-3})
+    cfg = TrainConfig.flat(**{**config_to_dict(trained.cfg), "out_dir": out, "lr": 1e-3})
     before = (out / "train_config.json").read_text()
     with pytest.raises(RuntimeError, match=r"different config \(lr\)"):
         _run(cfg)
@@ -211,7 +210,7 @@ def _tiny_cfg(prepared, qwen_path: Path, out_dir: Path, **kw) -> TrainConfig:
         lora_dropout=0.0,
     )
     params.update(kw)
-    return TrainConfig(**params)
+    return TrainConfig.flat(**params)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +367,7 @@ def test_first_step_loss_matches_hand_computation(
     temperature divides the teacher's logits as well as the student's. Changed with issue 25: CE averages over
     the labelled rows only (teacher-only rows no longer dilute it)."""
     root, labelled, base = loss_setup
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=qwen_path,
         load_in_4bit=False,
         train_file=root / "train.parquet",
@@ -508,7 +507,7 @@ def _saved_key(key: str, saved: dict) -> str:
 
 
 def test_row_weights_from_sources_and_a_weight_column() -> None:
-    cfg = TrainConfig(source_weights={"lmsys": 0.5, "pseudo": 2.0})
+    cfg = TrainConfig.flat(source_weights={"lmsys": 0.5, "pseudo": 2.0})
     df = pd.DataFrame({"source": ["lmsys", "pseudo", "wsdm", None]})
     np.testing.assert_allclose(row_weights(cfg, df), [0.5, 2.0, 1.0, 1.0])
     # a weight column wins where it is given
@@ -541,7 +540,7 @@ def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_pat
     assert "lower grad_accum (or max_rows / batch_tokens" in msg
     # in a launch of 2 processes a step needs grad_accum x 2 micro-batches
     lengths = np.full(8, 100)
-    one_row_batches = TrainConfig(max_length=256, batch_tokens=256, max_rows=1, grad_accum=3)
+    one_row_batches = TrainConfig.flat(max_length=256, batch_tokens=256, max_rows=1, grad_accum=3)
     assert schedule_module.steps_per_epoch(one_row_batches, lengths) == 2
     with pytest.raises(ValueError, match="grad_accum=3 x 3 processes = 9 one optimiser step needs.*fewer processes"):
         schedule_module.steps_per_epoch(one_row_batches, lengths, world=3)
@@ -566,12 +565,12 @@ def test_val_fold_without_rows_or_of_another_type_is_an_error(prepared, qwen_pat
 
 
 def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_path=qwen_path, train_file=demo_files["train"], out_dir=tmp_path, max_length=256, batch_tokens=1024
     )
     with pytest.raises(schema.DataError, match="no 'fold' column"):
         split(cfg)
-    train_df, val_df = split(TrainConfig(**{**config_to_dict(cfg), "val_fold": -1}))
+    train_df, val_df = split(TrainConfig.flat(**{**config_to_dict(cfg), "val_fold": -1}))
     assert len(train_df) == 600 and len(val_df) == 0
 
 
@@ -591,13 +590,13 @@ def test_split_needs_a_fold_column(tmp_path, demo_files, qwen_path) -> None:
 )
 def test_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**kwargs)
+        TrainConfig.flat(**kwargs)
 
 
 # --- GPU memory safety (issue 10) ------------------------------------------------------------------------
 def test_first_step_holds_the_largest_micro_batches() -> None:
     """A run that does not fit fails in its first step; the epochs after keep their plain shuffled order."""
-    cfg = TrainConfig(max_length=256, batch_tokens=1024, max_rows=8, seed=3)
+    cfg = TrainConfig.flat(max_length=256, batch_tokens=1024, max_rows=8, seed=3)
     lengths = np.random.default_rng(0).integers(20, 256, size=300)
     _, batches = schedule_module.epoch_batches(cfg, lengths, 0, per_step=3)
     padded = [len(b) * int(lengths[b].max()) for b in batches]
@@ -865,7 +864,7 @@ def test_extras_that_are_held_out_or_training_rows_are_left_out_and_counted(prep
     assert not set(train_df["id"].astype(str)) & set(val_df["id"].astype(str))
     assert len(train_df) == len(rest) + 5 and train_df["id"].is_unique
     # extras_only: the labelled rows only validate, so only held-out rows are left out
-    train_df, _ = split(replace(cfg, extras_only=True))
+    train_df, _ = split(cfg.replace(extras_only=True))
     assert sorted(train_df["id"].astype(str)) == sorted([*rest.head(6)["id"].astype(str), *fresh["id"]])
 
 
@@ -891,7 +890,7 @@ def test_out_of_fold_teacher_logits_are_joined_onto_the_rows_by_id(prepared, qwe
     # a teacher file that shows a row the other way round is refused: its logits would be swapped
     schema.swap_ab(oof.head(3)).to_parquet(tmp_path / "flipped.parquet", index=False)
     with pytest.raises(schema.DataError, match="shows another response A"):
-        split(replace(cfg, teacher_files=[str(tmp_path / "flipped.parquet")]))
+        split(cfg.replace(teacher_files=[str(tmp_path / "flipped.parquet")]))
 
 
 def test_a_step_whose_rows_all_weigh_zero_is_skipped(prepared, qwen_path, tmp_path) -> None:

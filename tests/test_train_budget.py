@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ def _cfg(prepared, qwen_path: Path, out_dir: Path, **kw) -> TrainConfig:
         save_every=0,
         lora_dropout=0.0,
     )
-    return TrainConfig(**(params | kw))
+    return TrainConfig.flat(**(params | kw))
 
 
 class FakeGauge:
@@ -208,7 +207,7 @@ def test_every_process_takes_the_smallest_budget(tiny_run, monkeypatch) -> None:
     run = tiny_run
     with contextlib.redirect_stdout(io.StringIO()):
         cfg = train_memory.measured_batch_tokens(
-            replace(run.cfg, batch_tokens=0),
+            run.cfg.replace(batch_tokens=0),
             run.model,
             run.data,
             0,
@@ -220,19 +219,19 @@ def test_every_process_takes_the_smallest_budget(tiny_run, monkeypatch) -> None:
 
 
 def test_zero_is_refused_where_it_cannot_be_measured(tmp_path) -> None:
-    assert TrainConfig(batch_tokens=0).batch_tokens == 0
+    assert TrainConfig.flat(batch_tokens=0).batch_tokens == 0
     with pytest.raises(ValueError, match="batch_tokens >= max_length"):
-        TrainConfig(batch_tokens=-1)
+        TrainConfig.flat(batch_tokens=-1)
     with pytest.raises(ValueError, match="not available with packing=True: give batch_tokens"):
-        TrainConfig(batch_tokens=0, packing=True)
+        TrainConfig.flat(batch_tokens=0, packing=True)
     with pytest.raises(ValueError, match="not available under FSDP: give batch_tokens"):
-        train_memory.refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=0), Parallel(fsdp=True))
-    train_memory.refuse_measured_budget_under_fsdp(TrainConfig(batch_tokens=4096), Parallel(fsdp=True))
+        train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=0), Parallel(fsdp=True))
+    train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=4096), Parallel(fsdp=True))
 
 
 def test_a_checkpoint_without_a_budget_is_not_resumed_with_zero(tmp_path) -> None:
-    cfg = TrainConfig(batch_tokens=0, out_dir=tmp_path)
+    cfg = TrainConfig.flat(batch_tokens=0, out_dir=tmp_path)
     torch.save({"config": {"batch_tokens": None}}, tmp_path / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="records no batch_tokens to resume with"):
         resumed_batch_tokens(cfg, Parallel())
-    assert resumed_batch_tokens(TrainConfig(out_dir=tmp_path), Parallel()).batch_tokens == 8192
+    assert resumed_batch_tokens(TrainConfig.flat(out_dir=tmp_path), Parallel()).batch_tokens == 8192

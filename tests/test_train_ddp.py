@@ -50,7 +50,7 @@ def runs(prepared, qwen_path, tmp_path_factory):
     # 160 rows: 96 trained on, about 30 of fold 0 evaluated
     pd.read_parquet(prepared["train"]).iloc[:160].to_parquet(root / "train.parquet", index=False)
     common = dict(SETTINGS, model_path=qwen_path, train_file=root / "train.parquet")
-    single = TrainConfig(**common, out_dir=root / "single", grad_accum=2)
+    single = TrainConfig.flat(**common, out_dir=root / "single", grad_accum=2)
     with contextlib.redirect_stdout(io.StringIO()):
         one = train(single)
     launch = [str(ACCELERATE), "launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2"]
@@ -100,7 +100,9 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path) -> 
     assert state["world"] == 2
     out = tmp_path / "copy"
     shutil.copytree(ddp_dir, out)
-    cfg = TrainConfig(**{**SETTINGS, "model_path": single.model_path, "train_file": single.train_file}, out_dir=out)
+    cfg = TrainConfig.flat(
+        **{**SETTINGS, "model_path": single.model_path, "train_file": single.train_file}, out_dir=out
+    )
     with pytest.raises(RuntimeError, match="written by 2 process\\(es\\) and this launch has 1; relaunch with"):
         train(cfg)
 

@@ -54,7 +54,7 @@ def _lopsided_file(prepared, tokenizer, path: Path) -> None:
     batches of at most 1,024 tokens) and rank 1 8 short ones (1 batch): the ranks' forward counts differ."""
     df = pd.read_parquet(prepared["train"])
     held = df[df["fold"] == 0]
-    lengths = np.array([len(r) for r in PromptFormatter(tokenizer, TrainConfig(**SETTINGS)).encode(held)])
+    lengths = np.array([len(r) for r in PromptFormatter(tokenizer, TrainConfig.flat(**SETTINGS)).encode(held)])
     long, short = held[lengths >= 150].iloc[:8], held[lengths <= 120].iloc[:8]
     assert len(long) == len(short) == 8
     val = pd.concat([long, short]).iloc[[i // 2 + 8 * (i % 2) for i in range(16)]]  # long, short, long, ...
@@ -115,7 +115,7 @@ def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     _lopsided_file(prepared, tokenizer, root / "train.parquet")
     common = dict(SETTINGS, model_path=qwen_path, train_file=root / "train.parquet")
-    single = TrainConfig(**common, out_dir=root / "single", grad_accum=2)
+    single = TrainConfig.flat(**common, out_dir=root / "single", grad_accum=2)
     with contextlib.redirect_stdout(io.StringIO()):
         one = train(single)
     args = config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1))

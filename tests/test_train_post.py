@@ -48,7 +48,7 @@ def _config(trained, out_dir: Path, **kw) -> TrainConfig:
         save_every=0,
         seed=7,
     )
-    return TrainConfig(**(base | kw))
+    return TrainConfig.flat(**(base | kw))
 
 
 def _state(run) -> dict[str, torch.Tensor]:

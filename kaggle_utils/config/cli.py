@@ -108,11 +108,16 @@ def build_parser(
     ``defaults`` (a recipe's values) replace the dataclass defaults; a required field they set is no longer required.
     """
     parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip(),
+        description=description or inspect.cleandoc(cls.__doc__ or ""),
         epilog=epilog,
         formatter_class=_HelpFormatter,
     )
-    groups = {name: parser.add_argument_group(f"[{name}]", section_doc(cls, name) or None) for name in sections(cls)}
+    # a group's line: the comment above the section in the stage's config, else the section class's docstring
+    about = _source_docs(cls) if is_sectioned(cls) else {}
+    groups = {
+        name: parser.add_argument_group(f"[{name}]", about.get(name) or section_doc(cls, name) or None)
+        for name in sections(cls)
+    }
     docs = field_docs(cls)
     defaults = defaults or {}
     for f in flat_fields(cls).values():

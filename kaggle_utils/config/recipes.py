@@ -101,7 +101,10 @@ def _summary(text: str) -> str:
 
 def _flatten(raw: dict[str, Any], path: Path, cls: type | None) -> dict[str, Any]:
     """Sections are for reading only: ``[optim] lr = 1e-4`` is the field ``lr`` (``[primary] model`` is
-    ``primary_model``). A table named after a dict field is that field's value. A field set twice is an error."""
+    ``primary_model``). A table named after a dict field is that field's value. A field set twice is an error.
+
+    Without the stage's config ``cls`` (listing recipes: only their stage and summary are read) keys are taken as
+    written and not checked: ``[primary] model`` and ``[secondary] model`` are one key then."""
     layout = sections(cls) if cls is not None else {}
     dict_fields = _dict_fields(cls) if cls is not None else frozenset()
     flat: dict[str, Any] = {}
@@ -114,15 +117,15 @@ def _flatten(raw: dict[str, Any], path: Path, cls: type | None) -> dict[str, Any
         else:
             items = [(key, value)]
         for field, v in items:
-            if field in flat:
+            if field in flat and cls is not None:
                 raise RecipeError(f"{path}: key {field!r} is set twice (sections are flattened: set it once)")
             flat[field] = v
     return flat
 
 
 def read(name_or_path: str | Path, cls: type | None = None, _seen: tuple = ()) -> Recipe:
-    """Parse a recipe and the chain it extends; child values override the base's. With the stage's config ``cls``
-    the values are its flat names (without it, a key under a section is taken as written)."""
+    """Parse a recipe and the chain it extends; child values override the base's. The values are flat names when
+    read for the stage's config ``cls``; without it, as written (enough for the stage and the summary)."""
     path = recipe_path(name_or_path, _seen[-1].parent if _seen else RECIPES_DIR).resolve()
     if path in _seen:
         raise RecipeError(f"{path}: 'extends' loops back to itself ({' → '.join(p.name for p in (*_seen, path))})")

@@ -14,10 +14,10 @@ Each row goes through the filters in this order and is counted under the first t
     source_cap            beyond mix_source_caps[source] rows of its source, among those the filters kept
 
 Caps keep the rows of lowest ``pool.priority(id, seed)``: the same seed keeps the same rows whatever else the file
-holds. The defaults filter nothing. :class:`MixConfig` is a mixin of the train stage's config::
+holds. The defaults filter nothing. :class:`MixConfig` is the ``mix`` section of the train stage's config::
 
-    class TrainConfig(ModelConfig, InputConfig, MixConfig): ...     # __post_init__: MixConfig.__post_init__(self)
-    extras[0], report = mix_extras(cfg, extras[0], cfg.seed)       # in train.split, after average_teachers
+    mix: MixConfig = field(default_factory=MixConfig)                # in TrainConfig; [mix] in its recipes
+    extras[0], report = mix_extras(cfg.mix, extras[0], cfg.seed)     # in train.split, after average_teachers
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ REASONS = ("low_confidence", "disagrees_with_human", "source_cap")
 
 @dataclass
 class MixConfig:
-    """Which pseudo-labelled and hard-labelled extra rows training keeps (a mixin of the train stage's config)."""
+    """Which pseudo-labelled and hard-labelled extra rows training keeps (a section of the train stage's config)."""
 
     # keep a row whose only target is the teacher's when the teacher's max softmax probability (T=1) is at least
     # this; 0.5 keeps every row. Rows with a human winner (hard-labelled, kept ties) are never dropped by it
@@ -75,7 +75,7 @@ class MixConfig:
 
     @property
     def mix_settings(self) -> dict[str, Any]:
-        """This mixin's fields and values (also when it is part of a larger config)."""
+        """This section's fields and values."""
         return {k: getattr(self, k) for k in asdict(MixConfig())}
 
 

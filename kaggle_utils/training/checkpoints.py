@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from kaggle_utils.config.cli import config_to_dict
@@ -55,7 +53,7 @@ def resumed_batch_tokens(cfg: TrainConfig, parallel: Parallel) -> TrainConfig:
         )
     if parallel.is_main:
         print(f"batch_tokens=0: resuming with the budget {path} was trained with, {tokens:,} padded tokens")
-    return replace(cfg, batch_tokens=int(tokens))
+    return cfg.replace(batch_tokens=int(tokens))
 
 
 def load_checkpoint(run: Run) -> None:

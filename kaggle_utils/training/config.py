@@ -1,4 +1,6 @@
-"""The train stage's settings: one typed config, every field a ``--flag`` of ``python -m kaggle_utils.train``."""
+"""The train stage's settings: one typed config made of sections, every field a ``--flag`` of
+``python -m kaggle_utils.train``. The sections from other layers: :class:`~kaggle_utils.models.loading.ModelConfig`,
+:class:`~kaggle_utils.inputs.formatter.InputConfig`, :class:`~kaggle_utils.data.mixing.MixConfig`."""
 
 from __future__ import annotations
 
@@ -6,71 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from kaggle_utils.config.sections import Sectioned
 from kaggle_utils.data.mixing import MixConfig
 from kaggle_utils.evaluation.metrics import SELECTABLE
 from kaggle_utils.inputs.formatter import InputConfig
-from kaggle_utils.models.loading import ModelConfig
+from kaggle_utils.models.loading import LoraSettings, ModelConfig
 from kaggle_utils.models.losses import LOSSES
 
 
 @dataclass
-class TrainConfig(ModelConfig, InputConfig, MixConfig):
-    """LoRA training of one model; every field is also a ``--flag`` of ``python -m kaggle_utils.train``."""
-
-    # the stage its recipes name (``stage = "train"`` in kaggle_utils/recipes/*.toml)
-    STAGE: ClassVar[str] = "train"
-    # its recipes' [sections] and the groups of --help: section -> the fields written under it
-    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "model": (
-            "model_path",
-            "load_in_4bit",
-            "device",
-            "attn_implementation",
-            "dtype",
-            "split_reserve_gib",
-            "init_adapter",
-            "init_head",
-            "fused_kernels",
-            "compile_layers",
-        ),
-        "inputs": (
-            "max_length",
-            "prompt_fraction",
-            "template",
-            "truncation",
-            "head_fraction",
-            "split_special_tokens",
-            "num_proc",
-            "fast_bpe",
-            "cache_dir",
-        ),
-        "data": ("train_file", "teacher_files", "extra_files", "out_dir", "val_fold", "extras_only", "max_train_rows"),
-        "mix": ("mix_min_confidence", "mix_agree_with_human", "mix_source_caps"),
-        "loss": ("loss", "kl_weight", "temperature", "cos_weight", "source_weights"),
-        "lora": ("lora_r", "lora_alpha", "lora_dropout"),
-        "optim": (
-            "lr",
-            "warmup_fraction",
-            "epochs",
-            "batch_tokens",
-            "max_rows",
-            "packing",
-            "grad_accum",
-            "swap_fraction",
-            "gradient_checkpointing",
-        ),
-        "schedule": (
-            "time_budget_minutes",
-            "save_every",
-            "eval_every_steps",
-            "best_metric",
-            "eval_languages",
-            "eval_batch_tokens",
-            "eval_max_rows",
-            "max_val_rows",
-            "seed",
-        ),
-    }
+class TrainDataConfig:
+    """Which rows train, which are held out, and where the run writes."""
 
     # prepared training file with a ``fold`` column (stage 1 output); may carry teacher ``p_a``/``p_b``
     train_file: Path = Path("demo/work/prepared/train.parquet")
@@ -84,6 +32,23 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     out_dir: Path = Path("demo/work/model")
     # rows of this fold are held out for validation; -1 trains on every row
     val_fold: int = 0
+    # train on the extra_files alone (e.g. pseudo-labels before competition rows): train_file's rows then serve
+    # only as the validation fold val_fold
+    extras_only: bool = False
+    # use at most this many training rows (0: all), for quick runs
+    max_train_rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.train_file = Path(self.train_file)
+        self.out_dir = Path(self.out_dir)
+        if self.extras_only and not self.extra_files:
+            raise ValueError("extras_only=True trains on the extra_files alone, but extra_files is empty")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The loss: human labels, the teacher's logits (distillation), or both; and the weight of each row."""
+
     # "ce" (human labels only), "kl" (distillation only) or "mixed" (both, weighted by kl_weight)
     loss: str = "ce"
     # weight of the distillation term in the "mixed" loss; cross-entropy gets 1 - kl_weight
@@ -94,6 +59,24 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     cos_weight: float = 0.0
     # row weight per value of the rows' ``source`` column (unlisted sources weigh 1); a ``weight`` column wins
     source_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; expected one of {LOSSES}")
+        if not 0 <= self.kl_weight <= 1 or self.cos_weight < 0 or self.temperature <= 0:
+            raise ValueError(
+                f"need 0 <= kl_weight <= 1, cos_weight >= 0 and temperature > 0; got kl_weight={self.kl_weight}, "
+                f"cos_weight={self.cos_weight}, temperature={self.temperature}"
+            )
+        bad = {k: v for k, v in self.source_weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
+        if bad:
+            raise ValueError(f"source_weights {bad}: weights must be numbers >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA trained on every linear layer of the base: fresh, or continued from an earlier run's adapter."""
+
     # LoRA rank
     lora_r: int = 16
     # LoRA scale numerator: updates are scaled by lora_alpha / lora_r
@@ -105,9 +88,22 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     init_adapter: Path | None = None
     # with init_adapter: keep that adapter's trained head; false: the head a run without init_adapter starts from
     init_head: bool = False
-    # train on the extra_files alone (e.g. pseudo-labels before competition rows): train_file's rows then serve
-    # only as the validation fold val_fold
-    extras_only: bool = False
+
+    def __post_init__(self) -> None:
+        self.init_adapter = Path(self.init_adapter) if self.init_adapter else None
+        if self.init_head and self.init_adapter is None:
+            raise ValueError("init_head=True keeps the head of init_adapter, but no init_adapter is given")
+
+    @property
+    def settings(self) -> LoraSettings:
+        """What the model loader takes."""
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.init_adapter, self.init_head)
+
+
+@dataclass
+class OptimConfig:
+    """Steps: learning rate, passes, micro-batches by token budget, accumulation, A/B swaps, memory savers."""
+
     # peak learning rate (linear warm-up, then cosine decay to 10%)
     lr: float = 1e-4
     # share of the steps spent warming up
@@ -136,6 +132,27 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     # torch.compile each decoder layer on a CUDA device (dynamic shapes); off CUDA a no-op. Runs on nf4 + LoRA, but
     # the first step compiles (107 s for Qwen2.5-14B on an H200); its steady speed is not measured yet
     compile_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.swap_fraction <= 1:
+            raise ValueError(f"swap_fraction={self.swap_fraction} must be in [0, 1]")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < 0:
+            raise ValueError(
+                f"need epochs > 0, lr > 0 and batch_tokens >= max_length (or 0: measured from free GPU memory); got "
+                f"epochs={self.epochs}, lr={self.lr}, batch_tokens={self.batch_tokens}"
+            )
+        if self.packing and not self.batch_tokens:
+            # the probe measures padded micro-batches; a pack's memory at the same tokens is not measured
+            raise ValueError(
+                "batch_tokens=0 (measured from free GPU memory) is not available with packing=True: give batch_tokens "
+                "(e.g. the budget a run with packing=False measured, printed and saved in its train_config.json)"
+            )
+
+
+@dataclass
+class ScheduleConfig:
+    """When the run stops, saves and evaluates, and what evaluation measures."""
+
     # wall-clock limit in minutes (0: none); training stops cleanly before the step that would pass it
     time_budget_minutes: float = 0.0
     # save a resumable checkpoint every this many steps (0: only at the end)
@@ -154,40 +171,10 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
     # evaluate on at most this many held-out rows (a subset stratified by language and winner; 0: all). Under a
     # time budget the rows are also cut so that one evaluation is priced at most a fifth of it (said in the log)
     max_val_rows: int = 0
-    # use at most this many training rows (0: all), for quick runs
-    max_train_rows: int = 0
     # seed for shuffling, A/B swaps and LoRA initialisation
     seed: int = 42
 
     def __post_init__(self) -> None:
-        ModelConfig.__post_init__(self)
-        InputConfig.__post_init__(self)
-        MixConfig.__post_init__(self)
-        self.train_file = Path(self.train_file)
-        self.out_dir = Path(self.out_dir)
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}; expected one of {LOSSES}")
-        if not 0 <= self.kl_weight <= 1 or self.cos_weight < 0 or self.temperature <= 0:
-            raise ValueError(
-                f"need 0 <= kl_weight <= 1, cos_weight >= 0 and temperature > 0; got kl_weight={self.kl_weight}, "
-                f"cos_weight={self.cos_weight}, temperature={self.temperature}"
-            )
-        bad = {k: v for k, v in self.source_weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
-        if bad:
-            raise ValueError(f"source_weights {bad}: weights must be numbers >= 0")
-        if not 0 <= self.swap_fraction <= 1:
-            raise ValueError(f"swap_fraction={self.swap_fraction} must be in [0, 1]")
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < 0 or 0 < self.batch_tokens < self.max_length:
-            raise ValueError(
-                f"need epochs > 0, lr > 0 and batch_tokens >= max_length (or 0: measured from free GPU memory); got "
-                f"epochs={self.epochs}, lr={self.lr}, batch_tokens={self.batch_tokens}, max_length={self.max_length}"
-            )
-        if self.packing and not self.batch_tokens:
-            # the probe measures padded micro-batches; a pack's memory at the same tokens is not measured
-            raise ValueError(
-                "batch_tokens=0 (measured from free GPU memory) is not available with packing=True: give batch_tokens "
-                "(e.g. the budget a run with packing=False measured, printed and saved in its train_config.json)"
-            )
         if self.best_metric not in SELECTABLE:
             raise ValueError(f"best_metric={self.best_metric!r}; expected one of {sorted(SELECTABLE)}")
         if min(self.eval_batch_tokens, self.max_val_rows) < 0 or self.eval_max_rows < 1:
@@ -199,8 +186,40 @@ class TrainConfig(ModelConfig, InputConfig, MixConfig):
             raise ValueError(
                 f"eval_every_steps={self.eval_every_steps} and eval_languages={self.eval_languages} must be >= 0"
             )
-        self.init_adapter = Path(self.init_adapter) if self.init_adapter else None
-        if self.init_head and self.init_adapter is None:
-            raise ValueError("init_head=True keeps the head of init_adapter, but no init_adapter is given")
-        if self.extras_only and not self.extra_files:
-            raise ValueError("extras_only=True trains on the extra_files alone, but extra_files is empty")
+
+
+@dataclass
+class TrainConfig(Sectioned):
+    """LoRA training of one model; every field is also a ``--flag`` of ``python -m kaggle_utils.train``.
+
+    Made of sections (``cfg.optim.lr``), each a ``[section]`` of the recipes and a group of ``--help``; flat names
+    (``cfg.lr``, ``TrainConfig.flat(lr=1e-4)``, ``--lr``) reach the same fields (:mod:`kaggle_utils.config.sections`).
+    """
+
+    # the stage its recipes name (``stage = "train"`` in kaggle_utils/recipes/*.toml)
+    STAGE: ClassVar[str] = "train"
+
+    # which weights to load and how
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # how a row becomes token ids (saved in train_config.json: inference makes the same rows)
+    inputs: InputConfig = field(default_factory=InputConfig)
+    # the training file, the teachers' and extra files, the held-out fold, the output folder
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    # which extra rows are kept
+    mix: MixConfig = field(default_factory=MixConfig)
+    # the loss and the row weights
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # the LoRA
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # the optimiser and the micro-batches
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # budget, checkpoints and evaluation
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        # the one check that spans sections: a micro-batch must hold the longest row
+        if 0 < self.optim.batch_tokens < self.inputs.max_length:
+            raise ValueError(
+                f"need batch_tokens >= max_length (or 0: measured from free GPU memory); got "
+                f"batch_tokens={self.optim.batch_tokens}, max_length={self.inputs.max_length}"
+            )

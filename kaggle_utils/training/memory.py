@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ def measured_batch_tokens(
             f"batch_tokens=0: {tokens:,} padded tokens per micro-batch{smallest}, from {budget.describe()}; "
             f"saved in {cfg.out_dir / 'train_config.json'}"
         )
-    return replace(cfg, batch_tokens=tokens)
+    return cfg.replace(batch_tokens=tokens)
 
 
 def probe_batch_tokens(

@@ -53,7 +53,7 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         # validation fold or the training rows left out; then the mixing settings (confidence, agreement with a
         # human label, per-source caps) choose the rows, and say so
         fresh = drop_seen(read_extras(cfg.extra_files), val_df, None if cfg.extras_only else train_df)
-        extras = [mix_extras(cfg, fresh, cfg.seed)[0]]
+        extras = [mix_extras(cfg.mix, fresh, cfg.seed)[0]]
     kept = [] if cfg.extras_only else [train_df]  # extras_only: the labelled rows only validate
     train_df = pd.concat([*kept, *extras], ignore_index=True)
     if cfg.max_train_rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from kaggle_utils.config.cli import (
     parse_config,
     save_config,
 )
+from kaggle_utils.config.sections import flat_fields
 from kaggle_utils.data.demo import DemoDataConfig
 from kaggle_utils.infer import InferConfig
 from kaggle_utils.models.demo import DemoModelsConfig
@@ -45,7 +45,7 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_help_lists_every_field_with_its_comment(cls: type) -> None:
     help_text = _flat(build_parser(cls).format_help())
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
+    for f in flat_fields(cls).values():
         flag = "--" + f.name.replace("_", "-")
         assert flag + " " in help_text, f"{flag} missing from --help of {cls.__name__}"
         if f.name in UNCOMMENTED:
@@ -119,7 +119,7 @@ def test_parse_config_converts_types() -> None:
     assert cfg.extra_files == ["a.parquet", "b.parquet"]
     assert cfg.loss == "mixed"
     # untouched fields keep their defaults
-    assert cfg.lora_r == TrainConfig.lora_r
+    assert cfg.lora == TrainConfig().lora
     assert cfg.model_path == Path("demo/models/qwen2-tiny")
 
 
@@ -167,17 +167,17 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
     loaded = json.loads(path.read_text())
     assert loaded == config_to_dict(cfg)
     assert loaded["out_dir"] == str(tmp_path / "m") and loaded["extra_files"] == ["p1.parquet"]
-    assert set(loaded) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(loaded) == set(flat_fields(TrainConfig))  # flat, as before the sections: old adapters read the same
     # the saved JSON rebuilds the same config
-    assert TrainConfig(**loaded) == cfg
+    assert TrainConfig.flat(**loaded) == cfg
 
 
 def test_save_config_round_trips_none_and_unicode(tmp_path: Path) -> None:
-    cfg = InferConfig(primary_adapter=None, out_dir=tmp_path / "провер", labels_file=None)
+    cfg = InferConfig.flat(primary_adapter=None, out_dir=tmp_path / "провер", labels_file=None)
     path = save_config(cfg, tmp_path / "infer_config.json")
     loaded = json.loads(path.read_text(encoding="utf-8"))
     assert loaded["primary_adapter"] is None and loaded["labels_file"] is None
-    assert InferConfig(**loaded) == cfg
+    assert InferConfig.flat(**loaded) == cfg
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -202,6 +202,6 @@ def test_help_groups_a_stage_flags_by_recipe_section(capsys: pytest.CaptureFixtu
         train_module.main(["--help"])
     out = capsys.readouterr().out
     headers = re.findall(r"^\[(\w+)\]:$", out, flags=re.M)
-    assert headers == ["model", "inputs", "data", "mix", "loss", "lora", "optim", "schedule"]
+    assert headers == ["model", "inputs", "data", "mix", "objective", "lora", "optim", "schedule"]
     optim = out.split("[optim]:")[1].split("[schedule]:")[0]
     assert "--lr LR" in optim and "--lora-r" not in optim

@@ -99,7 +99,7 @@ def test_a_broken_key_in_a_base_is_reported_in_the_base_file(tmp_path):
 
 
 def test_a_variant_overrides_only_what_it_writes():
-    base, variant = recipes.read("demo-student-qwen2"), recipes.read("demo-student-gemma2")
+    base, variant = recipes.read("demo-student-qwen2", TrainConfig), recipes.read("demo-student-gemma2", TrainConfig)
     changed = {k for k in variant.values if variant.values[k] != base.values.get(k)}
     assert changed == {"model_path", "out_dir"}
     assert [p.stem for p in variant.chain] == [
@@ -122,7 +122,7 @@ def test_extends_loops_stage_mismatches_and_double_keys_are_errors(tmp_path):
         recipes.read(other)
     twice = write(tmp_path, "twice", 'stage = "train"\nlr = 1.0\n[optim]\nlr = 2.0\n')
     with pytest.raises(recipes.RecipeError, match="'lr' is set twice"):
-        recipes.read(twice)
+        recipes.read(twice, TrainConfig)
     with pytest.raises(recipes.RecipeError, match="not 'infer'"):
         recipes.load("demo-teacher", STAGE_CONFIGS["infer"])
     with pytest.raises(recipes.RecipeError, match="no recipe 'nope'"):

@@ -173,7 +173,7 @@ def pool(prepared) -> pd.DataFrame:
 
 def _cfg(model_path: Path, pool_file: Path, out_file: Path, **changes) -> PseudoLabelConfig:
     base = dict(model_path=model_path, load_in_4bit=False, dtype="fp32", adapter_dir=None, input_file=pool_file)
-    return PseudoLabelConfig(**{**base, "out_file": out_file, "chunk_rows": 10, "max_length": 256, **changes})
+    return PseudoLabelConfig.flat(**{**base, "out_file": out_file, "chunk_rows": 10, "max_length": 256, **changes})
 
 
 # ---------------------------------------------------------------------------------------------------- the setting
@@ -182,18 +182,18 @@ def _cfg(model_path: Path, pool_file: Path, out_file: Path, **changes) -> Pseudo
 def test_engine_setting_is_checked(qwen_path: Path) -> None:
     assert PseudoLabelConfig().engine == "transformers"
     with pytest.raises(ValueError, match="engine='onnx'"):
-        PseudoLabelConfig(engine="onnx")
+        PseudoLabelConfig.flat(engine="onnx")
     with pytest.raises(ValueError, match="tensor_parallel_size >= 1"):
-        PseudoLabelConfig(tensor_parallel_size=0)
+        PseudoLabelConfig.flat(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        PseudoLabelConfig(gpu_memory_utilization=1.5)
+        PseudoLabelConfig.flat(gpu_memory_utilization=1.5)
     # vLLM serves a merged model: an adapter (the default adapter_dir is one) is refused with the reason (its base is
     # 4-bit, which vLLM cannot load) and the merge command
     with pytest.raises(ValueError, match=r"trained on a 4-bit nf4 base, and vLLM has no 4-bit bitsandbytes base"):
-        PseudoLabelConfig(model_path=qwen_path, engine="vllm")
+        PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm")
     with pytest.raises(ValueError, match="python -m kaggle_utils.models.merge --base-model BASE --adapter ADAPTER"):
-        PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None, oof_adapters=["a", "b"])
-    assert PseudoLabelConfig(model_path=qwen_path, engine="vllm", adapter_dir=None).engine == "vllm"
+        PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm", adapter_dir=None, oof_adapters=["a", "b"])
+    assert PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm", adapter_dir=None).engine == "vllm"
 
 
 def test_label_key_changes_with_the_engine_not_with_its_memory_settings(qwen_path, causal_path, tmp_path) -> None:
