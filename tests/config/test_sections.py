@@ -3,7 +3,9 @@ flat names (flags, overrides, saved JSON), and a name shared by two sections of 
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,8 @@ def test_to_flat_and_from_flat_round_trip_every_stage():
         cfg = cls()
         flat = to_flat(cfg)
         assert list(flat) == list(flat_fields(cls)) and from_flat(cls, flat) == cfg
+        # the flat view's __getattr__ must not get in the way of copies and of configs sent to other processes
+        assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
 
 
 def test_sections_shared_by_one_class_prefix_their_flat_names():
