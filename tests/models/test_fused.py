@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections import Counter
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -148,11 +147,11 @@ def test_the_train_stage_applies_the_options_it_is_given(qwen_path, prepared, tm
     from kaggle_utils.train import TrainConfig, _load_model
     from kaggle_utils.training.parallel import Parallel
 
-    cfg = TrainConfig(model_path=qwen_path, train_file=prepared["train"], out_dir=tmp_path, device="cpu")
+    cfg = TrainConfig.flat(model_path=qwen_path, train_file=prepared["train"], out_dir=tmp_path, device="cpu")
     pad = 0
     _load_model(cfg, Parallel.from_env(cfg), pad)
     assert "fused_kernels" not in capsys.readouterr().out
-    on = replace(cfg, fused_kernels=True, compile_layers=True)
+    on = cfg.replace(fused_kernels=True, compile_layers=True)
     _load_model(on, Parallel.from_env(on), pad)
     out = capsys.readouterr().out
     assert "fused_kernels: cpu is not a CUDA device" in out and "compile_layers: cpu is not a CUDA device" in out
