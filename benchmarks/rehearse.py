@@ -295,8 +295,18 @@ def run_on_kaggle(notebook: Path, kaggle: Path, env: dict[str, str], log: Path, 
         (startup / "00-t4.py").write_text(T4_STARTUP)
         run_env["IPYTHONDIR"] = str(kaggle / "ipython")
     executed = kaggle / "working" / "04_inference.executed.ipynb"
-    papermill = Path(sys.executable).with_name("papermill")
-    argv = [str(papermill), "--cwd", str(kaggle / "working"), "--log-level", "WARNING", str(notebook), str(executed)]
+    # papermill as a module of this interpreter: its script may be installed elsewhere (/usr/local/bin for /usr/bin)
+    argv = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--cwd",
+        str(kaggle / "working"),
+        "--log-level",
+        "WARNING",
+        str(notebook),
+        str(executed),
+    ]
     started = time.monotonic()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
