@@ -50,6 +50,24 @@ class Malformed(ValueError):
     """A 200 answer that holds no usable text."""
 
 
+# the [api] section of every API stage's recipe: where and how it calls, retries and pays (ApiConfig's fields but the
+# sampling ones, temperature and max_tokens, which each stage files under its own section)
+API_SECTION = (
+    "base_url",
+    "api_key_env",
+    "workers",
+    "timeout_s",
+    "max_attempts",
+    "backoff_base_s",
+    "backoff_max_s",
+    "malformed_retries",
+    "max_consecutive_failures",
+    "retry_failed",
+    "prices",
+    "max_cost_usd",
+)
+
+
 @dataclass
 class ApiConfig:
     """Where requests go, how hard to retry, what they may cost; every stage that calls an API takes these fields."""

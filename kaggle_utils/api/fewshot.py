@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from kaggle_utils.api.client import ApiConfig, ChatClient, ChatResult, JsonlStore, RunSummary
+from kaggle_utils.api.client import API_SECTION, ApiConfig, ChatClient, ChatResult, JsonlStore, RunSummary
 from kaggle_utils.api.judge import (
     answers_frame,
     judge_messages,
@@ -58,20 +58,7 @@ class FewShotConfig(ApiConfig):
         "data": ("input_file", "out_dir", "n_eval", "seed", "max_field_chars", "shot_max_chars"),
         "model": ("model", "temperature", "max_tokens"),
         "shots": ("selection", "shots", "ngram", "ngram_dim", "max_pool_per_language", "both_orders"),
-        "api": (
-            "base_url",
-            "api_key_env",
-            "workers",
-            "timeout_s",
-            "max_attempts",
-            "backoff_base_s",
-            "backoff_max_s",
-            "malformed_retries",
-            "max_consecutive_failures",
-            "retry_failed",
-            "prices",
-            "max_cost_usd",
-        ),
+        "api": API_SECTION,
     }
 
     # labelled rows in the competition schema (.parquet or .csv), with a ``language`` column

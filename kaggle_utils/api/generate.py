@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.api.client import (
+    API_SECTION,
     ApiConfig,
     ChatClient,
     ChatRequest,
@@ -55,20 +56,7 @@ class GenerateConfig(ApiConfig):
         "data": ("pool_file", "out_file"),
         "sampling": ("n_prompts", "language_weights", "seed", "max_prompt_chars"),
         "answers": ("models", "temperature", "max_tokens", "pairs_per_prompt", "system_prompt"),
-        "api": (
-            "base_url",
-            "api_key_env",
-            "workers",
-            "timeout_s",
-            "max_attempts",
-            "backoff_base_s",
-            "backoff_max_s",
-            "malformed_retries",
-            "max_consecutive_failures",
-            "retry_failed",
-            "prices",
-            "max_cost_usd",
-        ),
+        "api": API_SECTION,
     }
 
     # prompt pool (.parquet or .csv): a ``prompt`` column, optionally ``language``

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.api.client import (
+    API_SECTION,
     ApiConfig,
     ApiError,
     ChatClient,
@@ -87,20 +88,7 @@ class JudgeConfig(ApiConfig):
             "max_poll_s",
         ),
         "test": ("test_models", "delete_model", "both_orders", "temperature", "max_tokens"),
-        "api": (
-            "base_url",
-            "api_key_env",
-            "workers",
-            "timeout_s",
-            "max_attempts",
-            "backoff_base_s",
-            "backoff_max_s",
-            "malformed_retries",
-            "max_consecutive_failures",
-            "retry_failed",
-            "prices",
-            "max_cost_usd",
-        ),
+        "api": API_SECTION,
     }
 
     # labelled rows in the competition schema (.parquet or .csv)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils.api.client import (
+    API_SECTION,
     ApiConfig,
     ChatClient,
     ChatRequest,
@@ -58,20 +59,7 @@ class TranslateConfig(ApiConfig):
         "data": ("input_file", "out_file"),
         "choice": ("target_languages", "source_languages", "n_rows", "max_chars", "seed"),
         "model": ("model", "temperature", "max_tokens"),
-        "api": (
-            "base_url",
-            "api_key_env",
-            "workers",
-            "timeout_s",
-            "max_attempts",
-            "backoff_base_s",
-            "backoff_max_s",
-            "malformed_retries",
-            "max_consecutive_failures",
-            "retry_failed",
-            "prices",
-            "max_cost_usd",
-        ),
+        "api": API_SECTION,
     }
 
     # labelled rows in the competition schema (.parquet or .csv)
