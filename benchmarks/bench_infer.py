@@ -116,13 +116,13 @@ def int8_loader(model_dir: Path):
 
 def load_role(cfg: InferConfig, model_dir: Path, loader=None) -> Role:
     """The model loaded as the stage loads it (one copy on cuda:0), or with ``loader``."""
-    role = Role("primary", model_dir, None, CostModel(cfg.first_batch_seconds_per_token))
+    role = Role("primary", model_dir, None, CostModel(cfg.safety.first_batch_seconds_per_token))
     deadline = Deadline(None)
     if loader is None:
         pad_id = encode(
-            role_inputs(cfg, None, "bench"), model_dir, read_test(cfg.test_file)[0].head(1)
+            role_inputs(cfg.inputs, None, "bench"), model_dir, read_test(cfg.data.test_file)[0].head(1)
         ).tokenizer.pad_token_id
-        role.start_loading(cfg, pad_id, ["cuda:0"], deadline)
+        role.start_loading(cfg.models, cfg.budget.activation_reserve_gib, pad_id, ["cuda:0"], deadline)
     else:
         role.copies = DeviceCopies(loader, ["cuda:0"], deadline.clock)
     if role.copies.wait(0, deadline) is None:
@@ -133,7 +133,7 @@ def load_role(cfg: InferConfig, model_dir: Path, loader=None) -> Role:
 def engine(cfg: InferConfig, role: Role, test, desc: str) -> dict:
     """The stage's primary pass on ``test`` with ``role``'s loaded copy, after its budget is set and a warm-up."""
     run = Cascade(cfg, test, {}, Deadline(None))
-    enc = encode(role_inputs(cfg, role.adapter, role.name), role.model_path, test)
+    enc = encode(role_inputs(cfg.inputs, role.adapter, role.name), role.model_path, test)
     model = role.copies.models[0]
     run.measure_budget(role, enc)  # batch_tokens = 0: the probe (which also warms the kernels up)
     score_batch(model, enc.rows, np.argsort(enc.lengths)[-4:], enc.tokenizer.pad_token_id, "cuda:0")

@@ -119,8 +119,8 @@ def one_depth(args, data: Path, folder: Path, layers: int) -> dict:
     finally:
         train_module.setup = peaks.setup
     train_peak = torch.cuda.max_memory_allocated(gpu) / 2**30 if gpu is not None else float("nan")
-    history = pd.read_csv(cfg.out_dir / "history.csv")  # rank 0 wrote it before the run's last barrier
-    evaluation = json.loads((cfg.out_dir / "metrics.json").read_text())["val"]
+    history = pd.read_csv(cfg.data.out_dir / "history.csv")  # rank 0 wrote it before the run's last barrier
+    evaluation = json.loads((cfg.data.out_dir / "metrics.json").read_text())["val"]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -45,7 +45,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(i)
         t0 = time.time()
         infer(cfg)
-        report = json.loads((cfg.out_dir / "report.json").read_text())
+        report = json.loads((cfg.data.out_dir / "report.json").read_text())
         peaks = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(2)]
         keys = ("placement", "token_budget", "sources", "primary", "errors")
         print(json.dumps({"run": name, "wall_s": round(time.time() - t0, 1), "peak_gib": peaks} | {

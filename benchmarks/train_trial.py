@@ -104,7 +104,7 @@ def main() -> None:
         "evals_s": result.evals["seconds"].tolist() if len(result.evals) else [],
         "step_s (mean after the first)": float(steady["seconds"].mean()),
         "tokens_per_s (after the first step)": float(steady["tokens"].sum() / steady["seconds"].sum()),
-        "batch_tokens": cfg.batch_tokens,
+        "batch_tokens": cfg.optim.batch_tokens,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if not args.tiny else float("nan"),
         "model_build_s": round(built, 1),
     } | projection(hist, m["total_steps"], GEMMA2_9B_PARAMS)

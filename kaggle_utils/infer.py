@@ -234,7 +234,7 @@ class RehearsalConfig:
 class InferConfig(Sectioned):
     """Time-budgeted cascade inference; every field is also a ``--flag``. Made of sections (``cfg.primary.adapter``,
     ``cfg.budget.max_rows``), each a ``[section]`` of the recipes; flat names (``--primary-adapter``,
-    ``cfg.max_rows``) reach the same fields (:mod:`kaggle_utils.config.sections`)."""
+    ``cfg.replace(max_rows=...)``) build it (:mod:`kaggle_utils.config.sections`)."""
 
     # the stage its recipes name (``stage = "infer"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "infer"
@@ -282,14 +282,18 @@ class Cascade:
 
     def __init__(self, cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: Deadline):
         self.cfg, self.test, self.deadline = cfg, test, deadline
-        self.devices = resolve_devices(cfg.devices)
+        self.devices = resolve_devices(cfg.models.devices)
         self.raw = np.full((len(test), 2), np.nan, dtype=np.float32)  # the primary's, TTA-averaged where run
         self.secondary_raw = np.full((len(test), 2), np.nan, dtype=np.float32)
         self.tta = np.zeros(len(test), dtype=bool)
         self.report: dict = {"rows": len(test), "repairs": repairs, "errors": [], "devices": self.devices, "plans": []}
         self.measured: dict[str, list] = {"primary": [], "secondary": []}  # batch logs, for a rehearsal
         self.blender = Blender(
-            cfg.primary_adapter, cfg.secondary_adapter, cfg.secondary_weight, self.report, cfg.accept_stale_calibration
+            cfg.primary.adapter,
+            cfg.secondary.adapter,
+            cfg.models.secondary_weight,
+            self.report,
+            cfg.safety.accept_stale_calibration,
         )
 
     def error(self, text: str) -> None:
@@ -301,12 +305,14 @@ class Cascade:
     def run(self) -> None:
         """The primary on every row, then the swapped view and the secondary on the least certain rows, as planned."""
         cfg = self.cfg
-        primary = Role("primary", cfg.primary_model, cfg.primary_adapter, CostModel(cfg.first_batch_seconds_per_token))
+        primary = Role(
+            "primary", cfg.primary.model, cfg.primary.adapter, CostModel(cfg.safety.first_batch_seconds_per_token)
+        )
         if self.deadline.remaining() <= 0:
             self.report["primary"] = {"scored": 0, "skipped": "no time left", "stopped_by_deadline": True}
             return
         enc = self.guarded(
-            "primary", lambda: encode(self.inputs_of(primary), cfg.primary_model, self.test), preflight_of=primary
+            "primary", lambda: encode(self.inputs_of(primary), cfg.primary.model, self.test), preflight_of=primary
         )
         if enc is None:
             return
@@ -314,7 +320,9 @@ class Cascade:
         if not workers:
             return
         t0 = self.deadline.clock()
-        primary.start_loading(cfg, enc.tokenizer.pad_token_id, workers, self.deadline)
+        primary.start_loading(
+            cfg.models, cfg.budget.activation_reserve_gib, enc.tokenizer.pad_token_id, workers, self.deadline
+        )
         try:
             self.measure_budget(primary, enc)
             result = self.guarded("primary", lambda: self.score(primary, enc, "primary"))
@@ -334,7 +342,7 @@ class Cascade:
     def place(self, role: Role) -> list[str]:
         """The devices of ``role``'s copies: one per GPU when it fits a card, else one split across the GPUs
         (scoring.placement); empty, with the reason as an error, when it fits neither way."""
-        placement = role.placement(self.cfg, self.devices)
+        placement = role.placement(self.cfg.models, self.cfg.budget.activation_reserve_gib, self.devices)
         self.report.setdefault("placement", {})[role.name] = dataclasses.asdict(placement)
         print(f"{role.name}: {placement.reason}", flush=True)
         if placement.kind == "none":
@@ -346,11 +354,13 @@ class Cascade:
         rows (once per model and settings: a rerun reads the figure back, so it forms the same batches and resumes
         its parts). A copy that never loads leaves the CPU figure; the pass then reports the load's error."""
         cfg = self.cfg
-        if cfg.batch_tokens:
-            self.set_budget(role, cfg.batch_tokens, "configured")
+        if cfg.budget.batch_tokens:
+            self.set_budget(role, cfg.budget.batch_tokens, "configured")
             return
-        key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, self.devices, enc.lengths.max())
-        saved = outputs.budget_file(cfg.out_dir, role.name, key)
+        key = pass_key(
+            role.model_path, role.adapter, cfg.models.load_in_4bit, cfg.models.dtype, self.devices, enc.lengths.max()
+        )
+        saved = outputs.budget_file(cfg.data.out_dir, role.name, key)
         tokens = outputs.read_budget(saved)
         if tokens is not None:
             self.set_budget(role, tokens, "read back")
@@ -359,7 +369,9 @@ class Cascade:
         self.set_budget(role, CPU_BATCH_TOKENS, "no copy loaded")
         if model is None:
             return
-        budget = self.guarded(role.name, lambda: role.probe_budget(model, enc, cfg))
+        budget = self.guarded(
+            role.name, lambda: role.probe_budget(model, enc, cfg.budget.max_rows, cfg.budget.max_batch_tokens)
+        )
         if budget is None:
             return
         self.set_budget(role, budget.tokens, budget.describe())
@@ -397,11 +409,13 @@ class Cascade:
         ``batches``: the pass planned whole (positions into ``enc``), of which the first ``limit`` run; default: all
         rows by length."""
         cfg = self.cfg
-        batches = plan_batches(enc.lengths, role.batch_tokens, cfg.max_rows) if batches is None else batches
+        batches = plan_batches(enc.lengths, role.batch_tokens, cfg.budget.max_rows) if batches is None else batches
         inputs = config_to_dict(role.inputs)
         ids = self.test["id"].iloc[enc.index].tolist()
         plan = [b.tolist() for b in batches]
-        key = pass_key(role.model_path, role.adapter, cfg.load_in_4bit, cfg.dtype, inputs, desc, ids, plan)
+        key = pass_key(
+            role.model_path, role.adapter, cfg.models.load_in_4bit, cfg.models.dtype, inputs, desc, ids, plan
+        )
         run = batches if limit is None else batches[:limit]
         announce_pass(desc, len(run), len(batches), role, role.inputs.max_length)
         result = run_pass(
@@ -411,8 +425,8 @@ class Cascade:
             enc.tokenizer.pad_token_id,
             self.deadline,
             role.cost,
-            parts_dir=cfg.out_dir / "parts" / f"{desc}-{key}",
-            flush_seconds=cfg.checkpoint_seconds,
+            parts_dir=cfg.data.out_dir / "parts" / f"{desc}-{key}",
+            flush_seconds=cfg.safety.checkpoint_seconds,
             desc=desc,
         )
         self.measured["secondary" if role.name == "secondary" else "primary"] += result.batch_log
@@ -427,20 +441,20 @@ class Cascade:
         """Candidates (the primary's rows, least certain first), batched once per pass, and the shares that fit."""
         cfg = self.cfg
         scored = np.flatnonzero(np.isfinite(self.raw).all(1))
-        if len(scored) < len(self.test) or (cfg.tta_fraction == 0 and cfg.secondary_model is None):
+        if len(scored) < len(self.test) or (cfg.budget.tta_fraction == 0 and cfg.secondary.model is None):
             return None  # the primary did not finish: no optional work (its rows are the submission)
         certainty = np.abs(self.raw[scored, 0] - 0.5)  # (S,) the same order as calibrated margins
         pick = np.argsort(certainty, kind="stable")
         work = OptionalWork(order=scored[pick], keys=certainty[pick])
-        build = dict(batch_tokens=primary.batch_tokens, max_rows=cfg.max_rows)
-        n_tta = int(round(cfg.tta_fraction * len(work.order)))
+        build = dict(batch_tokens=primary.batch_tokens, max_rows=cfg.budget.max_rows)
+        n_tta = int(round(cfg.budget.tta_fraction * len(work.order)))
         if n_tta:
             rows = work.order[:n_tta]
             swapped = schema.swap_ab(self.test)
-            work.tta = self.guarded("tta", lambda: encode(primary.inputs, cfg.primary_model, swapped, rows))
+            work.tta = self.guarded("tta", lambda: encode(primary.inputs, cfg.primary.model, swapped, rows))
             if work.tta is not None:
                 work.tta_work = PassWork.build(work.tta.lengths, primary.cost, keys=work.keys[:n_tta], **build)
-        if cfg.secondary_model is not None:
+        if cfg.secondary.model is not None:
             self.add_secondary(work, primary, build)
         plan = self.plan(None if work.tta is None else work.tta_work, work.secondary_work)
         work.tta_batches = plan.batches.get("tta", 0)
@@ -448,15 +462,15 @@ class Cascade:
 
     def add_secondary(self, work: OptionalWork, primary: Role, build: dict) -> None:
         cfg = self.cfg
-        cost = primary.scaled_cost(cfg.secondary_model)  # the secondary's prior: the primary's, scaled by weight size
+        cost = primary.scaled_cost(cfg.secondary.model)  # the secondary's prior: the primary's, scaled by weight size
         # batched with the primary's budget until its own is measured (run_secondary re-batches then)
-        role = Role("secondary", cfg.secondary_model, cfg.secondary_adapter, cost, batch_tokens=build["batch_tokens"])
-        n = int(round(cfg.secondary_fraction * len(work.order)))
+        role = Role("secondary", cfg.secondary.model, cfg.secondary.adapter, cost, batch_tokens=build["batch_tokens"])
+        n = int(round(cfg.budget.secondary_fraction * len(work.order)))
         rows = work.order[:n]
         if n == 0:
             return
         enc = self.guarded(
-            "secondary", lambda: encode(self.inputs_of(role), cfg.secondary_model, self.test, rows), preflight_of=role
+            "secondary", lambda: encode(self.inputs_of(role), cfg.secondary.model, self.test, rows), preflight_of=role
         )
         if enc is None:
             return
@@ -496,7 +510,13 @@ class Cascade:
         if not workers:
             return
         t0 = self.deadline.clock()
-        role.start_loading(self.cfg, work.secondary_enc.tokenizer.pad_token_id, workers, self.deadline)
+        role.start_loading(
+            self.cfg.models,
+            self.cfg.budget.activation_reserve_gib,
+            work.secondary_enc.tokenizer.pad_token_id,
+            workers,
+            self.deadline,
+        )
         try:
             planned = role.batch_tokens
             self.measure_budget(role, work.secondary_enc)
@@ -504,7 +524,7 @@ class Cascade:
                 old = work.secondary_work
                 work.secondary_work = PassWork.build(
                     old.lengths, role.cost, keys=work.keys[: len(old.lengths)], batch_tokens=role.batch_tokens,
-                    max_rows=self.cfg.max_rows,
+                    max_rows=self.cfg.budget.max_rows,
                 )  # fmt: skip
                 plan = self.plan(None, work.secondary_work)
                 n = plan.batches["secondary"]
@@ -533,7 +553,7 @@ class Cascade:
         pred = self.guarded("calibration", self.predictions)
         if pred is None:  # a malformed calibration or blend file: the raw probabilities rather than nothing
             pred = uncalibrated(self.test, self.raw)
-        outputs.write_predictions(pred, self.test, self.cfg.out_dir)
+        outputs.write_predictions(pred, self.test, self.cfg.data.out_dir)
         return pred
 
 
@@ -542,27 +562,29 @@ def infer(cfg: InferConfig) -> pd.DataFrame:
     # before CUDA's allocator starts: without expandable segments, budgets past ~40K tokens fragmented the cache and
     # split batches that had fit (H200 capped at 15 GiB, scoring.memory's probe)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if cfg.rehearse:
+    if cfg.rehearsal.rehearse:
         return rehearse(cfg)
-    test, repairs = schema.read_test(cfg.test_file)  # refuses only a file that cannot be a test file at all
+    test, repairs = schema.read_test(cfg.data.test_file)  # refuses only a file that cannot be a test file at all
     if repairs:
         print(f"test file repaired (rows kept, ids as given): {repairs}")
-    deadline = Deadline((cfg.time_budget_minutes - cfg.reserve_minutes) * 60, start=cfg.started_at or None)
+    deadline = Deadline(
+        (cfg.budget.time_budget_minutes - cfg.budget.reserve_minutes) * 60, start=cfg.budget.started_at or None
+    )
     return run_cascade(cfg, test, repairs, deadline).predictions()
 
 
 def run_cascade(cfg: InferConfig, test: pd.DataFrame, repairs: dict, deadline: Deadline) -> Cascade:
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.out_dir / "infer_config.json")
+    cfg.data.out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.data.out_dir / "infer_config.json")
     run = Cascade(cfg, test, repairs, deadline)
     run.write()  # the fallback submission first: whatever happens from here on, a complete one exists
     try:
         run.run()
     finally:
         pred = run.write()  # also on a KeyboardInterrupt: what was scored is in the submission
-    report = finish_report(run.report, pred, deadline.elapsed(), cfg.labels_file)
-    outputs.write_report(cfg.out_dir / "report.json", report)
-    if report["errors"] and not cfg.fail_soft:
+    report = finish_report(run.report, pred, deadline.elapsed(), cfg.data.labels_file)
+    outputs.write_report(cfg.data.out_dir / "report.json", report)
+    if report["errors"] and not cfg.safety.fail_soft:
         raise InferenceError(f"{len(report['errors'])} error(s), the submission holds the rest: {report['errors']}")
     return run
 
@@ -574,12 +596,14 @@ def rehearse(cfg: InferConfig) -> pd.DataFrame:
     Outputs go to ``out_dir/rehearsal`` (never a submission.csv a notebook could take for the real one); the
     projection is printed and saved in its ``report.json`` under ``projection``.
     """
-    test = synthetic_test(cfg.rehearse, seed=0)
-    out = cfg.out_dir / "rehearsal"
+    test = synthetic_test(cfg.rehearsal.rehearse, seed=0)
+    out = cfg.data.out_dir / "rehearsal"
     run_cfg = cfg.replace(rehearse=0, out_dir=out, labels_file=None, checkpoint_seconds=1e9)
     shutil.rmtree(out / "parts", ignore_errors=True)  # a rehearsal measures: nothing is resumed
-    run = run_cascade(run_cfg, test, {}, Deadline(cfg.rehearse_minutes * 60))
-    run.report["projection"] = project_rehearsal(run.report, run.measured, len(run.devices), cfg)
+    run = run_cascade(run_cfg, test, {}, Deadline(cfg.rehearsal.rehearse_minutes * 60))
+    run.report["projection"] = project_rehearsal(
+        run.report, run.measured, len(run.devices), cfg.budget, cfg.rehearsal.project_rows, cfg.inputs.max_length
+    )
     outputs.write_report(out / "report.json", run.report)
     return run.predictions()
 
@@ -590,8 +614,8 @@ class InferenceError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(InferConfig, argv)
-    infer(cfg.replace(started_at=cfg.started_at or time.time()))
-    print((cfg.out_dir / "report.json").read_text())
+    infer(cfg.replace(started_at=cfg.budget.started_at or time.time()))
+    print((cfg.data.out_dir / "report.json").read_text())
 
 
 if __name__ == "__main__":

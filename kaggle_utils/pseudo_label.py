@@ -162,7 +162,8 @@ class BackendConfig:
 @dataclass
 class PseudoLabelConfig(Sectioned):
     """Score a pool with a teacher; every field is also a ``--flag``. Made of sections (``cfg.model.adapter_dir``),
-    each a ``[section]`` of the recipes; flat names reach the same fields (:mod:`kaggle_utils.config.sections`)."""
+    each a ``[section]`` of the recipes; flat names (flags, ``cfg.replace``) build it
+    (:mod:`kaggle_utils.config.sections`)."""
 
     # the stage its recipes name (``stage = "pseudo_label"`` in kaggle_utils/recipes/*.toml)
     STAGE: ClassVar[str] = "pseudo_label"
@@ -249,30 +250,36 @@ def label_key(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
     and lowering ``batch_tokens`` after an out-of-memory stop must not discard the finished parts (nor, with vLLM,
     lowering ``gpu_memory_utilization`` or changing ``tensor_parallel_size``). The engine is in: a key of the
     default engine is the key it had before engines existed, so no transformers part went stale with them."""
-    inputs = (cfg.template, cfg.truncation, cfg.max_length, cfg.prompt_fraction, cfg.head_fraction)
-    dtype = str(compute_dtype(pick_device(cfg.device), cfg.dtype))
-    engine = () if cfg.engine == "transformers" else (engine_settings(cfg),)
+    inputs = (
+        cfg.inputs.template,
+        cfg.inputs.truncation,
+        cfg.inputs.max_length,
+        cfg.inputs.prompt_fraction,
+        cfg.inputs.head_fraction,
+    )
+    dtype = str(compute_dtype(pick_device(cfg.model.device), cfg.model.dtype))
+    engine = () if cfg.backend.engine == "transformers" else (engine_settings(cfg),)
     return pass_key(
         LABELS_VERSION,
-        model_fingerprint(cfg.model_path),
+        model_fingerprint(cfg.model.model_path),
         adapter_fingerprint(adapter),
-        (cfg.load_in_4bit, cfg.attn_implementation, dtype),
-        (*inputs, cfg.split_special_tokens),
-        cfg.tta,
+        (cfg.model.load_in_4bit, cfg.model.attn_implementation, dtype),
+        (*inputs, cfg.inputs.split_special_tokens),
+        cfg.run.tta,
         *engine,
     )
 
 
 def engine_settings(cfg: PseudoLabelConfig) -> tuple:
     """What an engine other than transformers adds to the label key: its name, its mode, the answer tokens read."""
-    mode = teacher_mode(cfg.model_path)
-    return (cfg.engine, mode, tuple(cfg.answer_tokens) if mode == ANSWER_LOGPROBS else ())
+    mode = teacher_mode(cfg.model.model_path)
+    return (cfg.backend.engine, mode, tuple(cfg.backend.answer_tokens) if mode == ANSWER_LOGPROBS else ())
 
 
 def teacher_name(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
     """``<model folder>+<adapter>``; the train stage's ``out/adapter`` is named by its ``out`` folder."""
-    base = cfg.teacher_name or Path(cfg.model_path).name
-    if adapter is None or (cfg.teacher_name and not cfg.oof_adapters):
+    base = cfg.model.teacher_name or Path(cfg.model.model_path).name
+    if adapter is None or (cfg.model.teacher_name and not cfg.model.oof_adapters):
         return base
     return f"{base}+{adapter.parent.name if adapter.name == 'adapter' else adapter.name}"
 
@@ -296,15 +303,19 @@ def held_out_fold(adapter: Path) -> int:
 
 def resolve_teachers(cfg: PseudoLabelConfig, pool: pd.DataFrame) -> list[Teacher]:
     """The teacher(s) of this run: ``adapter_dir`` for every row, or one per held-out fold (out of fold)."""
-    if not cfg.oof_adapters:
-        return [Teacher(cfg.adapter_dir, teacher_name(cfg, cfg.adapter_dir), label_key(cfg, cfg.adapter_dir))]
+    if not cfg.model.oof_adapters:
+        return [
+            Teacher(
+                cfg.model.adapter_dir, teacher_name(cfg, cfg.model.adapter_dir), label_key(cfg, cfg.model.adapter_dir)
+            )
+        ]
     if "fold" not in pool.columns:
         raise schema.DataError(
-            f"{cfg.input_file}: no 'fold' column; out-of-fold scoring needs the prepare stage's train file "
+            f"{cfg.data.input_file}: no 'fold' column; out-of-fold scoring needs the prepare stage's train file "
             "(output/prepared/train.parquet), or leave oof_adapters empty"
         )
     teachers, by_fold = [], {}
-    for adapter in map(Path, cfg.oof_adapters):
+    for adapter in map(Path, cfg.model.oof_adapters):
         fold = held_out_fold(adapter)
         if fold in by_fold:
             raise ValueError(f"oof_adapters: {adapter} and {by_fold[fold]} both held out fold {fold}; keep one")
@@ -313,7 +324,7 @@ def resolve_teachers(cfg: PseudoLabelConfig, pool: pd.DataFrame) -> list[Teacher
     orphans = sorted(set(pool["fold"].unique()) - set(by_fold))
     if orphans:
         raise ValueError(
-            f"{cfg.input_file}: column 'fold' has fold(s) {orphans} that no adapter of oof_adapters held out "
+            f"{cfg.data.input_file}: column 'fold' has fold(s) {orphans} that no adapter of oof_adapters held out "
             f"(they held out {sorted(by_fold)}); add their teachers, or drop those rows"
         )
     return sorted(teachers, key=lambda t: t.fold)
@@ -339,18 +350,18 @@ def part_key(pool: pd.DataFrame, part: Part, chunk_rows: int) -> str:
 
 def load_scorer(cfg: PseudoLabelConfig, tok, teacher: Teacher) -> Scorer:
     """The teacher on ``cfg.engine``, as a function token-id rows -> logits (N, 2) float32 in row order."""
-    if cfg.engine == "vllm":
-        mode = teacher_mode(cfg.model_path)
+    if cfg.backend.engine == "vllm":
+        mode = teacher_mode(cfg.model.model_path)
         return VllmTeacher.load(
-            cfg.model_path,
-            dtype=compute_dtype(pick_device(cfg.device), cfg.dtype),
-            max_model_len=cfg.max_length,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            answer_ids=answer_token_ids(tok, cfg.answer_tokens) if mode == ANSWER_LOGPROBS else None,
+            cfg.model.model_path,
+            dtype=compute_dtype(pick_device(cfg.model.device), cfg.model.dtype),
+            max_model_len=cfg.inputs.max_length,
+            tensor_parallel_size=cfg.backend.tensor_parallel_size,
+            gpu_memory_utilization=cfg.backend.gpu_memory_utilization,
+            answer_ids=answer_token_ids(tok, cfg.backend.answer_tokens) if mode == ANSWER_LOGPROBS else None,
         )
     model = load_classifier(cfg.model, tok.pad_token_id, adapter=teacher.adapter)
-    return lambda rows: predict_logits(model, rows, tok.pad_token_id, cfg.batch_tokens, cfg.max_rows)
+    return lambda rows: predict_logits(model, rows, tok.pad_token_id, cfg.run.batch_tokens, cfg.run.max_rows)
 
 
 def teacher_logits(score: Scorer, fmt: PromptFormatter, chunk: pd.DataFrame, tta: bool) -> np.ndarray:
@@ -370,15 +381,15 @@ def score_parts(cfg: PseudoLabelConfig, pool: pd.DataFrame, parts: list[Part], s
     todo = [i for i in range(len(parts)) if shard.owns(i) and i not in done]
     if not todo:
         return 0
-    cfg = cfg.replace(device=shard.device(cfg.device, torch.cuda.is_available()))
-    tok = load_tokenizer(cfg.model_path)
+    cfg = cfg.replace(device=shard.device(cfg.model.device, torch.cuda.is_available()))
+    tok = load_tokenizer(cfg.model.model_path)
     fmt = PromptFormatter(tok, cfg.inputs)
     for teacher, group in itertools.groupby(todo, key=lambda i: parts[i].teacher):
         score = load_scorer(cfg, tok, teacher)
         for i in tqdm(list(group), desc=f"{teacher.name} parts", unit="part"):
             chunk = pool.iloc[parts[i].rows]
             try:
-                logits = teacher_logits(score, fmt, chunk, cfg.tta)  # (n, 2)
+                logits = teacher_logits(score, fmt, chunk, cfg.run.tta)  # (n, 2)
             except NonFiniteLogits as err:  # vLLM names positions; the ids are known here
                 raise NonFiniteLogits(
                     f"{store.path(i).name}, ids {chunk['id'].iloc[err.rows].tolist()}: {err}", err.rows
@@ -437,16 +448,16 @@ def pseudo_label(cfg: PseudoLabelConfig, shard: Shard | None = None) -> pd.DataF
     other ranks None once their parts are written."""
     shard = shard or Shard.from_env()
     who = f"rank {shard.rank}/{shard.world}: " if shard.world > 1 else ""
-    if cfg.engine == "vllm":
+    if cfg.backend.engine == "vllm":
         import_vllm()  # before any work: a missing vLLM is said at once, with how to install it
         if shard.world > 1:
             raise ValueError(
                 f"engine='vllm' runs in one process ({shard.world} were started): vLLM spreads one model over GPUs "
                 "itself; run `python -m kaggle_utils.pseudo_label ... --engine vllm --tensor-parallel-size N`"
             )
-    pool = schema.load(cfg.input_file, "unlabeled").reset_index(drop=True)
-    parts = plan_parts(pool, resolve_teachers(cfg, pool), cfg.chunk_rows)
-    store = PartStore(cfg.parts_dir, [part_key(pool, p, cfg.chunk_rows) for p in parts])
+    pool = schema.load(cfg.data.input_file, "unlabeled").reset_index(drop=True)
+    parts = plan_parts(pool, resolve_teachers(cfg, pool), cfg.run.chunk_rows)
+    store = PartStore(cfg.parts_dir, [part_key(pool, p, cfg.run.chunk_rows) for p in parts])
     stale, done = store.stale(), store.done()
     if stale and shard.is_main:
         print(
@@ -456,16 +467,16 @@ def pseudo_label(cfg: PseudoLabelConfig, shard: Shard | None = None) -> pd.DataF
     if done:
         print(f"{who}resuming: {len(done)} of {len(parts)} parts already in {store.folder}")
     if shard.is_main:
-        save_config(cfg, cfg.out_file.with_name(cfg.out_file.stem + "_config.json"))
+        save_config(cfg, cfg.data.out_file.with_name(cfg.data.out_file.stem + "_config.json"))
     print(f"{who}{sum(map(shard.owns, range(len(parts))))} of {len(parts)} parts are this process's")
     score_parts(cfg, pool, parts, store, shard)
     if not shard.is_main:
-        print(f"{who}parts written; rank 0 assembles {cfg.out_file}")
+        print(f"{who}parts written; rank 0 assembles {cfg.data.out_file}")
         return None
-    store.wait(cfg.wait_minutes * 60)
+    store.wait(cfg.run.wait_minutes * 60)
     out = assemble(pool, parts, store)
     schema.validate(out, "soft", source=str(store.folder))
-    out.to_parquet(cfg.out_file, index=False)
+    out.to_parquet(cfg.data.out_file, index=False)
     return out
 
 

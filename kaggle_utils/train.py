@@ -95,34 +95,34 @@ def setup(cfg: TrainConfig) -> Run:
     In a launch of several processes every process builds the same run (same rows, same seed: the same LoRA
     initialisation) on its own device, and its model is wrapped for data-parallel training (``run.wrapped``).
     """
-    parallel = Parallel.from_env(cfg)
+    parallel = Parallel.from_env(cfg.model)
     refuse_measured_budget_under_fsdp(cfg, parallel)
-    torch.manual_seed(cfg.seed)  # before the model is built: it draws the LoRA initialisation
+    torch.manual_seed(cfg.schedule.seed)  # before the model is built: it draws the LoRA initialisation
     # a folder without weights or tokenizer fails here, named (the weights' headers: by the ranks that read them)
-    check_model_dir(cfg.model_path, "base model", read_weights=parallel.reads_weights)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg.model_path)
-    fmt = PromptFormatter(tok, cfg)
+    check_model_dir(cfg.model.model_path, "base model", read_weights=parallel.reads_weights)
+    cfg.data.out_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg.model.model_path)
+    fmt = PromptFormatter(tok, cfg.inputs)
     data, val_df = training_rows(cfg, fmt)
     cfg = resumed_batch_tokens(cfg, parallel)
-    if cfg.batch_tokens:  # checked before the model loads, so a bad config fails fast; 0 is measured after it
-        steps_per_epoch(cfg, data.lengths, parallel.world)
+    if cfg.optim.batch_tokens:  # checked before the model loads, so a bad config fails fast; 0 is measured after it
+        steps_per_epoch(cfg.batching, data.lengths, parallel.world)
     refuse_fsdp_resume(cfg, parallel)
 
     model = _load_model(cfg, parallel, tok.pad_token_id)
     # a rank receiving rank 0's weights holds its parameters on meta until parallel.wrap fills them on its device
     device = model_device(model) if parallel.reads_weights else pick_device(_here(cfg, parallel))
-    precision = Precision.choose(device, cfg.dtype)
+    precision = Precision.choose(device, cfg.model.dtype)
     params = trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
-    if not cfg.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
+    if not cfg.optim.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
         cfg = measured_batch_tokens(cfg, model, data, tok.pad_token_id, device, precision, parallel)
     wrapped = parallel.wrap(model)
     if parallel.fsdp:  # fully_shard replaced every parameter by a sharded one (a DTensor): optimise those
         params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = steps_per_epoch(cfg, data.lengths, parallel.world)
-    total_steps = max(1, math.ceil(cfg.epochs * per_epoch))
-    warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=0.0)
+    per_epoch = steps_per_epoch(cfg.batching, data.lengths, parallel.world)
+    total_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch))
+    warmup_steps = max(1, int(cfg.optim.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
     run = Run(
         cfg=cfg,
@@ -145,7 +145,7 @@ def setup(cfg: TrainConfig) -> Run:
     load_checkpoint(run)
     # written only once the checkpoint's config guard passed: a refused rerun leaves the run's record intact
     if parallel.is_main:
-        save_config(cfg, cfg.out_dir / "train_config.json")
+        save_config(cfg, cfg.data.out_dir / "train_config.json")
     return run
 
 
@@ -157,23 +157,23 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         replace(cfg.model, device=here),
         pad_id,
         lora=cfg.lora.settings,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        packing=cfg.packing,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        packing=cfg.optim.packing,
         # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
-        quant_storage=compute_dtype(pick_device(here), cfg.dtype) if parallel.fsdp else None,
+        quant_storage=compute_dtype(pick_device(here), cfg.model.dtype) if parallel.fsdp else None,
         # FSDP, full precision, rank > 0: parameters on meta, filled with rank 0's by parallel.wrap
         on_meta=not parallel.reads_weights,
     )
-    if cfg.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
+    if cfg.optim.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
         apply_fused_kernels(model, pick_device(here))
-    if cfg.compile_layers:
+    if cfg.optim.compile_layers:
         compile_decoder_layers(model, pick_device(here))
     return model
 
 
 def _here(cfg: TrainConfig, parallel: Parallel) -> str:
     """This process's device: ``cfg.device``, or cuda:LOCAL_RANK in a launch of several processes on GPUs."""
-    return parallel.shard.device(cfg.device, torch.cuda.is_available())
+    return parallel.shard.device(cfg.model.device, torch.cuda.is_available())
 
 
 def _describe(run: Run, per_epoch: int) -> None:
@@ -183,13 +183,15 @@ def _describe(run: Run, per_epoch: int) -> None:
         return
     n_trainable = sum(p.numel() for p in run.params)
     n_taught = int(np.isfinite(data.teacher).all(1).sum())
-    per_step = cfg.grad_accum * parallel.world
-    processes = f" · {parallel.world} processes x {cfg.grad_accum} micro-batch(es)/step" if parallel.world > 1 else ""
+    per_step = cfg.optim.grad_accum * parallel.world
+    processes = (
+        f" · {parallel.world} processes x {cfg.optim.grad_accum} micro-batch(es)/step" if parallel.world > 1 else ""
+    )
     print(
         f"train rows {len(data):,} ({n_taught:,} with a teacher) · val rows {len(run.val_df):,} · "
         f"tokens/epoch {int(data.lengths.sum()):,} · steps {run.total_steps} ({per_epoch}/epoch) · "
-        f"≤{cfg.batch_tokens * per_step:,} {'packed' if cfg.packing else 'padded'} tokens/step{processes} · "
-        f"trainable params {n_trainable:,} · "
+        f"≤{cfg.optim.batch_tokens * per_step:,} {'packed' if cfg.optim.packing else 'padded'} "
+        f"tokens/step{processes} · trainable params {n_trainable:,} · "
         f"device {run.device} · autocast {precision.autocast} · loss scaling {precision.scale_loss}"
     )
 
@@ -206,8 +208,10 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     """
     run = setup(cfg)
     par, t_start = run.parallel, time.monotonic()
-    deadline = Deadline(cfg.time_budget_minutes * 60)  # counts from here: encoding and model loading are not in it
-    fit_evaluation(run, cfg.time_budget_minutes * 60)
+    deadline = Deadline(
+        cfg.schedule.time_budget_minutes * 60
+    )  # counts from here: encoding and model loading are not in it
+    fit_evaluation(run, cfg.schedule.time_budget_minutes * 60)
     epoch, stopped_by_budget = _loop(run, deadline)
     # the adapter is saved before the final evaluation, so a run killed while evaluating still leaves one
     adapter_dir = save_adapter(run)
@@ -241,7 +245,7 @@ def _loop(run: Run, deadline: Deadline) -> tuple[int, bool]:
     cfg, par = run.cfg, run.parallel  # run.cfg: batch_tokens=0 resolved to the measured budget
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not par.is_main)
     run.model.train()
-    steps = itertools.islice(schedule(cfg, run.data.lengths, par.world), run.total_steps)
+    steps = itertools.islice(schedule(cfg.batching, run.data.lengths, par.world), run.total_steps)
     epoch, step_seconds, stopped = 0, 0.0, False
     for step, (epoch, swapped, micro_batches) in enumerate(steps):
         if step < run.step:  # taken before the checkpoint: replay the schedule up to it
@@ -251,7 +255,8 @@ def _loop(run: Run, deadline: Deadline) -> tuple[int, bool]:
         if not par.agree(deadline.allows(step_seconds * 1.5 + eval_seconds(run))):
             if par.is_main:
                 print(
-                    f"time budget of {cfg.time_budget_minutes} min reached at step {run.step}/{run.total_steps}; "
+                    f"time budget of {cfg.schedule.time_budget_minutes} min reached at step "
+                    f"{run.step}/{run.total_steps}; "
                     "stopping"
                 )
             stopped = True
@@ -262,7 +267,7 @@ def _loop(run: Run, deadline: Deadline) -> tuple[int, bool]:
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if par.agree(eval_due(run, deadline)):
             evaluate_run(run, epoch)
-        if cfg.save_every and run.step % cfg.save_every == 0:
+        if cfg.schedule.save_every and run.step % cfg.schedule.save_every == 0:
             save_checkpoint(run)
     bar.close()
     save_checkpoint(run)

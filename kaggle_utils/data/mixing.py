@@ -1,6 +1,6 @@
 """Which extra rows the train stage mixes in: a confidence filter, agreement with the human label, per-source caps.
 
-The extra files (``TrainConfig.extra_files``) hold two kinds of row, told apart per row, never per file:
+The extra files (``TrainConfig.data.extra_files``) hold two kinds of row, told apart per row, never per file:
 
 * **teacher rows**: finite teacher logits (``logit_a/logit_b``, or ``p_a/p_b``: see :func:`schema.teacher_logits`),
   the pseudo-label stage's output; with a human ``winner`` too where the teacher scored a labelled row (out of fold);
@@ -17,7 +17,7 @@ Caps keep the rows of lowest ``pool.priority(id, seed)``: the same seed keeps th
 holds. The defaults filter nothing. :class:`MixConfig` is the ``mix`` section of the train stage's config::
 
     mix: MixConfig = field(default_factory=MixConfig)                # in TrainConfig; [mix] in its recipes
-    extras[0], report = mix_extras(cfg.mix, extras[0], cfg.seed)     # in train.split, after average_teachers
+    extras[0], report = mix_extras(cfg.mix, extras[0], cfg.schedule.seed)  # in train.split, after average_teachers
 """
 
 from __future__ import annotations

@@ -247,15 +247,16 @@ class Blend:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # how the weight was reached: fitted, or why it is the default
     reason: str = "default weight"
-    # share of the primary's least certain validation rows it was fitted on (InferConfig.secondary_fraction)
+    # share of the primary's least certain validation rows it was fitted on (InferConfig.budget.secondary_fraction)
     fraction: float = 1.0
     # the margins it was fitted on, each model's (blend_view); a file written before: one view for both, or ""
     view: str = ""
     # store.file_fingerprint of the primary's and the secondary's adapter weights; None: unknown
     primary_fingerprint: str | None = None
     secondary_fingerprint: str | None = None
-    # share of the primary's least certain rows inference averages with their swapped view (InferConfig.tta_fraction)
-    # assumed by the fit: the blended rows among them are the ``tta`` record's, the others this one's
+    # share of the primary's least certain rows inference averages with their swapped view
+    # (InferConfig.budget.tta_fraction) assumed by the fit: the blended rows among them are the ``tta`` record's, the
+    # others this one's
     tta_fraction: float = 0.0
     # the record for blended rows whose primary margin is swap-averaged (source "blend+tta"); None: this one serves
     # every blended row (no swap-averaged validation margins, no TTA share, or a file written before)
@@ -455,8 +456,8 @@ def val_margins(df: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def least_certain(p_a: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the ``round(fraction * N)`` rows with the smallest ``|p_a - 0.5|``, least certain first: the rows
-    the cascade sends to the secondary (``InferConfig.secondary_fraction``) or the swapped view (``tta_fraction``),
-    ranked on the primary's single-order p_a as inference ranks them (``Cascade.plan_optional``)."""
+    the cascade sends to the secondary (``InferConfig.budget.secondary_fraction``) or the swapped view
+    (``tta_fraction``), ranked on the primary's single-order p_a as inference ranks them (``Cascade.plan_optional``)."""
     order = np.argsort(np.abs(np.asarray(p_a, dtype=np.float64) - 0.5), kind="stable")  # (N,) NaN last
     return order[: int(round(fraction * len(order)))]
 

@@ -68,11 +68,9 @@ def finish_report(report: dict, pred: pd.DataFrame, elapsed_s: float, labels_fil
     return report
 
 
-class ProjectionSettings(Protocol):
-    """What a rehearsal's projection reads from the infer stage's config."""
+class ProjectionBudget(Protocol):
+    """What a rehearsal's projection reads of the infer stage's ``budget`` section."""
 
-    project_rows: int
-    max_length: int | None
     batch_tokens: int
     max_rows: int
     tta_fraction: float
@@ -80,7 +78,14 @@ class ProjectionSettings(Protocol):
     reserve_minutes: float
 
 
-def project_rehearsal(report: dict, measured: dict[str, list], devices: int, cfg: ProjectionSettings) -> dict:
+def project_rehearsal(
+    report: dict,
+    measured: dict[str, list],
+    devices: int,
+    budget: ProjectionBudget,
+    project_rows: int,
+    max_length: int | None,
+) -> dict:
     """A rehearsal's measured batches and loads (its ``report`` and batch logs) projected onto a ``project_rows``
     test set on this hardware and printed (scoring.planner); the projection as the report keeps it."""
     loads = {role: seconds for role, seconds in report.get("load_seconds", {}).items() if seconds}
@@ -88,15 +93,15 @@ def project_rehearsal(report: dict, measured: dict[str, list], devices: int, cfg
     projection = rehearsal_report(
         measured,
         loads,
-        n_rows=cfg.project_rows,
+        n_rows=project_rows,
         # the primary's own (its adapter's), as the run used it
-        max_length=report.get("inputs", {}).get("primary", {}).get("max_length") or cfg.max_length or 2500,
+        max_length=report.get("inputs", {}).get("primary", {}).get("max_length") or max_length or 2500,
         devices=devices,
-        batch_tokens=report["token_budget"].get("primary", {}).get("tokens", cfg.batch_tokens or CPU_BATCH_TOKENS),
-        max_rows=cfg.max_rows,
-        tta_fraction=cfg.tta_fraction,
-        budget_seconds=cfg.time_budget_minutes * 60,
-        reserve_seconds=cfg.reserve_minutes * 60,
+        batch_tokens=report["token_budget"].get("primary", {}).get("tokens", budget.batch_tokens or CPU_BATCH_TOKENS),
+        max_rows=budget.max_rows,
+        tta_fraction=budget.tta_fraction,
+        budget_seconds=budget.time_budget_minutes * 60,
+        reserve_seconds=budget.reserve_minutes * 60,
     )
     return {
         "table": projection.table(),

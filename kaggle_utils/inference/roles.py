@@ -38,13 +38,10 @@ CPU_BATCH_TOKENS = 16_384
 
 
 class LoadSettings(Protocol):
-    """What a role's copies are placed, loaded and measured with (the infer stage's config has these fields)."""
+    """How a role's weights are loaded (the fields of the infer stage's ``models`` section)."""
 
     load_in_4bit: bool
     dtype: str
-    activation_reserve_gib: float
-    max_rows: int
-    max_batch_tokens: int
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -135,27 +132,29 @@ class Role:
     # how its rows become token ids (role_inputs: its adapter's own settings); None until the role is set up
     inputs: InputConfig | None = None
 
-    def placement(self, cfg: LoadSettings, devices: list[str]) -> Placement:
+    def placement(self, models: LoadSettings, reserve_gib: float, devices: list[str]) -> Placement:
         """Where the copies go: one per GPU when the weights and ``activation_reserve_gib`` fit a card, else one
         split across the GPUs (scoring.placement); ``kind == "none"`` when it fits neither way."""
-        weights = weights_bytes(self.model_path, cfg.load_in_4bit, 4 if cfg.dtype == "fp32" else 2)
-        reserve = int(cfg.activation_reserve_gib * 2**30)
+        weights = weights_bytes(self.model_path, models.load_in_4bit, 4 if models.dtype == "fp32" else 2)
+        reserve = int(reserve_gib * 2**30)
         return choose_placement(weights, devices, device_limits(devices), reserve)
 
-    def start_loading(self, cfg: LoadSettings, pad_id: int, devices: list[str], deadline: Deadline) -> None:
+    def start_loading(
+        self, models: LoadSettings, reserve_gib: float, pad_id: int, devices: list[str], deadline: Deadline
+    ) -> None:
         def load(device: str):
             model_cfg = ModelConfig(
                 model_path=self.model_path,
-                load_in_4bit=cfg.load_in_4bit,
+                load_in_4bit=models.load_in_4bit,
                 device=device,
-                dtype=cfg.dtype,
-                split_reserve_gib=cfg.activation_reserve_gib,
+                dtype=models.dtype,
+                split_reserve_gib=reserve_gib,
             )
             return load_classifier(model_cfg, pad_id, adapter=self.adapter)
 
         self.copies = DeviceCopies(load, devices, deadline.clock)
 
-    def probe_budget(self, model, enc: Encoded, cfg: LoadSettings) -> TokenBudget:
+    def probe_budget(self, model, enc: Encoded, max_rows: int, ceiling: int) -> TokenBudget:
         """The padded tokens per batch ``model`` (a loaded copy) holds on its device, measured on the longest rows."""
         return probe_token_budget(
             model,
@@ -163,8 +162,8 @@ class Role:
             enc.lengths,
             enc.tokenizer.pad_token_id,
             model_device(model),
-            max_rows=cfg.max_rows,
-            ceiling=cfg.max_batch_tokens,
+            max_rows=max_rows,
+            ceiling=ceiling,
             fallback=CPU_BATCH_TOKENS,
         )
 

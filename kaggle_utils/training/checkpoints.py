@@ -24,14 +24,17 @@ def _resume_blockers(saved: dict, current: dict, defaults: dict) -> list[str]:
 
 def refuse_fsdp_resume(cfg: TrainConfig, parallel: Parallel) -> None:
     """Under FSDP no checkpoint is written (the optimiser state is sharded): an existing one cannot be resumed."""
-    path = cfg.out_dir / "checkpoint.pt"
+    path = cfg.data.out_dir / "checkpoint.pt"
     if parallel.fsdp and path.is_file():
         raise RuntimeError(
             f"{path} exists, and resuming a checkpoint under FSDP is not supported: use a new --out-dir (under "
             "FSDP a run starts from scratch and writes no checkpoints), or resume it with the launch that wrote it"
         )
-    if parallel.fsdp and parallel.is_main and cfg.save_every:
-        print(f"FSDP: no checkpoints are written (save_every={cfg.save_every} ignored); a stopped run starts over")
+    if parallel.fsdp and parallel.is_main and cfg.schedule.save_every:
+        print(
+            f"FSDP: no checkpoints are written (save_every={cfg.schedule.save_every} ignored); a stopped run "
+            "starts over"
+        )
 
 
 def resumed_batch_tokens(cfg: TrainConfig, parallel: Parallel) -> TrainConfig:
@@ -40,8 +43,8 @@ def resumed_batch_tokens(cfg: TrainConfig, parallel: Parallel) -> TrainConfig:
     A new measurement could give another budget, hence other micro-batches: the checkpoint's step would then
     point into another schedule. The checkpoint's own config (what ``load_checkpoint`` guards with) holds it.
     """
-    path = cfg.out_dir / "checkpoint.pt"
-    if cfg.batch_tokens or not path.is_file():
+    path = cfg.data.out_dir / "checkpoint.pt"
+    if cfg.optim.batch_tokens or not path.is_file():
         return cfg
     # mmap: only the config's bytes are read, not the adapter's and the optimiser's
     saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config", {})

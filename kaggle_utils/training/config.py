@@ -14,6 +14,7 @@ from kaggle_utils.evaluation.metrics import SELECTABLE
 from kaggle_utils.inputs.formatter import InputConfig
 from kaggle_utils.models.loading import LoraSettings, ModelConfig
 from kaggle_utils.models.losses import LOSSES
+from kaggle_utils.training.schedule import BatchSettings
 
 
 @dataclass
@@ -193,7 +194,7 @@ class TrainConfig(Sectioned):
     """LoRA training of one model; every field is also a ``--flag`` of ``python -m kaggle_utils.train``.
 
     Made of sections (``cfg.optim.lr``), each a ``[section]`` of the recipes and a group of ``--help``; flat names
-    (``cfg.lr``, ``TrainConfig.flat(lr=1e-4)``, ``--lr``) reach the same fields (:mod:`kaggle_utils.config.sections`).
+    (``TrainConfig.flat(lr=1e-4)``, ``cfg.replace(lr=...)``, ``--lr``) build it (:mod:`kaggle_utils.config.sections`).
     """
 
     # the stage its recipes name (``stage = "train"`` in kaggle_utils/recipes/*.toml)
@@ -223,3 +224,18 @@ class TrainConfig(Sectioned):
                 f"need batch_tokens >= max_length (or 0: measured from free GPU memory); got "
                 f"batch_tokens={self.optim.batch_tokens}, max_length={self.inputs.max_length}"
             )
+
+    @property
+    def batching(self) -> BatchSettings:
+        """What the schedule reads (:class:`~kaggle_utils.training.schedule.Batching`), from the optim, schedule and
+        data sections."""
+        o = self.optim
+        return BatchSettings(
+            self.data.train_file,
+            self.schedule.seed,
+            o.swap_fraction,
+            o.batch_tokens,
+            o.max_rows,
+            o.grad_accum,
+            o.packing,
+        )

@@ -33,7 +33,7 @@ def _chars(df: pd.DataFrame) -> np.ndarray:
 def price_evaluation(run: Run) -> float:
     """Seconds one evaluation of ``run.val_df`` (both orientations) is expected to take, from a timed sample."""
     val, cfg = run.val_df, run.cfg
-    sample = val.sample(n=min(len(val), cfg.eval_max_rows), random_state=cfg.seed)
+    sample = val.sample(n=min(len(val), cfg.schedule.eval_max_rows), random_state=cfg.schedule.seed)
     was_training = run.model.training
     run.model.eval()
     t0 = time.monotonic()
@@ -42,7 +42,7 @@ def price_evaluation(run: Run) -> float:
     run.model.train(was_training)
     tokens = sum(len(ids) for ids in run.fmt.encode(sample))
     chars_per_token = max(_chars(sample).sum() / max(tokens, 1), 1e-6)
-    fold_tokens = np.minimum(_chars(val) / chars_per_token, cfg.max_length).sum()
+    fold_tokens = np.minimum(_chars(val) / chars_per_token, cfg.inputs.max_length).sum()
     return took * 2 * fold_tokens / max(tokens, 1) * MARGIN
 
 
@@ -52,7 +52,7 @@ def fit_evaluation(run: Run, budget_seconds: float) -> None:
         return
     if run.evals:  # resumed: the subset its evaluations were made on (stratified_subset is deterministic)
         rows = int(run.evals[-1].get("val_rows", len(run.val_df)))
-        run.val_df = stratified_subset(run.val_df, rows, run.cfg.seed)
+        run.val_df = stratified_subset(run.val_df, rows, run.cfg.schedule.seed)
     if not budget_seconds:
         return
     estimate = price_evaluation(run)
@@ -64,7 +64,7 @@ def fit_evaluation(run: Run, budget_seconds: float) -> None:
                 f"the {budget_seconds / 60:g}-min budget: evaluating {rows:,} rows (stratified by language and winner)"
             )
         estimate *= rows / len(run.val_df)
-        run.val_df = stratified_subset(run.val_df, rows, run.cfg.seed)
+        run.val_df = stratified_subset(run.val_df, rows, run.cfg.schedule.seed)
     run.eval_estimate = estimate
     if run.parallel.is_main:
         print(f"evaluation priced at {estimate:,.1f} s ({len(run.val_df):,} rows, both orders) before step 1")

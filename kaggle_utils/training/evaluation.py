@@ -29,10 +29,12 @@ def scores(run: Run, df: pd.DataFrame, desc: str) -> np.ndarray:
     """
     cfg, par = run.cfg, run.parallel
     mine = df.iloc[par.shard.rank :: par.world]
-    tokens = cfg.eval_batch_tokens or 4 * cfg.batch_tokens  # a forward keeps no activations for a backward
+    tokens = (
+        cfg.schedule.eval_batch_tokens or 4 * cfg.optim.batch_tokens
+    )  # a forward keeps no activations for a backward
     with run.precision.context(run.device):
         probs = par.predict_proba(
-            run.model, run.fmt.encode(mine), run.tok.pad_token_id, tokens, cfg.eval_max_rows, desc=desc
+            run.model, run.fmt.encode(mine), run.tok.pad_token_id, tokens, cfg.schedule.eval_max_rows, desc=desc
         )
     return par.gather_rows(probs, len(df))
 
@@ -52,7 +54,7 @@ def validate(run: Run, val_df: pd.DataFrame) -> dict:
     labels = schema.labels(val_df)
     metrics = evaluate_pairs(probs, probs_swapped, labels)
     languages = val_df["language"] if "language" in val_df.columns else pd.Series(["missing"] * len(val_df))
-    table = by_language(probs, labels, languages, run.cfg.eval_languages)
+    table = by_language(probs, labels, languages, run.cfg.schedule.eval_languages)
     return {
         "metrics": metrics | {"seconds": round(time.monotonic() - t0, 2)},
         "languages": table.to_dict("records"),
@@ -63,15 +65,15 @@ def validate(run: Run, val_df: pd.DataFrame) -> dict:
 
 def _better(cfg: TrainConfig, new: dict, old: dict | None) -> bool:
     """Whether evaluation ``new`` beats the best so far on ``cfg.best_metric`` (a NaN value never does)."""
-    value = new["metrics"][cfg.best_metric]
+    value = new["metrics"][cfg.schedule.best_metric]
     if old is None:
         return True
-    best = old["metrics"][cfg.best_metric]
+    best = old["metrics"][cfg.schedule.best_metric]
     if not math.isfinite(value):
         return False
     if not math.isfinite(best):
         return True
-    return value < best if SELECTABLE[cfg.best_metric] else value > best
+    return value < best if SELECTABLE[cfg.schedule.best_metric] else value > best
 
 
 def evaluate_run(run: Run, epoch: int) -> dict:
@@ -85,7 +87,7 @@ def evaluate_run(run: Run, epoch: int) -> dict:
         print(
             f"eval at step {run.step}: accuracy {m['accuracy']:.4f} · log loss {m['log_loss']:.4f} · "
             f"swap gap {m['swap_consistency']:.4f} · predicts A {m['position_bias']:.3f} · NaN rows {m['nan_rows']} · "
-            f"best {run.cfg.best_metric} at step {run.best['step']}"
+            f"best {run.cfg.schedule.best_metric} at step {run.best['step']}"
         )
     return record
 
@@ -96,7 +98,10 @@ def restore_best(run: Run) -> None:
         return
     run.parallel.restore_adapter(run.model, run.best["adapter"])
     if run.parallel.is_main:
-        print(f"keeping the adapter of step {run.best['step']} (best {run.cfg.best_metric}), not of step {run.step}")
+        print(
+            f"keeping the adapter of step {run.best['step']} (best {run.cfg.schedule.best_metric}), not of step "
+            f"{run.step}"
+        )
 
 
 def eval_seconds(run: Run) -> float:
@@ -106,7 +111,7 @@ def eval_seconds(run: Run) -> float:
 
 def eval_due(run: Run, deadline: Deadline) -> bool:
     """An evaluation every ``eval_every_steps`` steps, when it and the final one still fit the time budget."""
-    every = run.cfg.eval_every_steps
+    every = run.cfg.schedule.eval_every_steps
     if not (every and len(run.val_df) and run.step % every == 0) or run.step == run.total_steps:
         return False  # the last step is evaluated after the loop, whatever stopped it
     return deadline.allows(eval_seconds(run) * 2.5)  # this one with a margin, then the final one
@@ -130,11 +135,11 @@ def keep_best(run: Run, epoch: int, adapter_dir: Path) -> tuple[Path, dict]:
     save_val_predictions(run, run.best["probs"], run.best.get("probs_swapped"))
     # the temperatures inference applies to this adapter's probabilities (single-order rows, and swap-averaged ones
     # where the swapped view was scored), saved with the adapter they belong to and the fingerprint of its weights
-    fitted = calibration.fit_from_val_predictions(cfg.out_dir / "val_predictions.parquet", adapter=adapter_dir)
+    fitted = calibration.fit_from_val_predictions(cfg.data.out_dir / "val_predictions.parquet", adapter=adapter_dir)
     fitted.save(adapter_dir / "calibration.json")
     return adapter_dir, {
         "val": dict(run.best["metrics"]),
-        "best": {"metric": cfg.best_metric, "step": run.best["step"], "evals": len(run.evals)},
+        "best": {"metric": cfg.schedule.best_metric, "step": run.best["step"], "evals": len(run.evals)},
         "val_languages": run.best["languages"],
         "calibration": {"temperature": fitted.temperature, "reason": fitted.reason, "view": fitted.view},
     }

@@ -23,7 +23,7 @@ FALLBACK_BATCH_TOKENS = 8192
 def refuse_measured_budget_under_fsdp(cfg: TrainConfig, parallel: Parallel) -> None:
     """Under FSDP every forward is a collective of every rank: a probe batch that runs out of memory on one rank
     cannot be dropped there alone, so the budget is not measured."""
-    if parallel.fsdp and not cfg.batch_tokens:
+    if parallel.fsdp and not cfg.optim.batch_tokens:
         raise ValueError(
             "batch_tokens=0 (measured from free GPU memory) is not available under FSDP: give batch_tokens (e.g. "
             "what a probe of this model on one GPU printed, divided by the processes if it had to be sharded)"
@@ -41,7 +41,7 @@ def measured_batch_tokens(
         smallest = f" (the smallest of {par.world} processes')" if par.world > 1 else ""
         print(
             f"batch_tokens=0: {tokens:,} padded tokens per micro-batch{smallest}, from {budget.describe()}; "
-            f"saved in {cfg.out_dir / 'train_config.json'}"
+            f"saved in {cfg.data.out_dir / 'train_config.json'}"
         )
     return cfg.replace(batch_tokens=tokens)
 
@@ -84,8 +84,8 @@ def probe_batch_tokens(
                 pad_id,
                 device,
                 gauge=gauge,
-                max_rows=cfg.max_rows,
-                fallback=max(FALLBACK_BATCH_TOKENS, cfg.max_length),
+                max_rows=cfg.optim.max_rows,
+                fallback=max(FALLBACK_BATCH_TOKENS, cfg.inputs.max_length),
                 log=log,
                 run_batch=fits,
                 reserve=reserve,
@@ -116,7 +116,14 @@ def _probe_step(
             with precision.context(device):
                 logits = model(**enc).logits  # (B, 2)
             loss = preference_loss(
-                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, row_weight=weight
+                logits,
+                hard,
+                teacher,
+                cfg.objective.loss,
+                cfg.objective.kl_weight,
+                cfg.objective.temperature,
+                cfg.objective.cos_weight,
+                row_weight=weight,
             )
             loss.backward()  # unscaled: loss scaling changes the gradients' values, not their memory
             return True

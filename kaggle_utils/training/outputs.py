@@ -26,7 +26,7 @@ def save_adapter(run: Run) -> Path:
     broken = [n for n, p in named if (gathered is not None or p.requires_grad) and not torch.isfinite(p).all()]
     if broken:  # never publish a dead adapter: every score it gives would be NaN
         raise NonFiniteLossError(f"trainable weights {broken[:3]} hold inf/NaN at step {run.step}; no adapter saved")
-    adapter_dir = run.cfg.out_dir / "adapter"
+    adapter_dir = run.cfg.data.out_dir / "adapter"
     if not run.parallel.is_main:
         return adapter_dir
     run.model.save_pretrained(adapter_dir, state_dict=gathered)  # None: peft reads the model's own weights
@@ -41,7 +41,7 @@ def save_val_predictions(run: Run, probs: np.ndarray, probs_swapped: np.ndarray 
     swapped view's probabilities in the original A/B order (p_a_swapped: P(the original A wins) when shown second),
     so that calibration fits the swap-averaged margins inference makes. probs, probs_swapped (N, 2), the latter in
     the swapped order as scored (None, from a checkpoint written before both were kept: the single order only)."""
-    path = run.cfg.out_dir / "val_predictions.parquet"
+    path = run.cfg.data.out_dir / "val_predictions.parquet"
     val_df = run.val_df
     table = {"id": val_df["id"], "p_a": probs[:, 0], "p_b": probs[:, 1], "winner": val_df["winner"]}
     if probs_swapped is not None:
@@ -53,10 +53,10 @@ def save_val_predictions(run: Run, probs: np.ndarray, probs_swapped: np.ndarray 
 
 def save_outputs(run: Run, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``metrics.json``, ``history.csv``, ``evals.csv`` and ``evals.json`` in ``out_dir``; returns history, evals."""
-    (run.cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run.cfg.data.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     history = pd.DataFrame(run.history)
-    history.to_csv(run.cfg.out_dir / "history.csv", index=False)
+    history.to_csv(run.cfg.data.out_dir / "history.csv", index=False)
     evals = pd.DataFrame(run.evals)
-    evals.to_csv(run.cfg.out_dir / "evals.csv", index=False)
-    (run.cfg.out_dir / "evals.json").write_text(json.dumps(run.evals, indent=2) + "\n")
+    evals.to_csv(run.cfg.data.out_dir / "evals.csv", index=False)
+    (run.cfg.data.out_dir / "evals.json").write_text(json.dumps(run.evals, indent=2) + "\n")
     return history, evals

@@ -26,38 +26,40 @@ def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
     if not pd.api.types.is_numeric_dtype(folds):
         # strings "0", "1" never equal the number 0: every row would train and none validate
         raise schema.DataError(
-            f"{cfg.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write the folds "
-            f"as integers (the prepare stage does), or pass --val-fold -1 to train on every row"
+            f"{cfg.data.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write "
+            "the folds as integers (the prepare stage does), or pass --val-fold -1 to train on every row"
         )
-    if not (folds == cfg.val_fold).any():
+    if not (folds == cfg.data.val_fold).any():
         raise schema.DataError(
-            f"{cfg.train_file}: --val-fold {cfg.val_fold} selects no rows; the 'fold' column holds {shown}: pass "
-            "one of them, or --val-fold -1 to train on every row"
+            f"{cfg.data.train_file}: --val-fold {cfg.data.val_fold} selects no rows; the 'fold' column holds "
+            f"{shown}: pass one of them, or --val-fold -1 to train on every row"
         )
 
 
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Training rows (labelled folds with their teachers' logits joined by id, + pseudo-labelled extras that are not
     already among them or in the validation fold) and validation rows."""
-    df = join_teachers(cfg, schema.load(cfg.train_file, "train"))
-    if cfg.val_fold >= 0:
+    df = join_teachers(cfg, schema.load(cfg.data.train_file, "train"))
+    if cfg.data.val_fold >= 0:
         if "fold" not in df.columns:
-            raise schema.DataError(f"{cfg.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1")
+            raise schema.DataError(
+                f"{cfg.data.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1"
+            )
         _check_val_fold(cfg, df["fold"])
-        train_df, val_df = df[df["fold"] != cfg.val_fold], df[df["fold"] == cfg.val_fold]
+        train_df, val_df = df[df["fold"] != cfg.data.val_fold], df[df["fold"] == cfg.data.val_fold]
     else:
         train_df, val_df = df, df.iloc[:0]
     extras = []
-    if cfg.extra_files:
+    if cfg.data.extra_files:
         # one file per teacher over the same pool: one row per id, the teachers' logits averaged; rows of the
         # validation fold or the training rows left out; then the mixing settings (confidence, agreement with a
         # human label, per-source caps) choose the rows, and say so
-        fresh = drop_seen(read_extras(cfg.extra_files), val_df, None if cfg.extras_only else train_df)
-        extras = [mix_extras(cfg.mix, fresh, cfg.seed)[0]]
-    kept = [] if cfg.extras_only else [train_df]  # extras_only: the labelled rows only validate
+        fresh = drop_seen(read_extras(cfg.data.extra_files), val_df, None if cfg.data.extras_only else train_df)
+        extras = [mix_extras(cfg.mix, fresh, cfg.schedule.seed)[0]]
+    kept = [] if cfg.data.extras_only else [train_df]  # extras_only: the labelled rows only validate
     train_df = pd.concat([*kept, *extras], ignore_index=True)
-    if cfg.max_train_rows:
-        train_df = train_df.sample(n=min(cfg.max_train_rows, len(train_df)), random_state=cfg.seed)
+    if cfg.data.max_train_rows:
+        train_df = train_df.sample(n=min(cfg.data.max_train_rows, len(train_df)), random_state=cfg.schedule.seed)
     return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
 
 
@@ -71,17 +73,17 @@ def join_teachers(cfg: TrainConfig, df: pd.DataFrame) -> pd.DataFrame:
     teacher; ids of the files that are not in ``df`` are ignored and counted. A file that shows a row in the
     other A/B orientation is refused (its logits would be swapped).
     """
-    if not cfg.teacher_files:
+    if not cfg.data.teacher_files:
         return df
-    frames = [schema.read_table(path) for path in cfg.teacher_files]
-    teachers = schema.average_teachers(frames, cfg.teacher_files).drop_duplicates("id")
+    frames = [schema.read_table(path) for path in cfg.data.teacher_files]
+    teachers = schema.average_teachers(frames, cfg.data.teacher_files).drop_duplicates("id")
     if "response_a" in teachers.columns:
         both = teachers[["id", "response_a"]].merge(df[["id", "response_a"]], on="id", suffixes=("", "_train"))
         flipped = both[both["response_a"] != both["response_a_train"]]
         if len(flipped):
             raise schema.DataError(
-                f"{cfg.teacher_files}: id {flipped['id'].iloc[0]!r} shows another response A than {cfg.train_file}: "
-                "label the training file itself (its rows as they are) with the teacher"
+                f"{cfg.data.teacher_files}: id {flipped['id'].iloc[0]!r} shows another response A than "
+                f"{cfg.data.train_file}: label the training file itself (its rows as they are) with the teacher"
             )
     logits = schema.teacher_logits(teachers)
     table = pd.DataFrame({"id": teachers["id"], "logit_a": logits[:, 0], "logit_b": logits[:, 1]})
@@ -125,8 +127,8 @@ def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def row_weights(cfg: TrainConfig, df: pd.DataFrame) -> np.ndarray:
     """(N,) float32: the ``weight`` column where given, else ``source_weights[source]``, else 1."""
     w = np.ones(len(df), dtype=np.float32)
-    if cfg.source_weights and "source" in df.columns:
-        w = df["source"].map(cfg.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
+    if cfg.objective.source_weights and "source" in df.columns:
+        w = df["source"].map(cfg.objective.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
     if "weight" in df.columns:
         given = df["weight"].to_numpy(dtype=np.float32)
         w = np.where(np.isfinite(given), given, w)
@@ -161,8 +163,8 @@ def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd
     sampled to ``max_train_rows``, rows of weight 0 left out) encoded with their targets and weights, and the
     held-out rows as a frame (evaluation encodes them in both A/B orientations)."""
     train_df, val_df = split(cfg)
-    if cfg.max_val_rows:
-        val_df = stratified_subset(val_df, cfg.max_val_rows, cfg.seed)
+    if cfg.schedule.max_val_rows:
+        val_df = stratified_subset(val_df, cfg.schedule.max_val_rows, cfg.schedule.seed)
     weightless = row_weights(cfg, train_df) == 0
     if weightless.any():  # they would add nothing but their forward's cost, and a step of them alone is 0 / 0
         print(f"{int(weightless.sum()):,} training rows weigh 0 (source_weights or a weight column): left out")

@@ -53,9 +53,9 @@ class Run:
     def __post_init__(self) -> None:
         if self.wrapped is None:
             self.wrapped = self.model
-        if self.cfg.packing and self.head is None:
+        if self.cfg.optim.packing and self.head is None:
             self.head = classifier_head(self.model)
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.cfg.out_dir / "checkpoint.pt"
+        return self.cfg.data.out_dir / "checkpoint.pt"

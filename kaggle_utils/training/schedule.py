@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +29,19 @@ class Batching(Protocol):
     max_rows: int  # most rows in one micro-batch
     grad_accum: int  # micro-batches per optimiser step and process
     packing: bool  # rows packed end to end instead of padded
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """A :class:`Batching` gathered from a sectioned config's sections (``TrainConfig.batching``)."""
+
+    train_file: Path
+    seed: int
+    swap_fraction: float
+    batch_tokens: int
+    max_rows: int
+    grad_accum: int
+    packing: bool
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):

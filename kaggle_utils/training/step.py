@@ -32,7 +32,7 @@ def micro_batch(
     """
     rows = d.tokens.rows(idx, swapped[idx])
     ends = None
-    if cfg.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
+    if cfg.optim.packing:  # input_ids, position_ids: (1, T), T = the rows' tokens; row bounds stay on the CPU
         enc, ends = pack(rows)
     else:  # input_ids, attention_mask: (B, T), T = the longest row
         enc = pad(rows, pad_id)
@@ -69,20 +69,28 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, totals: tuple[floa
     cfg, par = run.cfg, run.parallel
     enc, ends, hard, teacher, weight = micro_batch(cfg, run.data, run.tok.pad_token_id, run.device, idx, swapped)
     width = enc["input_ids"].shape[1]
-    shape = f"{len(idx)} packed row(s), {width} tokens" if cfg.packing else f"{len(idx)} row(s) x {width} tokens"
+    shape = f"{len(idx)} packed row(s), {width} tokens" if cfg.optim.packing else f"{len(idx)} row(s) x {width} tokens"
     # what a backward that dies half-way (having added part of its gradient) is rolled back to
     grads = [None if p.grad is None else p.grad.clone() for p in run.params]
     in_backward = False
     try:
         with par.no_sync(run.wrapped, skip=not sync):
             with run.precision.context(run.device):
-                if cfg.packing:
+                if cfg.optim.packing:
                     logits = packed_logits(run.wrapped, run.head, enc, ends)  # (B, 2)
                 else:
                     logits = run.wrapped(**enc).logits  # (B, 2)
             # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
             loss = preference_loss(
-                logits, hard, teacher, cfg.loss, cfg.kl_weight, cfg.temperature, cfg.cos_weight, weight, totals
+                logits,
+                hard,
+                teacher,
+                cfg.objective.loss,
+                cfg.objective.kl_weight,
+                cfg.objective.temperature,
+                cfg.objective.cos_weight,
+                weight,
+                totals,
             )
             _check_finite(run, loss, idx)
             in_backward = True
@@ -112,19 +120,20 @@ def _refuse_retry(run: Run, idx: np.ndarray, where: str, syncing: bool) -> None:
     if len(idx) == 1:
         raise TrainMemoryError(
             f"{where} (the row with id {run.data.row_ids[idx[0]]}): one row alone does not fit. Set "
-            f"gradient_checkpointing = true (now {cfg.gradient_checkpointing}), lower max_length (now "
-            f"{cfg.max_length}), or load the base in 4-bit; batch_tokens={cfg.batch_tokens} only bounds batches"
+            f"gradient_checkpointing = true (now {cfg.optim.gradient_checkpointing}), lower max_length (now "
+            f"{cfg.inputs.max_length}), or load the base in 4-bit; batch_tokens={cfg.optim.batch_tokens} only "
+            "bounds batches"
         )
     if par.fsdp:  # every forward all-gathers layers from every rank: a retry on this rank alone would hang the rest
         raise TrainMemoryError(
             f"{where} under FSDP, where a micro-batch cannot be split and retried: lower batch_tokens (now "
-            f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
+            f"{cfg.optim.batch_tokens}) or set gradient_checkpointing = true (now {cfg.optim.gradient_checkpointing})"
         )
     if syncing and par.world > 1:
         # the gradient all-reduce had started with the other processes: it cannot be taken back and redone
         raise TrainMemoryError(
             f"{where}, while its gradients were being synchronised across processes: lower batch_tokens (now "
-            f"{cfg.batch_tokens}) or set gradient_checkpointing = true (now {cfg.gradient_checkpointing})"
+            f"{cfg.optim.batch_tokens}) or set gradient_checkpointing = true (now {cfg.optim.gradient_checkpointing})"
         )
 
 
@@ -193,7 +202,7 @@ def _update(run: Run, weightless: bool = False) -> tuple[float, bool]:
     if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         raise NonFiniteLossError(
             f"step {run.step}: the gradient was not finite at {run.skipped_in_a_row} steps in a row (skipped, "
-            f"nothing saved from them). Likely causes: lr too high (now {run.cfg.lr}), rows whose inputs overflow "
-            f"in {run.precision.autocast or 'the weights dtype'}; lower lr, or train in bf16/fp32 (--dtype)"
+            f"nothing saved from them). Likely causes: lr too high (now {run.cfg.optim.lr}), rows whose inputs "
+            f"overflow in {run.precision.autocast or 'the weights dtype'}; lower lr, or train in bf16/fp32 (--dtype)"
         )
     return grad_norm, skipped
