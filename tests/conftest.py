@@ -145,7 +145,7 @@ def trained(shared_dir: Path, prepared: dict[str, Path], qwen_path: Path) -> Tra
             result = train(cfg)
         return result, buf.getvalue()
 
-    return Trained(cfg, *built_once(cfg.out_dir, run))
+    return Trained(cfg, *built_once(cfg.data.out_dir, run))
 
 
 # Fixtures that train or run make: a test that uses one is slow wherever it lives (modules that run stages

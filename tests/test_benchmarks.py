@@ -63,8 +63,8 @@ def test_the_speed_options_ride_on_the_best_variant_and_reach_the_stage(monkeypa
     seen = []
 
     def fake_train(cfg):
-        seen.append((cfg.fused_kernels, cfg.compile_layers))
-        if cfg.compile_layers:
+        seen.append((cfg.optim.fused_kernels, cfg.optim.compile_layers))
+        if cfg.optim.compile_layers:
             raise RuntimeError("compile failed\nsecond line")
         hist = pd.DataFrame({"seconds": [9.0, 1.0, 1.0], "tokens": [4000, 4000, 4000], "tokens_sq": [4e6] * 3})
         return type("R", (), {"history": hist})()

@@ -64,7 +64,7 @@ def primary_run(demo_files, qwen_path, trained, tmp_path_factory):
 
 def test_primary_submission(primary_run, competition_test) -> None:
     cfg, pred = primary_run
-    sub, saved, report = _outputs(cfg.out_dir)
+    sub, saved, report = _outputs(cfg.data.out_dir)
     _assert_complete_submission(sub, competition_test)
     pd.testing.assert_frame_equal(saved, pred)
     assert (pred["source"] == "primary").all()
@@ -74,12 +74,12 @@ def test_primary_submission(primary_run, competition_test) -> None:
     assert report["rows"] == 120 and report["primary"]["scored"] == 120 and report["fallback_rows"] == 0
     assert report["primary"]["stopped_by_deadline"] is False
     assert "secondary" not in report
-    assert (cfg.out_dir / "infer_config.json").is_file()
+    assert (cfg.data.out_dir / "infer_config.json").is_file()
 
 
 def test_trained_adapter_beats_chance_on_the_answer_key(primary_run, demo_files) -> None:
     cfg, pred = primary_run
-    _, _, report = _outputs(cfg.out_dir)
+    _, _, report = _outputs(cfg.data.out_dir)
     assert report["accuracy"]["rows"] == 120
     assert report["accuracy"]["accuracy"] > 0.6
     # the reported number is the accuracy against test_labels.csv
@@ -128,8 +128,8 @@ def test_secondary_blends_every_row_with_time_to_spare(
     cfg = _cfg(
         demo_files,
         tmp_path,
-        primary_model=primary_cfg.primary_model,
-        primary_adapter=primary_cfg.primary_adapter,
+        primary_model=primary_cfg.primary.model,
+        primary_adapter=primary_cfg.primary.adapter,
         secondary_model=gemma_path,
         secondary_weight=0.25,
     )
@@ -175,9 +175,9 @@ def test_secondary_rescores_the_least_certain_rows_first(
     cfg = _cfg(
         demo_files,
         tmp_path,
-        primary_model=primary_cfg.primary_model,
+        primary_model=primary_cfg.primary.model,
         max_rows=max_rows,
-        primary_adapter=primary_cfg.primary_adapter,
+        primary_adapter=primary_cfg.primary.adapter,
         secondary_model=gemma_path,
     )
     pred = infer(cfg)
@@ -251,7 +251,7 @@ def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
     of the two margins (the swapped view's negated) at the primary's swap-averaged temperature, the others keep the
     primary's single-order one."""
     primary_cfg, primary_pred = primary_run
-    cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=primary_cfg.primary_adapter)
+    cfg = _cfg(demo_files, tmp_path, primary_model=qwen_path, primary_adapter=primary_cfg.primary.adapter)
     pred = infer(cfg.replace(tta_fraction=0.25))
     _, _, report = _outputs(tmp_path)
     tta = np.flatnonzero(pred["source"] == "primary+tta")
@@ -260,12 +260,12 @@ def test_swap_tta_averages_the_least_certain_rows_with_their_swapped_view(
     assert set(tta) == set(np.argsort(certainty, kind="stable")[:30])
     # the reference: the same adapter on the swapped rows, outside the cascade, at the adapter's temperature
     model = load_classifier(
-        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=cfg.primary_adapter
+        ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, adapter=cfg.primary.adapter
     )
     swapped = schema.swap_ab(competition_test.iloc[tta].reset_index(drop=True))
     rows = PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(swapped)
     p_swapped = predict_proba(model, rows, tokenizer.pad_token_id, 4096).probs
-    cal = calibration.Calibration.load(cfg.primary_adapter / "calibration.json")
+    cal = calibration.Calibration.load(cfg.primary.adapter / "calibration.json")
     assert cal.tta is not None and cal.tta.temperature != pytest.approx(cal.temperature, abs=1e-3)
     raw = calibration.margin(primary_pred[["p_a", "p_b"]].to_numpy()[tta]) * cal.temperature  # undo the single T
     z = calibration.swap_tta_margin(raw, calibration.margin(p_swapped)) / cal.tta.temperature
@@ -284,8 +284,8 @@ def test_rehearsal_projects_a_full_run_from_measured_batches(primary_run, demo_f
     cfg = _cfg(
         demo_files,
         tmp_path,
-        primary_model=primary_cfg.primary_model,
-        primary_adapter=primary_cfg.primary_adapter,
+        primary_model=primary_cfg.primary.model,
+        primary_adapter=primary_cfg.primary.adapter,
         secondary_model=gemma_path,
         tta_fraction=0.25,
         rehearse=40,

@@ -273,7 +273,7 @@ def test_the_first_batch_is_cut_to_the_time_left(demo_files, qwen_path, adapter,
     infer(cfg)
     report = _report(tmp_path)
     assert clock.now - start <= 30.0, "the run passed its deadline"
-    assert report["primary"]["scored"] > 3 * cfg.max_rows, report["primary"]
+    assert report["primary"]["scored"] > 3 * cfg.budget.max_rows, report["primary"]
 
 
 def test_a_slow_first_forward_does_not_end_the_pass(demo_files, qwen_path, adapter, tmp_path, monkeypatch, clock):
@@ -292,7 +292,7 @@ def test_a_slow_first_forward_does_not_end_the_pass(demo_files, qwen_path, adapt
     report = _report(tmp_path)
     assert clock.now - start <= 51.0, "the run passed its deadline"
     # it used to stop after the first batch: 9 s left, and a whole batch priced at 15 s by the prior
-    assert report["primary"]["scored"] > 2 * cfg.max_rows, (report["primary"], forwards)
+    assert report["primary"]["scored"] > 2 * cfg.budget.max_rows, (report["primary"], forwards)
 
 
 def test_a_slow_secondary_load_is_left_behind_at_the_deadline(

@@ -110,13 +110,13 @@ def test_output_is_a_valid_soft_label_file(labelled, prepared, qwen_path) -> Non
     assert ((out["p_a"] > 0) & (out["p_a"] < 1)).all()
     schema.validate(out, "soft")
     # the file round-trips through the soft loader
-    pd.testing.assert_frame_equal(schema.load(cfg.out_file, "soft"), out)
+    pd.testing.assert_frame_equal(schema.load(cfg.data.out_file, "soft"), out)
     # parts are named by index and key (changed: they were part-NNNNN.parquet); 40 rows of id + logits each
     parts = _parts(cfg.parts_dir)
     assert [p.name[:10] for p in parts] == ["part-00000", "part-00001", "part-00002"]
     assert [len(pd.read_parquet(p)) for p in parts] == [40, 40, 40]
     assert list(pd.read_parquet(parts[0]).columns) == ["id", "logit_a", "logit_b"]
-    saved = json.loads(cfg.out_file.with_name("pseudo_config.json").read_text())
+    saved = json.loads(cfg.data.out_file.with_name("pseudo_config.json").read_text())
     assert saved == config_to_dict(cfg)
 
 
@@ -126,7 +126,7 @@ def test_logits_and_provenance_are_the_train_stage_contract(labelled, qwen_path)
     logits = out[["logit_a", "logit_b"]].to_numpy()
     np.testing.assert_allclose(out[["p_a", "p_b"]].to_numpy(), softmax(logits), atol=1e-6)
     assert set(out["teacher"]) == {f"{qwen_path.name}+trained"}  # the base folder + the training folder
-    assert set(out["label_key"]) == {label_key(cfg, cfg.adapter_dir)}
+    assert set(out["label_key"]) == {label_key(cfg, cfg.model.adapter_dir)}
     assert len(out["label_key"].iloc[0]) == 16
 
 
@@ -139,7 +139,7 @@ def test_teacher_is_confident_on_the_demo_signal(labelled) -> None:
 def test_tta_averages_both_orders_logits(labelled, teacher, tokenizer) -> None:
     """Changed: the views' logits are averaged (then softmax), no longer their probabilities."""
     cfg, out = labelled
-    pool = schema.load(cfg.input_file, "unlabeled")
+    pool = schema.load(cfg.data.input_file, "unlabeled")
     fmt = PromptFormatter(tokenizer, InputConfig(max_length=256))
     direct = predict_logits(teacher, fmt.encode(pool), tokenizer.pad_token_id, 4096)
     swapped = predict_logits(teacher, fmt.encode(schema.swap_ab(pool)), tokenizer.pad_token_id, 4096)
@@ -152,7 +152,7 @@ def test_tta_averages_both_orders_logits(labelled, teacher, tokenizer) -> None:
 
 def test_without_tta_the_labels_are_the_direct_scores(labelled, teacher, tokenizer, tmp_path: Path) -> None:
     cfg, _ = labelled
-    small = schema.load(cfg.input_file, "unlabeled").iloc[:20]
+    small = schema.load(cfg.data.input_file, "unlabeled").iloc[:20]
     small.to_parquet(tmp_path / "small.parquet", index=False)
     cfg2 = _variant(cfg, tta=False, input_file=tmp_path / "small.parquet", out_file=tmp_path / "out.parquet")
     out, _ = _run(cfg2)
@@ -161,7 +161,7 @@ def test_without_tta_the_labels_are_the_direct_scores(labelled, teacher, tokeniz
     np.testing.assert_allclose(out[["p_a", "p_b"]].to_numpy(), direct, atol=1e-4)
     logits = predict_logits(teacher, rows, tokenizer.pad_token_id, 4096)
     np.testing.assert_allclose(out[["logit_a", "logit_b"]].to_numpy(), logits, atol=1e-4)
-    assert out["label_key"].iloc[0] != label_key(cfg, cfg.adapter_dir)  # tta is part of the key
+    assert out["label_key"].iloc[0] != label_key(cfg, cfg.model.adapter_dir)  # tta is part of the key
 
 
 def test_deleted_part_is_the_only_one_recomputed(labelled, tmp_path: Path, monkeypatch) -> None:
@@ -180,7 +180,7 @@ def test_deleted_part_is_the_only_one_recomputed(labelled, tmp_path: Path, monke
     assert parts[1].is_file()
     assert not list(cfg2.parts_dir.glob("*.tmp"))
     pd.testing.assert_frame_equal(again, out, atol=1e-6)
-    pd.testing.assert_frame_equal(schema.load(cfg2.out_file, "soft"), again)
+    pd.testing.assert_frame_equal(schema.load(cfg2.data.out_file, "soft"), again)
 
 
 def test_complete_run_loads_no_model(labelled, tmp_path: Path, monkeypatch) -> None:
@@ -213,7 +213,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_output(labelled, tmp_path: Path,
     with pytest.raises(Killed):
         _run(cfg2)
     assert len(_parts(cfg2.parts_dir)) == 1, "a kill loses at most the part being scored"
-    assert not cfg2.out_file.exists() and not list(cfg2.parts_dir.glob("*.tmp"))
+    assert not cfg2.data.out_file.exists() and not list(cfg2.parts_dir.glob("*.tmp"))
     monkeypatch.undo()
     scored = _count_scoring(monkeypatch)
     again, stdout = _run(cfg2)
@@ -231,7 +231,7 @@ def test_a_part_with_an_unscored_row_is_not_written(labelled, tmp_path: Path, mo
         return logits
 
     monkeypatch.setattr(pl_module, "predict_logits", one_row_lost)
-    pool = schema.load(cfg.input_file, "unlabeled")
+    pool = schema.load(cfg.data.input_file, "unlabeled")
     with pytest.raises(RuntimeError, match=rf"part-00000-.*: 1 row\(s\) could not be scored.*id {pool['id'][3]!r}"):
         _run(cfg2)
     assert not _parts(cfg2.parts_dir)
@@ -254,7 +254,7 @@ def test_changed_settings_never_reuse_parts_and_stale_ones_are_reported(labelled
 
 def test_a_changed_row_rescores_only_its_part(labelled, tmp_path, monkeypatch) -> None:
     cfg, out = labelled
-    pool = schema.load(cfg.input_file, "unlabeled")
+    pool = schema.load(cfg.data.input_file, "unlabeled")
     pool.loc[50, "prompt"] = pool.loc[50, "prompt"] + " (edited)"
     pool.to_parquet(tmp_path / "pool.parquet", index=False)
     cfg2 = _variant(cfg, input_file=tmp_path / "pool.parquet", out_file=tmp_path / "pseudo.parquet")
@@ -270,17 +270,18 @@ def test_a_changed_row_rescores_only_its_part(labelled, tmp_path, monkeypatch) -
 def test_label_key_follows_the_adapter_content_not_the_model_location(labelled, tmp_path) -> None:
     cfg, _ = labelled
     adapter = tmp_path / "teacher" / "adapter"
-    shutil.copytree(cfg.adapter_dir, adapter)
-    assert label_key(cfg, adapter) == label_key(cfg, cfg.adapter_dir)  # a copy elsewhere: the same labels
+    shutil.copytree(cfg.model.adapter_dir, adapter)
+    assert label_key(cfg, adapter) == label_key(cfg, cfg.model.adapter_dir)  # a copy elsewhere: the same labels
     (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + "\n")
-    assert label_key(cfg, adapter) != label_key(cfg, cfg.adapter_dir)
-    moved = tmp_path / "mounted" / cfg.model_path.name
-    shutil.copytree(cfg.model_path, moved)
-    assert model_fingerprint(moved) == model_fingerprint(cfg.model_path)
+    assert label_key(cfg, adapter) != label_key(cfg, cfg.model.adapter_dir)
+    moved = tmp_path / "mounted" / cfg.model.model_path.name
+    shutil.copytree(cfg.model.model_path, moved)
+    assert model_fingerprint(moved) == model_fingerprint(cfg.model.model_path)
     keys = {
-        label_key(_variant(cfg, **change), cfg.adapter_dir) for change in ({"max_length": 200}, {"template": "plain"})
+        label_key(_variant(cfg, **change), cfg.model.adapter_dir)
+        for change in ({"max_length": 200}, {"template": "plain"})
     }
-    assert len(keys | {label_key(cfg, cfg.adapter_dir)}) == 3
+    assert len(keys | {label_key(cfg, cfg.model.adapter_dir)}) == 3
 
 
 def test_two_ranks_in_process_give_the_single_process_output(labelled, tmp_path: Path) -> None:
@@ -288,7 +289,7 @@ def test_two_ranks_in_process_give_the_single_process_output(labelled, tmp_path:
     cfg2 = _variant(cfg, out_file=tmp_path / "pseudo.parquet", wait_minutes=0)
     none, stdout = _run(cfg2, Shard(rank=1, world=2, local_rank=1))
     assert none is None and "rank 1/2: 1 of 3 parts are this process's" in stdout
-    assert [p.name[:10] for p in _parts(cfg2.parts_dir)] == ["part-00001"] and not cfg2.out_file.exists()
+    assert [p.name[:10] for p in _parts(cfg2.parts_dir)] == ["part-00001"] and not cfg2.data.out_file.exists()
     again, stdout = _run(cfg2, Shard(rank=0, world=2))
     assert "rank 0/2: resuming: 1 of 3 parts" in stdout
     pd.testing.assert_frame_equal(again, out)
@@ -307,7 +308,7 @@ def test_two_launched_ranks_give_the_single_process_output(labelled, tmp_path: P
     """What ``accelerate launch --num_processes 2`` / ``torchrun`` start: RANK / WORLD_SIZE / LOCAL_RANK set."""
     cfg, out = labelled
     # 30 rows in parts of 10: rank 0 scores parts 0 and 2, rank 1 part 1
-    schema.load(cfg.input_file, "unlabeled").iloc[:30].to_parquet(tmp_path / "pool.parquet", index=False)
+    schema.load(cfg.data.input_file, "unlabeled").iloc[:30].to_parquet(tmp_path / "pool.parquet", index=False)
     cfg2 = _variant(
         cfg, input_file=tmp_path / "pool.parquet", out_file=tmp_path / "pseudo.parquet", chunk_rows=10, wait_minutes=5
     )
@@ -321,7 +322,7 @@ def test_two_launched_ranks_give_the_single_process_output(labelled, tmp_path: P
     assert [p.returncode for p in procs] == [0, 0], logs
     assert "rank 1/2: parts written" in logs[1] and "share_prefers_a" in logs[0]
     # other batches than the 120-row run: equal up to round-off
-    pd.testing.assert_frame_equal(pd.read_parquet(cfg2.out_file), out.iloc[:30], atol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_parquet(cfg2.data.out_file), out.iloc[:30], atol=1e-5)
 
 
 def _other_fold_teacher(adapter: Path, dest: Path, fold: int) -> Path:
@@ -337,7 +338,7 @@ def _other_fold_teacher(adapter: Path, dest: Path, fold: int) -> Path:
 
 def test_out_of_fold_rows_are_scored_by_the_teacher_that_held_them_out(labelled, prepared, tmp_path: Path) -> None:
     cfg, _ = labelled
-    adapter0 = cfg.adapter_dir  # trained with fold 0 held out (conftest)
+    adapter0 = cfg.model.adapter_dir  # trained with fold 0 held out (conftest)
     adapter1 = _other_fold_teacher(adapter0, tmp_path / "teacher-fold1" / "adapter", fold=1)
     train = schema.load(prepared["train"], "train")
     two_folds = train[train["fold"].isin([0, 1])].groupby("fold").head(30).sample(frac=1, random_state=0)
@@ -368,7 +369,7 @@ def test_out_of_fold_rows_are_scored_by_the_teacher_that_held_them_out(labelled,
 
 def test_out_of_fold_errors_name_the_file_and_the_fix(labelled, prepared, tmp_path: Path) -> None:
     cfg, _ = labelled
-    oof = _variant(cfg, oof_adapters=[str(cfg.adapter_dir)], out_file=tmp_path / "o.parquet")
+    oof = _variant(cfg, oof_adapters=[str(cfg.model.adapter_dir)], out_file=tmp_path / "o.parquet")
     with pytest.raises(schema.DataError, match="unlabeled.parquet: no 'fold' column"):
         _run(oof)
     everything = tmp_path / "all-folds" / "adapter"

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import rehearse
 from kaggle_utils.config import recipes
+from kaggle_utils.config.sections import to_flat
 from kaggle_utils.evaluation.calibration import CalibrateConfig
 from kaggle_utils.prepare import PrepareConfig
 from kaggle_utils.pseudo_label import PseudoLabelConfig
@@ -47,8 +48,9 @@ def test_the_recipes_read_only_what_an_earlier_step_wrote(shapes):
     made = set(LAID_OUT)
     for step in rehearse.chain(shapes):
         cfg = recipes.load(step.recipe, configs[recipes.read(step.recipe).stage], step.flags)
+        flat = to_flat(cfg)  # INPUT_FIELDS are flat names
         for name in INPUT_FIELDS:
-            value = getattr(cfg, name, None)
+            value = flat.get(name)
             for path in value if isinstance(value, list) else [value] if value else []:
                 assert str(path) in _with_parents(made), f"{step.name}: {name} = {path}, which no earlier step writes"
         made |= set(step.produces)

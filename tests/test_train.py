@@ -81,13 +81,13 @@ def test_training_loss_falls(trained) -> None:
 
 def test_validation_accuracy_beats_chance(trained) -> None:
     val = trained.result.metrics["val"]
-    assert val["rows"] == len(pd.read_parquet(trained.cfg.out_dir / "val_predictions.parquet"))
+    assert val["rows"] == len(pd.read_parquet(trained.cfg.data.out_dir / "val_predictions.parquet"))
     assert val["accuracy"] > 0.62, val
     assert val["log_loss"] < 0.69, val
 
 
 def test_training_artifacts(trained, prepared) -> None:
-    out = trained.cfg.out_dir
+    out = trained.cfg.data.out_dir
     saved_cfg = json.loads((out / "train_config.json").read_text())
     assert saved_cfg == config_to_dict(trained.cfg)
     assert TrainConfig.flat(**saved_cfg) == trained.cfg
@@ -137,7 +137,7 @@ def test_training_artifacts(trained, prepared) -> None:
 
 def test_adapter_carries_its_training_config(trained) -> None:
     """An adapter copied elsewhere (a Kaggle dataset) still says how its inputs were built."""
-    out = trained.cfg.out_dir
+    out = trained.cfg.data.out_dir
     carried = out / "adapter" / "train_config.json"
     assert carried.is_file(), f"{carried} is missing: save_adapter must write the config into adapter/"
     assert carried.read_text() == (out / "train_config.json").read_text()
@@ -149,7 +149,7 @@ def test_adapter_carries_its_training_config(trained) -> None:
 def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, monkeypatch) -> None:
     """Run the same command again after the adapter was lost: it resumes at the last step and trains nothing."""
     out = tmp_path / "copy"
-    shutil.copytree(trained.cfg.out_dir, out)
+    shutil.copytree(trained.cfg.data.out_dir, out)
     shutil.rmtree(out / "adapter")
     calls = []
     original = step_module.preference_loss
@@ -162,7 +162,7 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(trained, tmp_path: Path, mon
     assert (out / "adapter" / "train_config.json").read_text() == (out / "train_config.json").read_text()
     assert result.metrics["steps"] == 90
     _assert_same_history(result.history, trained.result.history)
-    _assert_same_weights(_adapter_weights(out), _adapter_weights(trained.cfg.out_dir))
+    _assert_same_weights(_adapter_weights(out), _adapter_weights(trained.cfg.data.out_dir))
     assert result.metrics["val"] == pytest.approx(trained.result.metrics["val"], abs=1e-6)
 
 
@@ -179,7 +179,7 @@ def test_a_field_added_after_the_checkpoint_blocks_resuming_only_off_its_default
 
 def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    shutil.copytree(trained.cfg.out_dir, out)
+    shutil.copytree(trained.cfg.data.out_dir, out)
     cfg = TrainConfig.flat(**{**config_to_dict(trained.cfg), "out_dir": out, "lr": 1e-3})
     before = (out / "train_config.json").read_text()
     with pytest.raises(RuntimeError, match=r"different config \(lr\)"):
@@ -242,18 +242,18 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(reference_run, prepar
     _counting_loss(monkeypatch, fail_at=5)  # killed during step 5; the last checkpoint is at step 3
     with pytest.raises(Killed):
         _run(cfg)
-    state = torch.load(cfg.out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(cfg.data.out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 3 and len(state["history"]) == 3
-    assert not (cfg.out_dir / "adapter").exists() and not (cfg.out_dir / "metrics.json").exists()
+    assert not (cfg.data.out_dir / "adapter").exists() and not (cfg.data.out_dir / "metrics.json").exists()
 
     calls = _counting_loss(monkeypatch)
     result, stdout = _run(cfg)
-    assert f"resuming from {cfg.out_dir / 'checkpoint.pt'} at step 3/15" in stdout
+    assert f"resuming from {cfg.data.out_dir / 'checkpoint.pt'} at step 3/15" in stdout
     assert len(calls) == 12  # only steps 4..15 were trained
     assert result.metrics["steps"] == 15
     # the resumed run is the uninterrupted run
     _assert_same_history(result.history, ref.history)
-    _assert_same_weights(_adapter_weights(cfg.out_dir), _adapter_weights(ref_cfg.out_dir))
+    _assert_same_weights(_adapter_weights(cfg.data.out_dir), _adapter_weights(ref_cfg.data.out_dir))
 
 
 def test_time_budget_stops_cleanly_and_the_rerun_finishes(reference_run, prepared, qwen_path, tmp_path, monkeypatch):
@@ -275,8 +275,8 @@ def test_time_budget_stops_cleanly_and_the_rerun_finishes(reference_run, prepare
     result, stdout = _run(cfg)
     assert "time budget of 30.0 min reached at step 7/15; stopping" in stdout
     assert result.metrics["stopped_by_budget"] is True and result.metrics["steps"] == 7
-    assert (cfg.out_dir / "adapter" / "adapter_model.safetensors").is_file()  # a usable adapter anyway
-    state = torch.load(cfg.out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (cfg.data.out_dir / "adapter" / "adapter_model.safetensors").is_file()  # a usable adapter anyway
+    state = torch.load(cfg.data.out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 7
     _assert_same_history(result.history, ref.history.iloc[:7])
 
@@ -286,7 +286,7 @@ def test_time_budget_stops_cleanly_and_the_rerun_finishes(reference_run, prepare
     assert "at step 7/15" in stdout and len(calls) == 8
     assert result.metrics["stopped_by_budget"] is False and result.metrics["steps"] == 15
     _assert_same_history(result.history, ref.history)
-    _assert_same_weights(_adapter_weights(cfg.out_dir), _adapter_weights(ref_cfg.out_dir))
+    _assert_same_weights(_adapter_weights(cfg.data.out_dir), _adapter_weights(ref_cfg.data.out_dir))
 
 
 def test_exhausted_time_budget_trains_no_step(prepared, qwen_path, tmp_path) -> None:
@@ -295,7 +295,7 @@ def test_exhausted_time_budget_trains_no_step(prepared, qwen_path, tmp_path) -> 
     assert "reached at step 0/15" in stdout
     assert result.metrics["steps"] == 0 and result.metrics["stopped_by_budget"] is True
     assert len(result.history) == 0
-    assert torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["step"] == 0
+    assert torch.load(cfg.data.out_dir / "checkpoint.pt", weights_only=False)["step"] == 0
 
 
 # --- the loss inside the training loop ------------------------------------------------------------------
@@ -328,7 +328,7 @@ def _expected_first_step_loss(frame: pd.DataFrame, swap: bool, base, tokenizer, 
     teacher; the batch loss is the mean over all rows.
     """
     view = schema.swap_ab(frame) if swap else frame
-    rows = PromptFormatter(tokenizer, cfg).encode(view)
+    rows = PromptFormatter(tokenizer, cfg.inputs).encode(view)
     with torch.no_grad():
         s = base(**pad(rows, tokenizer.pad_token_id)).logits.double().numpy()  # (N, 2)
 
@@ -342,10 +342,10 @@ def _expected_first_step_loss(frame: pd.DataFrame, swap: bool, base, tokenizer, 
     if "logit_a" in view.columns:
         given = view[["logit_a", "logit_b"]].to_numpy(dtype=float)
         t = np.where(np.isfinite(given).all(1)[:, None], given, t)
-    temp = cfg.temperature
+    temp = cfg.objective.temperature
     log_q, log_p = log_softmax(t / temp), log_softmax(s / temp)
     kd = np.where(labelled, ce, (np.exp(log_q) * (log_q - log_p)).sum(1) * temp**2)
-    w = cfg.kl_weight
+    w = cfg.objective.kl_weight
     ce_term = ce.sum() / labelled.sum()  # each term averages over the rows it counts on (issue 25)
     return {"ce": ce_term, "kl": kd.mean(), "mixed": (1 - w) * ce_term + w * kd.mean()}
 
@@ -392,7 +392,7 @@ def test_first_step_loss_matches_hand_computation(
     # the three losses are far enough apart for the check to tell them apart
     assert abs(expected["kl"] - expected["ce"]) > 0.01
     assert result.history["loss"].iloc[0] == pytest.approx(expected[kind], rel=1e-4)
-    assert (cfg.out_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (cfg.data.out_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 # --- numerics: precision choice, non-finite losses (issue 10) ------------------------------------------------
@@ -443,7 +443,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path,
     msg = str(err.value)
     expected_ids = [str(i) for i in runs[0].data.row_ids[steps[1][0]]]
     assert "step 2: the loss is nan" in msg and str(expected_ids) in msg, msg
-    assert not (cfg.out_dir / "adapter").exists() and not (cfg.out_dir / "metrics.json").exists()
+    assert not (cfg.data.out_dir / "adapter").exists() and not (cfg.data.out_dir / "metrics.json").exists()
     # and the weights never took the poisoned gradients: the step raised before backward
     run = runs[0]
     assert run.step == 1 and all(torch.isfinite(p).all() for p in run.params)
@@ -452,12 +452,12 @@ def test_non_finite_loss_stops_the_run_naming_step_and_rows(prepared, qwen_path,
         run.params[0][0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="no adapter saved"):
         save_adapter(run)
-    assert not (cfg.out_dir / "adapter").exists()
+    assert not (cfg.data.out_dir / "adapter").exists()
 
 
 # --- evaluation during training (issue 10) ---------------------------------------------------------------
 def test_shared_run_reports_the_pair_metrics(trained) -> None:
-    out = trained.cfg.out_dir
+    out = trained.cfg.data.out_dir
     val = trained.result.metrics["val"]
     assert val["nan_rows"] == 0 and 0 <= val["swap_consistency"] < 0.5 and 0 < val["position_bias"] < 1
     assert trained.result.metrics["best"] == {"metric": "log_loss", "step": 90, "evals": 1}
@@ -482,7 +482,7 @@ def test_evaluation_every_n_steps_keeps_the_best_adapter(prepared, qwen_path, tm
 
     monkeypatch.setattr(evaluation, "validate", validate)
     result, stdout = _run(cfg)
-    out = cfg.out_dir
+    out = cfg.data.out_dir
     assert result.metrics["total_steps"] == 16
     assert result.evals["step"].tolist() == [5, 10, 15, 16]
     assert pd.read_csv(out / "evals.csv")["log_loss"].tolist() == [0.1, 0.5, 0.6, 0.7]
@@ -536,14 +536,14 @@ def test_too_few_batches_for_grad_accum_is_an_error(prepared, qwen_path, tmp_pat
         signal.signal(signal.SIGALRM, previous)
     # the message names the file, the count and the settings that change it
     msg = str(err.value)
-    assert f"{cfg.train_file}: 8 training rows make 1 micro-batch(es)" in msg
+    assert f"{cfg.data.train_file}: 8 training rows make 1 micro-batch(es)" in msg
     assert "lower grad_accum (or max_rows / batch_tokens" in msg
     # in a launch of 2 processes a step needs grad_accum x 2 micro-batches
     lengths = np.full(8, 100)
     one_row_batches = TrainConfig.flat(max_length=256, batch_tokens=256, max_rows=1, grad_accum=3)
-    assert schedule_module.steps_per_epoch(one_row_batches, lengths) == 2
+    assert schedule_module.steps_per_epoch(one_row_batches.batching, lengths) == 2
     with pytest.raises(ValueError, match="grad_accum=3 x 3 processes = 9 one optimiser step needs.*fewer processes"):
-        schedule_module.steps_per_epoch(one_row_batches, lengths, world=3)
+        schedule_module.steps_per_epoch(one_row_batches.batching, lengths, world=3)
 
 
 def test_val_fold_without_rows_or_of_another_type_is_an_error(prepared, qwen_path, tmp_path) -> None:
@@ -598,21 +598,21 @@ def test_first_step_holds_the_largest_micro_batches() -> None:
     """A run that does not fit fails in its first step; the epochs after keep their plain shuffled order."""
     cfg = TrainConfig.flat(max_length=256, batch_tokens=1024, max_rows=8, seed=3)
     lengths = np.random.default_rng(0).integers(20, 256, size=300)
-    _, batches = schedule_module.epoch_batches(cfg, lengths, 0, per_step=3)
+    _, batches = schedule_module.epoch_batches(cfg.batching, lengths, 0, per_step=3)
     padded = [len(b) * int(lengths[b].max()) for b in batches]
     assert padded[:3] == sorted(padded, reverse=True)[:3]
     # the same batches, every row once, as the plain shuffle had them apart from the three moved to the front
-    plain = token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed)
+    plain = token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.schedule.seed)
     assert sorted(map(tuple, batches)) == sorted(map(tuple, plain))
     rest = [tuple(b) for b in batches[3:]]
     assert rest == [tuple(b) for b in plain if tuple(b) not in set(map(tuple, batches[:3]))]
-    _, later = schedule_module.epoch_batches(cfg, lengths, 1, per_step=3)
+    _, later = schedule_module.epoch_batches(cfg.batching, lengths, 1, per_step=3)
     assert [tuple(b) for b in later] == [
-        tuple(b) for b in token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.seed + 1)
+        tuple(b) for b in token_budget_batches(lengths, 1024, 8, shuffle=True, seed=cfg.schedule.seed + 1)
     ]
     # the schedule is deterministic: a resumed run replays the same steps
-    first = list(itertools.islice(schedule_module.schedule(cfg, lengths, world=1), 5))
-    again = list(itertools.islice(schedule_module.schedule(cfg, lengths, world=1), 5))
+    first = list(itertools.islice(schedule_module.schedule(cfg.batching, lengths, world=1), 5))
+    again = list(itertools.islice(schedule_module.schedule(cfg.batching, lengths, world=1), 5))
     assert all(np.array_equal(a, b) for x, y in zip(first, again, strict=True) for a, b in zip(x[2], y[2], strict=True))
 
 
@@ -660,7 +660,7 @@ def _first_step(cfg: TrainConfig, limit: int | None = None, where: str = "forwar
     with contextlib.redirect_stdout(io.StringIO()):
         run = train_module.setup(cfg)
     fake = OutOfMemoryAbove(run.model, limit, where) if limit else None
-    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg, run.data.lengths))
+    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg.batching, run.data.lengths))
     run.initial = [p.detach().clone() for p in run.params]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -726,7 +726,7 @@ def test_packs_fill_the_token_budget_without_padding(reference_run, prepared, qw
     ref_cfg, ref = reference_run
     result, _ = _run(_tiny_cfg(prepared, qwen_path, tmp_path, packing=True, save_every=0))
     hist = result.history
-    assert (hist["tokens"] <= ref_cfg.batch_tokens).all()
+    assert (hist["tokens"] <= ref_cfg.optim.batch_tokens).all()
     assert hist["rows"].sum() == ref.history["rows"].sum() == 96  # every row once, in fewer micro-batches
     assert len(hist) < len(ref.history)
     assert hist["tokens"].iloc[0] == hist["tokens"].max()  # the largest pack runs first
@@ -747,7 +747,7 @@ def test_a_non_finite_gradient_is_skipped_and_never_applied(prepared, qwen_path,
     with contextlib.redirect_stdout(io.StringIO()):
         run = train_module.setup(cfg)
     _poison_gradients(run, {2})
-    steps = schedule_module.schedule(cfg, run.data.lengths)
+    steps = schedule_module.schedule(cfg.batching, run.data.lengths)
     rows, before = [], None
     for _ in range(3):
         epoch, swapped, micro_batches = next(steps)
@@ -768,7 +768,7 @@ def test_a_run_of_non_finite_gradients_stops_naming_the_step(prepared, qwen_path
     with contextlib.redirect_stdout(io.StringIO()):
         run = train_module.setup(cfg)
     _poison_gradients(run, {1, 2, 3, 4})
-    steps = schedule_module.schedule(cfg, run.data.lengths)
+    steps = schedule_module.schedule(cfg.batching, run.data.lengths)
     with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient was not finite at 3 steps in a row"):
         for _ in range(4):
             epoch, swapped, micro_batches = next(steps)
@@ -782,7 +782,7 @@ def test_rows_of_weight_zero_are_left_out_before_batching(prepared, qwen_path, t
     path = tmp_path / "weighted.parquet"
     df.to_parquet(path, index=False)
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", train_file=path, max_train_rows=0)
-    fmt = PromptFormatter(load_tokenizer(qwen_path), cfg)
+    fmt = PromptFormatter(load_tokenizer(qwen_path), cfg.inputs)
     data, _ = training_rows(cfg, fmt)
     assert len(data) == int((df["weight"] > 0).sum()) and (data.weight > 0).all()
     assert f"{int((df['weight'] == 0).sum()):,} training rows weigh 0" in capsys.readouterr().out
@@ -899,7 +899,7 @@ def test_a_step_whose_rows_all_weigh_zero_is_skipped(prepared, qwen_path, tmp_pa
     cfg = _tiny_cfg(prepared, qwen_path, tmp_path / "run", save_every=0)
     with contextlib.redirect_stdout(io.StringIO()):
         run = train_module.setup(cfg)
-    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg, run.data.lengths))
+    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg.batching, run.data.lengths))
     run.data.weight[np.concatenate(micro_batches)] = 0.0
     before = [p.detach().clone() for p in run.params]
     row = train_module.train_step(run, epoch, micro_batches, swapped)

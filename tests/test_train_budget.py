@@ -186,7 +186,7 @@ def test_zero_on_the_cpu_trains_with_the_fallback_and_a_resume_keeps_the_budget(
     out = buf.getvalue()
     assert "batch_tokens=0: 1,024 padded tokens per micro-batch" in out, out
     assert "fallback: no GPU memory to measure on cpu" in out
-    for path in (cfg.out_dir / "train_config.json", result.adapter_dir / "train_config.json"):
+    for path in (cfg.data.out_dir / "train_config.json", result.adapter_dir / "train_config.json"):
         assert json.loads(path.read_text())["batch_tokens"] == 1024, path
     assert result.metrics["steps"] == result.metrics["total_steps"] == 15  # 1,024-token micro-batches
     # a rerun with batch_tokens=0 resumes with the checkpoint's budget, not the fallback it would measure now
@@ -215,11 +215,11 @@ def test_every_process_takes_the_smallest_budget(tiny_run, monkeypatch) -> None:
             run.precision,
             TwoProcesses(),
         )
-    assert cfg.batch_tokens == 300
+    assert cfg.optim.batch_tokens == 300
 
 
 def test_zero_is_refused_where_it_cannot_be_measured(tmp_path) -> None:
-    assert TrainConfig.flat(batch_tokens=0).batch_tokens == 0
+    assert TrainConfig.flat(batch_tokens=0).optim.batch_tokens == 0
     with pytest.raises(ValueError, match="batch_tokens >= max_length"):
         TrainConfig.flat(batch_tokens=-1)
     with pytest.raises(ValueError, match="not available with packing=True: give batch_tokens"):
@@ -234,4 +234,4 @@ def test_a_checkpoint_without_a_budget_is_not_resumed_with_zero(tmp_path) -> Non
     torch.save({"config": {"batch_tokens": None}}, tmp_path / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="records no batch_tokens to resume with"):
         resumed_batch_tokens(cfg, Parallel())
-    assert resumed_batch_tokens(TrainConfig.flat(out_dir=tmp_path), Parallel()).batch_tokens == 8192
+    assert resumed_batch_tokens(TrainConfig.flat(out_dir=tmp_path), Parallel()).optim.batch_tokens == 8192

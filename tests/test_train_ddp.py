@@ -72,7 +72,7 @@ def test_two_processes_train_what_one_process_trains(runs) -> None:
     np.testing.assert_allclose(history["loss"], one.history["loss"], rtol=1e-5)
     np.testing.assert_allclose(history["grad_norm"], one.history["grad_norm"], rtol=1e-4)
     a = load_file(ddp_dir / "adapter" / "adapter_model.safetensors")
-    b = load_file(single.out_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(single.data.out_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
@@ -87,7 +87,7 @@ def test_two_processes_evaluate_in_shards_what_one_process_evaluates(runs) -> No
     assert evals["step"].tolist() == one.evals["step"].tolist() and len(evals) >= 2
     np.testing.assert_allclose(evals["log_loss"], one.evals["log_loss"], rtol=1e-5)
     got = pd.read_parquet(ddp_dir / "val_predictions.parquet")
-    expected = pd.read_parquet(single.out_dir / "val_predictions.parquet")
+    expected = pd.read_parquet(single.data.out_dir / "val_predictions.parquet")
     assert got["id"].tolist() == expected["id"].tolist()
     np.testing.assert_allclose(got[["p_a", "p_b"]], expected[["p_a", "p_b"]], atol=1e-5)
     assert (ddp_dir / "adapter" / "calibration.json").is_file() and (ddp_dir / "metrics.json").is_file()
@@ -101,7 +101,7 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path) -> 
     out = tmp_path / "copy"
     shutil.copytree(ddp_dir, out)
     cfg = TrainConfig.flat(
-        **{**SETTINGS, "model_path": single.model_path, "train_file": single.train_file}, out_dir=out
+        **{**SETTINGS, "model_path": single.model.model_path, "train_file": single.data.train_file}, out_dir=out
     )
     with pytest.raises(RuntimeError, match="written by 2 process\\(es\\) and this launch has 1; relaunch with"):
         train(cfg)

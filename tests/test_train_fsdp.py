@@ -54,7 +54,7 @@ def _lopsided_file(prepared, tokenizer, path: Path) -> None:
     batches of at most 1,024 tokens) and rank 1 8 short ones (1 batch): the ranks' forward counts differ."""
     df = pd.read_parquet(prepared["train"])
     held = df[df["fold"] == 0]
-    lengths = np.array([len(r) for r in PromptFormatter(tokenizer, TrainConfig.flat(**SETTINGS)).encode(held)])
+    lengths = np.array([len(r) for r in PromptFormatter(tokenizer, TrainConfig.flat(**SETTINGS).inputs).encode(held)])
     long, short = held[lengths >= 150].iloc[:8], held[lengths <= 120].iloc[:8]
     assert len(long) == len(short) == 8
     val = pd.concat([long, short]).iloc[[i // 2 + 8 * (i % 2) for i in range(16)]]  # long, short, long, ...
@@ -135,7 +135,7 @@ def test_two_sharded_processes_train_what_one_process_trains(runs) -> None:
     # the norm of the whole gradient, reduced over the shards before clipping
     np.testing.assert_allclose(history["grad_norm"], one.history["grad_norm"], rtol=1e-4)
     a = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
-    b = load_file(single.out_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(single.data.out_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()  # gathered full weights under peft's adapter keys, not shards
     for k in a:
         assert a[k].shape == b[k].shape, k
@@ -163,7 +163,7 @@ def test_two_sharded_processes_evaluate_in_lockstep_what_one_process_evaluates(r
     assert one.metrics["best"]["step"] < one.metrics["steps"]  # the restore is exercised
     np.testing.assert_allclose(evals["log_loss"], one.evals["log_loss"], rtol=1e-5)
     got = pd.read_parquet(fsdp_dir / "val_predictions.parquet")
-    expected = pd.read_parquet(single.out_dir / "val_predictions.parquet")
+    expected = pd.read_parquet(single.data.out_dir / "val_predictions.parquet")
     assert got["id"].tolist() == expected["id"].tolist()
     np.testing.assert_allclose(got[["p_a", "p_b"]], expected[["p_a", "p_b"]], atol=1e-5)
     metrics = pd.read_json(fsdp_dir / "metrics.json", typ="series")
@@ -172,10 +172,10 @@ def test_two_sharded_processes_evaluate_in_lockstep_what_one_process_evaluates(r
 
 def test_no_checkpoint_is_written_and_an_existing_one_is_refused(runs, tmp_path) -> None:
     single, _, fsdp_dir, _, common = runs
-    assert not (fsdp_dir / "checkpoint.pt").exists() and (single.out_dir / "checkpoint.pt").is_file()
+    assert not (fsdp_dir / "checkpoint.pt").exists() and (single.data.out_dir / "checkpoint.pt").is_file()
     out = tmp_path / "resumed"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes((single.out_dir / "checkpoint.pt").read_bytes())
+    (out / "checkpoint.pt").write_bytes((single.data.out_dir / "checkpoint.pt").read_bytes())
     done = _launch(FSDP_CONFIG, config_to_argv(dict(common, out_dir=out, grad_accum=1)), 29529)
     assert done.returncode != 0
     assert "resuming a checkpoint under FSDP is not supported: use a new --out-dir" in done.stderr

@@ -36,8 +36,8 @@ def _quiet(fn, *args):
 def _config(trained, out_dir: Path, **kw) -> TrainConfig:
     """A short run on the session's prepared rows, on the model the session adapter was trained on."""
     base = dict(
-        model_path=trained.cfg.model_path,
-        train_file=trained.cfg.train_file,
+        model_path=trained.cfg.model.model_path,
+        train_file=trained.cfg.data.train_file,
         out_dir=out_dir,
         max_length=MAX_LENGTH,
         lr=2e-3,
@@ -56,7 +56,7 @@ def _state(run) -> dict[str, torch.Tensor]:
 
 
 def _take_steps(run, n: int) -> None:
-    for epoch, swapped, micro_batches in itertools.islice(schedule(run.cfg, run.data.lengths), n):  # endless
+    for epoch, swapped, micro_batches in itertools.islice(schedule(run.cfg.batching, run.data.lengths), n):  # endless
         _quiet(train_step, run, epoch, micro_batches, swapped)
 
 
@@ -154,11 +154,11 @@ def test_the_stage_recipes_chain():
     stage1 = recipes.load("student-qwen2.5-14b-stage1", TrainConfig)
     stage2 = recipes.load("student-qwen2.5-14b-stage2", TrainConfig)
     # stage 1: the pseudo-labels alone, validated on the competition's held-out fold
-    assert stage1.extras_only and stage1.extra_files == student.extra_files
-    assert stage1.train_file == student.train_file and stage1.val_fold == student.val_fold >= 0
+    assert stage1.data.extras_only and stage1.data.extra_files == student.data.extra_files
+    assert stage1.data.train_file == student.data.train_file and stage1.data.val_fold == student.data.val_fold >= 0
     # stage 2: the competition rows alone, from stage 1's adapter, with its rank and alpha
-    assert stage2.init_adapter == stage1.out_dir / "adapter"
-    assert stage2.extra_files == [] and not stage2.extras_only
-    assert (stage2.lora_r, stage2.lora_alpha) == (stage1.lora_r, stage1.lora_alpha)
-    assert stage1.out_dir != stage2.out_dir != student.out_dir
-    assert (stage1.model_path, stage1.max_length) == (stage2.model_path, stage2.max_length)
+    assert stage2.lora.init_adapter == stage1.data.out_dir / "adapter"
+    assert stage2.data.extra_files == [] and not stage2.data.extras_only
+    assert (stage2.lora.lora_r, stage2.lora.lora_alpha) == (stage1.lora.lora_r, stage1.lora.lora_alpha)
+    assert stage1.data.out_dir != stage2.data.out_dir != student.data.out_dir
+    assert (stage1.model.model_path, stage1.inputs.max_length) == (stage2.model.model_path, stage2.inputs.max_length)

@@ -109,25 +109,25 @@ def test_parse_config_converts_types() -> None:
             "mixed",
         ],
     )
-    assert cfg.load_in_4bit is False
-    assert cfg.gradient_checkpointing is True
-    assert cfg.max_length == 512 and isinstance(cfg.max_length, int)
-    assert cfg.batch_tokens == 1024
-    assert cfg.lr == pytest.approx(3e-4) and isinstance(cfg.lr, float)
-    assert cfg.epochs == 1.5
-    assert cfg.train_file == Path("some/dir/train.parquet") and isinstance(cfg.train_file, Path)
-    assert cfg.extra_files == ["a.parquet", "b.parquet"]
-    assert cfg.loss == "mixed"
+    assert cfg.model.load_in_4bit is False
+    assert cfg.optim.gradient_checkpointing is True
+    assert cfg.inputs.max_length == 512 and isinstance(cfg.inputs.max_length, int)
+    assert cfg.optim.batch_tokens == 1024
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.epochs == 1.5
+    assert cfg.data.train_file == Path("some/dir/train.parquet") and isinstance(cfg.data.train_file, Path)
+    assert cfg.data.extra_files == ["a.parquet", "b.parquet"]
+    assert cfg.objective.loss == "mixed"
     # untouched fields keep their defaults
     assert cfg.lora == TrainConfig().lora
-    assert cfg.model_path == Path("demo/models/qwen2-tiny")
+    assert cfg.model.model_path == Path("demo/models/qwen2-tiny")
 
 
 @pytest.mark.parametrize(
     "text,value", [("1", True), ("on", True), ("True", True), ("0", False), ("off", False), ("No", False)]
 )
 def test_parse_bool_spellings(text: str, value: bool) -> None:
-    assert parse_config(PseudoLabelConfig, ["--tta", text]).tta is value
+    assert parse_config(PseudoLabelConfig, ["--tta", text]).run.tta is value
 
 
 def test_bad_bool_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,9 +152,9 @@ def test_post_init_validation_runs() -> None:
 def test_optional_paths_empty_means_none() -> None:
     """The comments promise "empty: primary only" / "empty: the base model as is"."""
     cfg = parse_config(InferConfig, ["--secondary-model", "", "--primary-adapter", "x/adapter"])
-    assert cfg.secondary_model is None
-    assert cfg.primary_adapter == Path("x/adapter")
-    assert parse_config(PseudoLabelConfig, ["--adapter-dir", ""]).adapter_dir is None
+    assert cfg.secondary.model is None
+    assert cfg.primary.adapter == Path("x/adapter")
+    assert parse_config(PseudoLabelConfig, ["--adapter-dir", ""]).model.adapter_dir is None
 
 
 def test_save_config_round_trips(tmp_path: Path) -> None:
@@ -193,8 +193,8 @@ def test_config_to_argv_writes_each_kind_of_value() -> None:
         "--packing", "true", "--init-adapter", "", "--extra-files", '["a.parquet"]', "--source-weights", '{"x": 0.5}',
     ]  # fmt: skip
     cfg = parse_config(TrainConfig, config_to_argv(values))
-    assert cfg.packing is True and cfg.init_adapter is None
-    assert cfg.extra_files == ["a.parquet"] and cfg.source_weights == {"x": 0.5}
+    assert cfg.optim.packing is True and cfg.lora.init_adapter is None
+    assert cfg.data.extra_files == ["a.parquet"] and cfg.objective.source_weights == {"x": 0.5}
 
 
 def test_help_groups_a_stage_flags_by_recipe_section(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from kaggle_utils.config import recipes
-from kaggle_utils.config.sections import flat_fields, is_sectioned, sections
+from kaggle_utils.config.sections import flat_fields, is_sectioned, sections, to_flat
 from kaggle_utils.kaggle.staging import STAGE_CONFIGS
 from kaggle_utils.train import TrainConfig
 
@@ -51,8 +51,9 @@ def test_every_recipe_loads_into_its_stage_config(path):
     assert type(cfg).STAGE == recipe.stage
     # the header says what it is for; every field it sets reaches the config
     assert path.read_text().startswith("#") and recipe.summary
+    flat = to_flat(cfg)  # the recipe's keys are flat names
     for key, value in recipe.values.items():
-        got = getattr(cfg, key)
+        got = flat[key]
         assert (str(got) if isinstance(got, Path) else got) == value or (value == "" and got is None), key
 
 
@@ -109,7 +110,8 @@ def test_a_variant_overrides_only_what_it_writes():
         "demo-student-gemma2",
     ]
     real = recipes.load("student-gemma2-9b", TrainConfig)
-    assert (real.max_length, real.loss, real.lora_r, real.load_in_4bit) == (2500, "mixed", 16, True)
+    got = (real.inputs.max_length, real.objective.loss, real.lora.lora_r, real.model.load_in_4bit)
+    assert got == (2500, "mixed", 16, True)
 
 
 def test_extends_loops_stage_mismatches_and_double_keys_are_errors(tmp_path):
@@ -131,7 +133,7 @@ def test_extends_loops_stage_mismatches_and_double_keys_are_errors(tmp_path):
 
 def test_overrides_are_checked_like_recipe_keys():
     cfg = recipes.load("demo-teacher", TrainConfig, {"lr": 0.5, "out_dir": "elsewhere"})
-    assert cfg.lr == 0.5 and cfg.out_dir == Path("elsewhere")
+    assert cfg.optim.lr == 0.5 and cfg.data.out_dir == Path("elsewhere")
     with pytest.raises(recipes.RecipeError, match="overrides of recipe demo-teacher: unknown key 'epoch'"):
         recipes.load("demo-teacher", TrainConfig, {"epoch": 2})
 
@@ -147,8 +149,8 @@ def test_the_command_line_takes_a_recipe_and_flags_over_it():
     from kaggle_utils.config.cli import parse_config
 
     cfg = parse_config(TrainConfig, ["--recipe", "student-qwen2.5-14b", "--lr", "3e-5"])
-    assert (cfg.max_length, cfg.lr, cfg.loss) == (2500, 3e-5, "mixed")
-    assert parse_config(TrainConfig, ["--lr", "3e-5"]).max_length == TrainConfig().max_length
+    assert (cfg.inputs.max_length, cfg.optim.lr, cfg.objective.loss) == (2500, 3e-5, "mixed")
+    assert parse_config(TrainConfig, ["--lr", "3e-5"]).inputs.max_length == TrainConfig().inputs.max_length
     for stage in ("prepare", "train", "pseudo_label", "infer"):
         text = run_cli(f"kaggle_utils.{stage}", "--help")
         listed = re.findall(r"^  (\S+) ", text.split("recipes for this stage")[1], flags=re.M)
@@ -212,4 +214,4 @@ def test_a_key_under_another_section_names_file_section_and_key(tmp_path):
     # the same key at the top of the file, or in its own section, is fine
     for text in ("lr = 3e-4\n", "[optim]\nlr = 3e-4\n"):
         ok = write(tmp_path, "fine", f'stage = "train"\nextends = "demo-student-qwen2"\n{text}')
-        assert recipes.load(ok, TrainConfig).lr == 3e-4
+        assert recipes.load(ok, TrainConfig).optim.lr == 3e-4

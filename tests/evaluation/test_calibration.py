@@ -365,11 +365,11 @@ def test_the_recipes_write_beside_the_students_the_cascade_loads():
         ("demo-calibrate", "demo-student-qwen2", "demo-student-gemma2", "demo-infer"),
     ):
         cfg = recipes.load(name, cal.CalibrateConfig)
-        assert cfg.primary_dir == recipes.load(primary, TrainConfig).out_dir
-        assert cfg.secondary_dir == recipes.load(secondary, TrainConfig).out_dir
-        assert cfg.secondary_fraction == recipes.load(infer, InferConfig).secondary_fraction
+        assert cfg.primary_dir == recipes.load(primary, TrainConfig).data.out_dir
+        assert cfg.secondary_dir == recipes.load(secondary, TrainConfig).data.out_dir
+        assert cfg.secondary_fraction == recipes.load(infer, InferConfig).budget.secondary_fraction
         assert cal.CalibrateConfig(cfg.primary_dir).secondary_fraction == cfg.secondary_fraction
-        assert cfg.tta_fraction == recipes.load(infer, InferConfig).tta_fraction
+        assert cfg.tta_fraction == recipes.load(infer, InferConfig).budget.tta_fraction
         assert cal.CalibrateConfig(cfg.primary_dir).tta_fraction == cfg.tta_fraction
 
 

@@ -45,7 +45,8 @@ def test_make_push_ships_the_inference_notebook_with_the_kaggle_recipe(kaggle, m
     cfg = recipes.load(params["infer_recipe"], InferConfig, params["infer_overrides"])
     assert cfg == recipes.load("infer-cascade-2xt4", InferConfig)
     # batch_tokens 0: each model's budget is measured from the T4's free memory once loaded (scoring.memory)
-    assert (cfg.max_length, cfg.template, cfg.batch_tokens, cfg.time_budget_minutes) == (None, None, 0, 690.0)
+    assert (cfg.inputs.max_length, cfg.inputs.template) == (None, None)
+    assert (cfg.budget.batch_tokens, cfg.budget.time_budget_minutes) == (0, 690.0)
 
 
 def test_a_recipe_value_unlike_the_adapters_training_config_is_refused_at_push_time(models_dir):

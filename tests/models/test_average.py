@@ -60,7 +60,7 @@ def other(adapter, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rows(trained, tokenizer) -> list[list[int]]:
-    val = pd.read_parquet(trained.cfg.train_file).query("fold == 0").head(48)
+    val = pd.read_parquet(trained.cfg.data.train_file).query("fold == 0").head(48)
     return PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(val)
 
 

@@ -149,9 +149,9 @@ def test_the_train_stage_applies_the_options_it_is_given(qwen_path, prepared, tm
 
     cfg = TrainConfig.flat(model_path=qwen_path, train_file=prepared["train"], out_dir=tmp_path, device="cpu")
     pad = 0
-    _load_model(cfg, Parallel.from_env(cfg), pad)
+    _load_model(cfg, Parallel.from_env(cfg.model), pad)
     assert "fused_kernels" not in capsys.readouterr().out
     on = cfg.replace(fused_kernels=True, compile_layers=True)
-    _load_model(on, Parallel.from_env(on), pad)
+    _load_model(on, Parallel.from_env(on.model), pad)
     out = capsys.readouterr().out
     assert "fused_kernels: cpu is not a CUDA device" in out and "compile_layers: cpu is not a CUDA device" in out

@@ -29,7 +29,7 @@ def base_4bit(qwen_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def val_rows(trained, tokenizer) -> tuple[pd.DataFrame, list[list[int]]]:
-    val = pd.read_parquet(trained.cfg.train_file).query("fold == 0").reset_index(drop=True)
+    val = pd.read_parquet(trained.cfg.data.train_file).query("fold == 0").reset_index(drop=True)
     return val, PromptFormatter(tokenizer, InputConfig(max_length=256)).encode(val)
 
 
@@ -119,7 +119,7 @@ def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit,
     p_base = predict_proba(base_4bit, rows, pad_id, batch_tokens=4096).probs
     p_tuned = predict_proba(tuned, rows, pad_id, batch_tokens=4096).probs
     assert np.abs(p_base - p_tuned).max() > 0.1
-    saved = pd.read_parquet(trained.cfg.out_dir / "val_predictions.parquet")
+    saved = pd.read_parquet(trained.cfg.data.out_dir / "val_predictions.parquet")
     assert saved["id"].tolist() == val["id"].tolist()
     np.testing.assert_allclose(p_tuned, saved[["p_a", "p_b"]].to_numpy(), atol=1e-4)
 

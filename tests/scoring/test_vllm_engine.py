@@ -180,7 +180,7 @@ def _cfg(model_path: Path, pool_file: Path, out_file: Path, **changes) -> Pseudo
 
 
 def test_engine_setting_is_checked(qwen_path: Path) -> None:
-    assert PseudoLabelConfig().engine == "transformers"
+    assert PseudoLabelConfig().backend.engine == "transformers"
     with pytest.raises(ValueError, match="engine='onnx'"):
         PseudoLabelConfig.flat(engine="onnx")
     with pytest.raises(ValueError, match="tensor_parallel_size >= 1"):
@@ -193,7 +193,7 @@ def test_engine_setting_is_checked(qwen_path: Path) -> None:
         PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm")
     with pytest.raises(ValueError, match="python -m kaggle_utils.models.merge --base-model BASE --adapter ADAPTER"):
         PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm", adapter_dir=None, oof_adapters=["a", "b"])
-    assert PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm", adapter_dir=None).engine == "vllm"
+    assert PseudoLabelConfig.flat(model_path=qwen_path, engine="vllm", adapter_dir=None).backend.engine == "vllm"
 
 
 def test_label_key_changes_with_the_engine_not_with_its_memory_settings(qwen_path, causal_path, tmp_path) -> None:
