@@ -9,8 +9,11 @@ Users see one flat name per field: the ``--max-length`` flag, a notebook's overr
 ``train_config.json``. A field's flat name is its own name, except in a section class that a stage uses for several
 sections (the inference roles: ``primary`` and ``secondary`` are both a ``RoleConfig``), where it is prefixed by
 the section: ``primary_model``. Flat names are unique within a stage (a collision is a TypeError when the stage is
-first used). :func:`from_flat` and :func:`to_flat` convert between the two; ``cfg.max_length`` reads (and assigns)
-through to the section, so code written against the flat configs keeps working while it moves to the sections.
+first used). :func:`from_flat` and :func:`to_flat` convert between the two, and ``Stage.flat(...)`` and
+``cfg.replace(...)`` build a config from flat names. In code a field has one name, its section's:
+``cfg.inputs.max_length`` (``cfg.max_length`` is an AttributeError that names the section, and a flat assignment is
+refused rather than left as a stray attribute). A function that needs one section takes that section
+(``PromptFormatter(tok, cfg.inputs)``).
 
 A stage that keeps a flat config (a few fields) names its sections in a ``SECTIONS`` class attribute (section →
 field names) instead; everything here works on both kinds.
@@ -43,21 +46,24 @@ class FlatField:
 
 
 class Sectioned:
-    """Base of a stage config made of sections; ``cfg.<flat name>`` reads and assigns through to the section."""
+    """Base of a stage config made of sections. A field is read and assigned in its section (``cfg.optim.lr``); its
+    flat name (``lr``) is for the constructors (:meth:`flat`, :meth:`replace`), flags, recipes and saved configs."""
 
     def __getattr__(self, name: str) -> Any:
-        # only called when normal lookup fails: sections are instance attributes, flat names are not
+        # only called when normal lookup fails: a flat name is not an attribute; say where the field lives
         where = _owners(type(self)).get(name)
-        if where is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(getattr(self, where[0]), where[1])
+        hint = f": the field lives in a section, read cfg.{where[0]}.{where[1]}" if where else ""
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}{hint}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # a flat name assigned here would be a stray attribute that no section (and no check) ever sees
         where = _owners(type(self)).get(name)
-        if where is None:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(getattr(self, where[0]), where[1], value)
+        if where is not None:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is not an attribute: assign cfg.{where[0]}.{where[1]}, or build a "
+                f"copy with cfg.replace({name}=...)"
+            )
+        object.__setattr__(self, name, value)
 
     @classmethod
     def flat(cls: type[C], **values: Any) -> C:

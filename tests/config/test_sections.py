@@ -22,14 +22,28 @@ from kaggle_utils.pseudo_label import PseudoLabelConfig
 from kaggle_utils.train import TrainConfig
 
 
-def test_a_stage_config_holds_typed_sections_and_reads_flat_names_through_them():
+def test_a_stage_config_holds_typed_sections_and_each_field_is_read_in_its_section():
     cfg = TrainConfig.flat(max_length=512, lr=3e-4, model_path="m", mix_min_confidence=0.7)
     assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.inputs, InputConfig) and isinstance(cfg.mix, MixConfig)
     assert (cfg.inputs.max_length, cfg.optim.lr, cfg.model.model_path) == (512, 3e-4, Path("m"))
-    assert (cfg.max_length, cfg.lr, cfg.mix_min_confidence) == (512, 3e-4, 0.7)  # the flat view reads the same
-    cfg.batch_tokens = 4096  # and assigns through to the section
-    assert cfg.optim.batch_tokens == 4096 and "batch_tokens" not in vars(cfg)
-    with pytest.raises(AttributeError, match="no attribute 'lrr'"):
+    assert cfg.mix.mix_min_confidence == 0.7
+    cfg.optim.batch_tokens = 4096  # a section's field is assigned in the section
+    assert cfg.optim.batch_tokens == 4096 and to_flat(cfg)["batch_tokens"] == 4096
+
+
+def test_a_flat_name_is_no_attribute_and_the_error_names_its_section():
+    """One way to read a field: ``cfg.lr`` once read through to ``cfg.optim.lr``; now it says where to look, and a
+    flat assignment, which would leave a stray attribute that no section sees, is refused."""
+    cfg = TrainConfig.flat(lr=3e-4)
+    with pytest.raises(AttributeError, match=r"no attribute 'lr': the field lives in a section, read cfg\.optim\.lr"):
+        cfg.lr  # noqa: B018
+    with pytest.raises(AttributeError, match=r"assign cfg\.optim\.lr, or build a copy with cfg\.replace\(lr=\.\.\.\)"):
+        cfg.lr = 1.0
+    assert cfg.optim.lr == 3e-4 and "lr" not in vars(cfg)
+    infer = InferConfig()
+    with pytest.raises(AttributeError, match=r"read cfg\.primary\.adapter"):
+        infer.primary_adapter  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'lrr'$"):
         cfg.lrr  # noqa: B018
 
 
@@ -47,9 +61,9 @@ def test_each_section_checks_its_own_fields_and_the_stage_checks_what_spans_them
 def test_replace_takes_flat_names_and_copies_every_section():
     cfg = TrainConfig.flat(lr=1e-4)
     other = cfg.replace(lr=2e-4, out_dir="elsewhere")
-    assert (cfg.lr, other.lr, other.data.out_dir) == (1e-4, 2e-4, Path("elsewhere"))
-    other.max_length = 1024  # no section is shared between the two configs
-    assert cfg.max_length == 2500
+    assert (cfg.optim.lr, other.optim.lr, other.data.out_dir) == (1e-4, 2e-4, Path("elsewhere"))
+    other.inputs.max_length = 1024  # no section is shared between the two configs
+    assert cfg.inputs.max_length == 2500
     with pytest.raises(ValueError, match="swap_fraction=2"):
         cfg.replace(swap_fraction=2)
 
@@ -59,7 +73,8 @@ def test_to_flat_and_from_flat_round_trip_every_stage():
         cfg = cls()
         flat = to_flat(cfg)
         assert list(flat) == list(flat_fields(cls)) and from_flat(cls, flat) == cfg
-        # the flat view's __getattr__ must not get in the way of copies and of configs sent to other processes
+        # Sectioned's __getattr__ (the error naming a section) must not get in the way of copies and of configs sent
+        # to other processes
         assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
 
 
@@ -70,7 +85,7 @@ def test_sections_shared_by_one_class_prefix_their_flat_names():
     assert layout["inputs"]["max_length"] == "max_length"  # unambiguous: as short as before
     cfg = InferConfig.flat(secondary_model="g", secondary_adapter="g/adapter")
     assert cfg.primary == RoleConfig(Path("demo/models/qwen2-tiny")) and cfg.secondary.adapter == Path("g/adapter")
-    assert cfg.secondary_model == Path("g")
+    assert cfg.secondary.model == Path("g")
     assert parse_config(InferConfig, ["--primary-adapter", "q/adapter"]).primary.adapter == Path("q/adapter")
 
 
