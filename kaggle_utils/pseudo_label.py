@@ -276,10 +276,10 @@ def engine_settings(cfg: PseudoLabelConfig) -> tuple:
     return (cfg.backend.engine, mode, tuple(cfg.backend.answer_tokens) if mode == ANSWER_LOGPROBS else ())
 
 
-def teacher_name(cfg: PseudoLabelConfig, adapter: Path | None) -> str:
+def teacher_name(model: TeacherConfig, adapter: Path | None) -> str:
     """``<model folder>+<adapter>``; the train stage's ``out/adapter`` is named by its ``out`` folder."""
-    base = cfg.model.teacher_name or Path(cfg.model.model_path).name
-    if adapter is None or (cfg.model.teacher_name and not cfg.model.oof_adapters):
+    base = model.teacher_name or Path(model.model_path).name
+    if adapter is None or (model.teacher_name and not model.oof_adapters):
         return base
     return f"{base}+{adapter.parent.name if adapter.name == 'adapter' else adapter.name}"
 
@@ -306,7 +306,9 @@ def resolve_teachers(cfg: PseudoLabelConfig, pool: pd.DataFrame) -> list[Teacher
     if not cfg.model.oof_adapters:
         return [
             Teacher(
-                cfg.model.adapter_dir, teacher_name(cfg, cfg.model.adapter_dir), label_key(cfg, cfg.model.adapter_dir)
+                cfg.model.adapter_dir,
+                teacher_name(cfg.model, cfg.model.adapter_dir),
+                label_key(cfg, cfg.model.adapter_dir),
             )
         ]
     if "fold" not in pool.columns:
@@ -320,7 +322,7 @@ def resolve_teachers(cfg: PseudoLabelConfig, pool: pd.DataFrame) -> list[Teacher
         if fold in by_fold:
             raise ValueError(f"oof_adapters: {adapter} and {by_fold[fold]} both held out fold {fold}; keep one")
         by_fold[fold] = adapter
-        teachers.append(Teacher(adapter, teacher_name(cfg, adapter), label_key(cfg, adapter), fold))
+        teachers.append(Teacher(adapter, teacher_name(cfg.model, adapter), label_key(cfg, adapter), fold))
     orphans = sorted(set(pool["fold"].unique()) - set(by_fold))
     if orphans:
         raise ValueError(

@@ -54,6 +54,7 @@ from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.fused import apply_fused_kernels, compile_decoder_layers
 from kaggle_utils.models.loading import (
+    ModelConfig,
     check_model_dir,
     compute_dtype,
     load_classifier,
@@ -96,7 +97,7 @@ def setup(cfg: TrainConfig) -> Run:
     initialisation) on its own device, and its model is wrapped for data-parallel training (``run.wrapped``).
     """
     parallel = Parallel.from_env(cfg.model)
-    refuse_measured_budget_under_fsdp(cfg, parallel)
+    refuse_measured_budget_under_fsdp(cfg.optim, parallel)
     torch.manual_seed(cfg.schedule.seed)  # before the model is built: it draws the LoRA initialisation
     # a folder without weights or tokenizer fails here, named (the weights' headers: by the ranks that read them)
     check_model_dir(cfg.model.model_path, "base model", read_weights=parallel.reads_weights)
@@ -111,7 +112,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     model = _load_model(cfg, parallel, tok.pad_token_id)
     # a rank receiving rank 0's weights holds its parameters on meta until parallel.wrap fills them on its device
-    device = model_device(model) if parallel.reads_weights else pick_device(_here(cfg, parallel))
+    device = model_device(model) if parallel.reads_weights else pick_device(_here(cfg.model, parallel))
     precision = Precision.choose(device, cfg.model.dtype)
     params = trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
     if not cfg.optim.batch_tokens:  # before DDP wraps the model: the probe's backwards must not synchronise processes
@@ -152,7 +153,7 @@ def setup(cfg: TrainConfig) -> Run:
 def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.Module:
     """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device (on meta where this
     rank receives rank 0's weights while sharding: :attr:`Parallel.load_once`)."""
-    here = _here(cfg, parallel)
+    here = _here(cfg.model, parallel)
     model = load_classifier(
         replace(cfg.model, device=here),
         pad_id,
@@ -171,9 +172,9 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
     return model
 
 
-def _here(cfg: TrainConfig, parallel: Parallel) -> str:
-    """This process's device: ``cfg.device``, or cuda:LOCAL_RANK in a launch of several processes on GPUs."""
-    return parallel.shard.device(cfg.model.device, torch.cuda.is_available())
+def _here(model: ModelConfig, parallel: Parallel) -> str:
+    """This process's device: ``model.device``, or cuda:LOCAL_RANK in a launch of several processes on GPUs."""
+    return parallel.shard.device(model.device, torch.cuda.is_available())
 
 
 def _describe(run: Run, per_epoch: int) -> None:

@@ -509,11 +509,11 @@ def _saved_key(key: str, saved: dict) -> str:
 def test_row_weights_from_sources_and_a_weight_column() -> None:
     cfg = TrainConfig.flat(source_weights={"lmsys": 0.5, "pseudo": 2.0})
     df = pd.DataFrame({"source": ["lmsys", "pseudo", "wsdm", None]})
-    np.testing.assert_allclose(row_weights(cfg, df), [0.5, 2.0, 1.0, 1.0])
+    np.testing.assert_allclose(row_weights(cfg.objective, df), [0.5, 2.0, 1.0, 1.0])
     # a weight column wins where it is given
     df["weight"] = [np.nan, 0.25, 3.0, np.nan]
-    np.testing.assert_allclose(row_weights(cfg, df), [0.5, 0.25, 3.0, 1.0])
-    np.testing.assert_allclose(row_weights(TrainConfig(), df.drop(columns="weight")), [1.0] * 4)
+    np.testing.assert_allclose(row_weights(cfg.objective, df), [0.5, 0.25, 3.0, 1.0])
+    np.testing.assert_allclose(row_weights(TrainConfig().objective, df.drop(columns="weight")), [1.0] * 4)
 
 
 # --- configuration errors --------------------------------------------------------------------------------

@@ -225,8 +225,8 @@ def test_zero_is_refused_where_it_cannot_be_measured(tmp_path) -> None:
     with pytest.raises(ValueError, match="not available with packing=True: give batch_tokens"):
         TrainConfig.flat(batch_tokens=0, packing=True)
     with pytest.raises(ValueError, match="not available under FSDP: give batch_tokens"):
-        train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=0), Parallel(fsdp=True))
-    train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=4096), Parallel(fsdp=True))
+        train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=0).optim, Parallel(fsdp=True))
+    train_memory.refuse_measured_budget_under_fsdp(TrainConfig.flat(batch_tokens=4096).optim, Parallel(fsdp=True))
 
 
 def test_a_checkpoint_without_a_budget_is_not_resumed_with_zero(tmp_path) -> None:

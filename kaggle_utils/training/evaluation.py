@@ -14,7 +14,7 @@ from kaggle_utils.evaluation import calibration
 from kaggle_utils.evaluation.metrics import SELECTABLE, by_language, evaluate_pairs
 from kaggle_utils.scoring.budget import Deadline
 from kaggle_utils.training.checkpoints import save_checkpoint
-from kaggle_utils.training.config import TrainConfig
+from kaggle_utils.training.config import ScheduleConfig
 from kaggle_utils.training.outputs import save_adapter, save_val_predictions
 from kaggle_utils.training.run import Run
 
@@ -63,24 +63,24 @@ def validate(run: Run, val_df: pd.DataFrame) -> dict:
     }
 
 
-def _better(cfg: TrainConfig, new: dict, old: dict | None) -> bool:
-    """Whether evaluation ``new`` beats the best so far on ``cfg.best_metric`` (a NaN value never does)."""
-    value = new["metrics"][cfg.schedule.best_metric]
+def _better(schedule: ScheduleConfig, new: dict, old: dict | None) -> bool:
+    """Whether evaluation ``new`` beats the best so far on ``schedule.best_metric`` (a NaN value never does)."""
+    value = new["metrics"][schedule.best_metric]
     if old is None:
         return True
-    best = old["metrics"][cfg.schedule.best_metric]
+    best = old["metrics"][schedule.best_metric]
     if not math.isfinite(value):
         return False
     if not math.isfinite(best):
         return True
-    return value < best if SELECTABLE[cfg.schedule.best_metric] else value > best
+    return value < best if SELECTABLE[schedule.best_metric] else value > best
 
 
 def evaluate_run(run: Run, epoch: int) -> dict:
     """Evaluate now, record it in ``run.evals``, and keep it (with a CPU copy of the adapter) if it is the best."""
     record = validate(run, run.val_df)
     run.evals.append({"step": run.step, "epoch": epoch, "val_rows": len(run.val_df), **record["metrics"]})
-    if _better(run.cfg, record, run.best):  # the same decision on every rank: a gather under FSDP
+    if _better(run.cfg.schedule, record, run.best):  # the same decision on every rank: a gather under FSDP
         run.best = {"step": run.step, **record, "adapter": run.parallel.adapter_copy(run.model)}
     m = record["metrics"]
     if run.parallel.is_main:

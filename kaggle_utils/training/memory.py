@@ -10,7 +10,7 @@ import torch
 from kaggle_utils.models.losses import preference_loss
 from kaggle_utils.scoring.memory import CudaGauge, MemoryGauge, TokenBudget, probe_token_budget
 from kaggle_utils.scoring.predict import _is_oom
-from kaggle_utils.training.config import TrainConfig
+from kaggle_utils.training.config import OptimConfig, TrainConfig
 from kaggle_utils.training.parallel import Parallel
 from kaggle_utils.training.precision import Precision
 from kaggle_utils.training.rows import TrainRows
@@ -20,10 +20,10 @@ from kaggle_utils.training.step import micro_batch
 FALLBACK_BATCH_TOKENS = 8192
 
 
-def refuse_measured_budget_under_fsdp(cfg: TrainConfig, parallel: Parallel) -> None:
+def refuse_measured_budget_under_fsdp(optim: OptimConfig, parallel: Parallel) -> None:
     """Under FSDP every forward is a collective of every rank: a probe batch that runs out of memory on one rank
     cannot be dropped there alone, so the budget is not measured."""
-    if parallel.fsdp and not cfg.optim.batch_tokens:
+    if parallel.fsdp and not optim.batch_tokens:
         raise ValueError(
             "batch_tokens=0 (measured from free GPU memory) is not available under FSDP: give batch_tokens (e.g. "
             "what a probe of this model on one GPU printed, divided by the processes if it had to be sharded)"

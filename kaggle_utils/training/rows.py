@@ -16,22 +16,22 @@ from kaggle_utils.data import clean, schema
 from kaggle_utils.data.mixing import mix_extras, read_extras
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.inputs.tokens import PairTokens
-from kaggle_utils.training.config import TrainConfig
+from kaggle_utils.training.config import ObjectiveConfig, TrainConfig, TrainDataConfig
 
 
-def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
+def _check_val_fold(data: TrainDataConfig, folds: pd.Series) -> None:
     """``val_fold`` selects rows of a numeric ``fold`` column: anything else would train with no validation."""
     found = sorted(pd.unique(folds.dropna()).tolist(), key=str)
     shown = f"{found[:12]!r}{' ...' if len(found) > 12 else ''}"
     if not pd.api.types.is_numeric_dtype(folds):
         # strings "0", "1" never equal the number 0: every row would train and none validate
         raise schema.DataError(
-            f"{cfg.data.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write "
+            f"{data.train_file}: the 'fold' column holds {folds.dtype} values {shown}, not numbers; write "
             "the folds as integers (the prepare stage does), or pass --val-fold -1 to train on every row"
         )
-    if not (folds == cfg.data.val_fold).any():
+    if not (folds == data.val_fold).any():
         raise schema.DataError(
-            f"{cfg.data.train_file}: --val-fold {cfg.data.val_fold} selects no rows; the 'fold' column holds "
+            f"{data.train_file}: --val-fold {data.val_fold} selects no rows; the 'fold' column holds "
             f"{shown}: pass one of them, or --val-fold -1 to train on every row"
         )
 
@@ -39,13 +39,13 @@ def _check_val_fold(cfg: TrainConfig, folds: pd.Series) -> None:
 def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Training rows (labelled folds with their teachers' logits joined by id, + pseudo-labelled extras that are not
     already among them or in the validation fold) and validation rows."""
-    df = join_teachers(cfg, schema.load(cfg.data.train_file, "train"))
+    df = join_teachers(cfg.data, schema.load(cfg.data.train_file, "train"))
     if cfg.data.val_fold >= 0:
         if "fold" not in df.columns:
             raise schema.DataError(
                 f"{cfg.data.train_file}: no 'fold' column; run the prepare stage or pass --val-fold -1"
             )
-        _check_val_fold(cfg, df["fold"])
+        _check_val_fold(cfg.data, df["fold"])
         train_df, val_df = df[df["fold"] != cfg.data.val_fold], df[df["fold"] == cfg.data.val_fold]
     else:
         train_df, val_df = df, df.iloc[:0]
@@ -66,24 +66,24 @@ def split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 TEACHER_COLUMNS = (*schema.LOGIT_COLUMNS, "p_a", "p_b")
 
 
-def join_teachers(cfg: TrainConfig, df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` (the training file) with the logits of ``cfg.teacher_files`` joined onto its rows by id.
+def join_teachers(data: TrainDataConfig, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (the training file) with the logits of ``data.teacher_files`` joined onto its rows by id.
 
     Several files (one per teacher) are averaged in logit space first. A row the files do not cover keeps no
     teacher; ids of the files that are not in ``df`` are ignored and counted. A file that shows a row in the
     other A/B orientation is refused (its logits would be swapped).
     """
-    if not cfg.data.teacher_files:
+    if not data.teacher_files:
         return df
-    frames = [schema.read_table(path) for path in cfg.data.teacher_files]
-    teachers = schema.average_teachers(frames, cfg.data.teacher_files).drop_duplicates("id")
+    frames = [schema.read_table(path) for path in data.teacher_files]
+    teachers = schema.average_teachers(frames, data.teacher_files).drop_duplicates("id")
     if "response_a" in teachers.columns:
         both = teachers[["id", "response_a"]].merge(df[["id", "response_a"]], on="id", suffixes=("", "_train"))
         flipped = both[both["response_a"] != both["response_a_train"]]
         if len(flipped):
             raise schema.DataError(
-                f"{cfg.data.teacher_files}: id {flipped['id'].iloc[0]!r} shows another response A than "
-                f"{cfg.data.train_file}: label the training file itself (its rows as they are) with the teacher"
+                f"{data.teacher_files}: id {flipped['id'].iloc[0]!r} shows another response A than "
+                f"{data.train_file}: label the training file itself (its rows as they are) with the teacher"
             )
     logits = schema.teacher_logits(teachers)
     table = pd.DataFrame({"id": teachers["id"], "logit_a": logits[:, 0], "logit_b": logits[:, 1]})
@@ -124,11 +124,11 @@ def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return hard, schema.teacher_logits(df)
 
 
-def row_weights(cfg: TrainConfig, df: pd.DataFrame) -> np.ndarray:
+def row_weights(objective: ObjectiveConfig, df: pd.DataFrame) -> np.ndarray:
     """(N,) float32: the ``weight`` column where given, else ``source_weights[source]``, else 1."""
     w = np.ones(len(df), dtype=np.float32)
-    if cfg.objective.source_weights and "source" in df.columns:
-        w = df["source"].map(cfg.objective.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
+    if objective.source_weights and "source" in df.columns:
+        w = df["source"].map(objective.source_weights).fillna(1.0).to_numpy(dtype=np.float32)
     if "weight" in df.columns:
         given = df["weight"].to_numpy(dtype=np.float32)
         w = np.where(np.isfinite(given), given, w)
@@ -155,7 +155,7 @@ class TrainRows:
 def encode_rows(cfg: TrainConfig, fmt: PromptFormatter, df: pd.DataFrame) -> TrainRows:
     hard, teacher = _targets(df)
     tokens = fmt.encode_pairs(df)
-    return TrainRows(tokens, hard, teacher, row_weights(cfg, df), df["id"].to_numpy(), tokens.lengths)
+    return TrainRows(tokens, hard, teacher, row_weights(cfg.objective, df), df["id"].to_numpy(), tokens.lengths)
 
 
 def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd.DataFrame]:
@@ -165,7 +165,7 @@ def training_rows(cfg: TrainConfig, fmt: PromptFormatter) -> tuple[TrainRows, pd
     train_df, val_df = split(cfg)
     if cfg.schedule.max_val_rows:
         val_df = stratified_subset(val_df, cfg.schedule.max_val_rows, cfg.schedule.seed)
-    weightless = row_weights(cfg, train_df) == 0
+    weightless = row_weights(cfg.objective, train_df) == 0
     if weightless.any():  # they would add nothing but their forward's cost, and a step of them alone is 0 / 0
         print(f"{int(weightless.sum()):,} training rows weigh 0 (source_weights or a weight column): left out")
         train_df = train_df[~weightless].reset_index(drop=True)
