@@ -31,10 +31,8 @@ def refuse_fsdp_resume(cfg: TrainConfig, parallel: Parallel) -> None:
             "FSDP a run starts from scratch and writes no checkpoints), or resume it with the launch that wrote it"
         )
     if parallel.fsdp and parallel.is_main and cfg.schedule.save_every:
-        print(
-            f"FSDP: no checkpoints are written (save_every={cfg.schedule.save_every} ignored); a stopped run "
-            "starts over"
-        )
+        every = cfg.schedule.save_every
+        print(f"FSDP: no checkpoints are written (save_every={every} ignored); a stopped run starts over")
 
 
 def resumed_batch_tokens(cfg: TrainConfig, parallel: Parallel) -> TrainConfig:

@@ -98,10 +98,8 @@ def restore_best(run: Run) -> None:
         return
     run.parallel.restore_adapter(run.model, run.best["adapter"])
     if run.parallel.is_main:
-        print(
-            f"keeping the adapter of step {run.best['step']} (best {run.cfg.schedule.best_metric}), not of step "
-            f"{run.step}"
-        )
+        best = run.cfg.schedule.best_metric
+        print(f"keeping the adapter of step {run.best['step']} (best {best}), not of step {run.step}")
 
 
 def eval_seconds(run: Run) -> float:

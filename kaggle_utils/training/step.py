@@ -121,8 +121,8 @@ def _refuse_retry(run: Run, idx: np.ndarray, where: str, syncing: bool) -> None:
         raise TrainMemoryError(
             f"{where} (the row with id {run.data.row_ids[idx[0]]}): one row alone does not fit. Set "
             f"gradient_checkpointing = true (now {cfg.optim.gradient_checkpointing}), lower max_length (now "
-            f"{cfg.inputs.max_length}), or load the base in 4-bit; batch_tokens={cfg.optim.batch_tokens} only "
-            "bounds batches"
+            f"{cfg.inputs.max_length}), or load the base in 4-bit; "
+            f"batch_tokens={cfg.optim.batch_tokens} only bounds batches"
         )
     if par.fsdp:  # every forward all-gathers layers from every rank: a retry on this rank alone would hang the rest
         raise TrainMemoryError(
