@@ -288,7 +288,11 @@ def run_on_kaggle(notebook: Path, kaggle: Path, env: dict[str, str], log: Path, 
 
     tmp = kaggle / "tmp"
     tmp.mkdir(exist_ok=True)
-    run_env = env | {"KAGGLE_KERNEL_RUN_TYPE": "Batch", ROOT_VARIABLE: str(kaggle), "TMPDIR": str(tmp)}
+    # no PYTHONPATH: a Kaggle kernel has no checkout on its path. A rehearsal run from a worktree (PYTHONPATH=$PWD,
+    # the venv's editable install pointing at another checkout) would otherwise hand the kernel this checkout, and
+    # the bootstrap would import it instead of the packed package dataset that this step is here to test
+    kept = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    run_env = kept | {"KAGGLE_KERNEL_RUN_TYPE": "Batch", ROOT_VARIABLE: str(kaggle), "TMPDIR": str(tmp)}
     if shapes == "real":
         startup = kaggle / "ipython/profile_default/startup"
         startup.mkdir(parents=True, exist_ok=True)
