@@ -9,7 +9,8 @@ the demo runs them), else freshly generated demo data with no pseudo-labels (``e
 Chance is 0.5; with ~240 held-out rows its standard error is 0.032, so 0.60 is ~3 SE above it. The labels carry 10%
 noise: ~0.90 is the ceiling.
 
-``python benchmarks/demo_learning.py [--seeds 0 1 2] [--folds 0 1 2] [--epochs 2] [--models qwen2 gemma2]``
+``python benchmarks/demo_learning.py [--seeds 0 1 2] [--folds 0 1 2] [--epochs 2] [--models qwen2 gemma2]
+[--lora-dropouts 0.05 0]`` (each dropout a run of its own on the same seeds and folds, side by side in the table)
 (about 1 min a run on 2 idle cores at 2 epochs; prints a table on stdout).
 """
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=0.0, help="0: the recipe's")
+    parser.add_argument("--lora-dropouts", nargs="+", type=float, default=[], help="LoRA dropouts to compare")
     parser.add_argument("--work", type=Path, default=Path("demo/work"), help="make demo's work folder, if any")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared 2-core machine (tests/conftest.py)
@@ -62,19 +64,22 @@ def main() -> None:
             models = build_demo_models(DemoModelsConfig(out_dir=tmp / "models"))
         train_file, extras = rows(args.work, tmp)
         print(f"# {date.today()} · {platform.node()} · torch {torch.__version__} · rows {train_file} · extras {extras}")
-        print("model\tseed\tfold\taccuracy\tlog_loss\tloss first→last 20%\tseconds")
-        results: dict[str, list[float]] = {m: [] for m in args.models}
-        for model in args.models:
+        print("model\tdropout\tseed\tfold\taccuracy\tlog_loss\tloss first→last 20%\tseconds")
+        dropouts = args.lora_dropouts or [None]
+        results: dict[tuple[str, float | None], list[float]] = {(m, d): [] for m in args.models for d in dropouts}
+        for (model, dropout), accs in results.items():
             recipe, folder = RECIPES[model]
             for seed in args.seeds:
                 for fold in args.folds:
+                    name = f"{model}-{dropout}-{seed}-{fold}"
                     overrides = {
                         "model_path": str(models[folder]), "train_file": str(train_file), "extra_files": extras,
-                        "out_dir": str(tmp / "runs" / f"{model}-{seed}-{fold}"), "seed": seed, "val_fold": fold,
-                        "save_every": 0,
+                        "out_dir": str(tmp / "runs" / name), "seed": seed, "val_fold": fold, "save_every": 0,
                     }  # fmt: skip
                     if args.epochs:
                         overrides["epochs"] = args.epochs
+                    if dropout is not None:
+                        overrides["lora_dropout"] = dropout
                     cfg = recipes.load(recipe, TrainConfig, overrides)
                     t0 = time.monotonic()
                     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -82,16 +87,18 @@ def main() -> None:
                     loss = result.history["loss"]
                     k = max(1, len(loss) // 5)
                     val = result.metrics["val"]
-                    results[model].append(val["accuracy"])
+                    accs.append(val["accuracy"])
                     print(
-                        f"{model}\t{seed}\t{fold}\t{val['accuracy']:.3f}\t{val['log_loss']:.3f}\t"
-                        f"{loss.iloc[:k].mean():.3f}→{loss.iloc[-k:].mean():.3f}\t{time.monotonic() - t0:.0f}",
+                        f"{model}\t{cfg.lora.lora_dropout}\t{seed}\t{fold}\t{val['accuracy']:.3f}\t"
+                        f"{val['log_loss']:.3f}\t{loss.iloc[:k].mean():.3f}→{loss.iloc[-k:].mean():.3f}\t"
+                        f"{time.monotonic() - t0:.0f}",
                         flush=True,
                     )
-        for model, accs in results.items():
+        for (model, dropout), accs in results.items():
             above = sum(a > ABOVE_CHANCE for a in accs)
+            label = model if dropout is None else f"{model}, lora_dropout {dropout}"
             print(
-                f"# {model}: accuracy mean {sum(accs) / len(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f}; "
+                f"# {label}: accuracy mean {sum(accs) / len(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f}; "
                 f"{above}/{len(accs)} runs above {ABOVE_CHANCE}"
             )
 
