@@ -195,16 +195,14 @@ def lay_out_models(work: Path, env: dict[str, str], log: Path, shapes: str) -> N
 # ------------------------------------------------------------------------------------------- the Kaggle side
 
 
-def kaggle_env(env: dict[str, str], work: Path, proxy: str) -> dict[str, str]:
+def kaggle_env(env: dict[str, str], work: Path, server) -> dict[str, str]:
     """The real CLI pointed at the loopback Kaggle, with fake credentials in a HOME of its own."""
-    from kaggle_utils.kaggle.loopback import FAKE_KEY
+    from kaggle_utils.kaggle.loopback import fake_credentials
 
     home = work / "build/home"
     home.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in env.items() if not k.startswith("KAGGLE_")}
-    fake = {"HOME": str(home), "KAGGLE_CONFIG_DIR": str(home / ".kaggle"), "KAGGLE_USERNAME": OWNER}
-    fake |= {"KAGGLE_KEY": FAKE_KEY, "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "NO_PROXY": "", "no_proxy": ""}
-    return clean | fake | {"HTTP_PROXY": proxy, "http_proxy": proxy}
+    return clean | fake_credentials(home, OWNER) | server.routing()
 
 
 def upload_students(work: Path, env: dict[str, str], log: Path) -> None:
@@ -214,11 +212,16 @@ def upload_students(work: Path, env: dict[str, str], log: Path) -> None:
     students = {QWEN_STUDENT: "output/student-qwen2.5-14b", GEMMA_STUDENT: "output/student-gemma2-9b"}
     with FakeKaggle() as server:
         for name, folder in students.items():
-            flags = {"dir": folder, "name": name, "owner": OWNER, "message": "rehearsal"}
-            step = Step(f"upload {name}", "kaggle_utils.kaggle.models", "", ("upload",),
-                        flags | {"stage_dir": "build/kaggle/models"}, (folder,),
-                        (f"build/kaggle/models/{name}/train_config.json",))  # fmt: skip
-            how = run_step(step, work, kaggle_env(env, work, server.proxy), log)
+            flags = {
+                "dir": folder,
+                "name": name,
+                "owner": OWNER,
+                "message": "rehearsal",
+                "stage_dir": "build/kaggle/models",
+            }
+            step = Step(f"upload {name}", "kaggle_utils.kaggle.models", command=("upload",), flags=flags,
+                        consumes=(folder,), produces=(f"build/kaggle/models/{name}/train_config.json",))  # fmt: skip
+            how = run_step(step, work, kaggle_env(env, work, server), log)
             sent = sorted(os.listdir(work / f"build/kaggle/models/{name}"))
             say(step.name, step.consumes, [f"{name}/{{{','.join(sent)}}}"], how)
 

@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,6 +51,17 @@ class Recorded:
     def method(self) -> str:
         """The RPC name, e.g. ``SaveKernel`` (last path component)."""
         return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def fake_credentials(home: Path, owner: str = OWNER) -> dict[str, str]:
+    """Environment variables with fake credentials and a HOME of their own, so no real kaggle.json can be read (the
+    caller drops any other KAGGLE_* variable)."""
+    return {
+        "HOME": str(home),
+        "KAGGLE_CONFIG_DIR": str(home / ".kaggle"),
+        "KAGGLE_USERNAME": owner,
+        "KAGGLE_KEY": FAKE_KEY,
+    }
 
 
 @dataclass(frozen=True)
@@ -210,6 +222,11 @@ class FakeKaggle:
     @property
     def proxy(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def routing(self) -> dict[str, str]:
+        """The environment that sends the real CLI here: Kaggle's LOCALHOST target, this server as the HTTP proxy."""
+        proxies = {"HTTP_PROXY": self.proxy, "http_proxy": self.proxy, "NO_PROXY": "", "no_proxy": ""}
+        return {"KAGGLE_API_ENVIRONMENT": "LOCALHOST"} | proxies
 
     def calls(self, method: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method]

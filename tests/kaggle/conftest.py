@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils.kaggle.loopback import FAKE_KEY, OWNER, FakeKaggle
+from kaggle_utils.kaggle.loopback import FakeKaggle, fake_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,10 +24,8 @@ def creds(tmp_path, monkeypatch) -> Path:
     for name in list(os.environ):
         if name.startswith("KAGGLE_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    monkeypatch.setenv("KAGGLE_USERNAME", OWNER)
-    monkeypatch.setenv("KAGGLE_KEY", FAKE_KEY)
+    for name, value in fake_credentials(home).items():
+        monkeypatch.setenv(name, value)
     return home
 
 
@@ -35,11 +33,8 @@ def creds(tmp_path, monkeypatch) -> Path:
 def kaggle(creds, monkeypatch):
     """The fake api.kaggle.com; the real CLI reaches it through HTTP_PROXY."""
     with FakeKaggle() as server:
-        monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "LOCALHOST")
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, server.proxy)
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.setenv(name, "")
+        for name, value in server.routing().items():
+            monkeypatch.setenv(name, value)
         yield server
 
 
