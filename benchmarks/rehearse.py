@@ -248,7 +248,8 @@ def _mount(src: Path, dest: Path, link: bool = False) -> None:
     if link:
         dest.symlink_to(src.resolve(), target_is_directory=True)
     else:
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("dataset-metadata.json"))
+        # hard links: real files, as a mounted copy is, without a second copy of a real-shape model on the disk
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("dataset-metadata.json"), copy_function=os.link)
 
 
 def lay_out_kaggle_input(work: Path) -> Path:
