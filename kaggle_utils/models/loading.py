@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kaggle_utils.models.broadcast import receive_model, send_model
 from kaggle_utils.models.packing import packed_name
 
 
@@ -211,6 +212,7 @@ def load_classifier(
     packing: bool = False,
     quant_storage: torch.dtype | None = None,
     on_meta: bool = False,
+    read_once: bool = False,
 ):
     """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
     continued from ``lora.init_adapter``).
@@ -227,22 +229,17 @@ def load_classifier(
     (full precision only): under FSDP the ranks other than 0 do so and receive rank 0's weights while the model is
     sharded (:meth:`kaggle_utils.training.parallel.Parallel.wrap`), so the weights are read once, not once a rank.
 
+    ``read_once``: a 4-bit base in a launch of several processes (``torch.distributed`` set up; a collective, every
+    rank calls it): rank 0 reads the weight files and quantises, the other ranks build the quantised structure
+    without weights and receive rank 0's packed codes, quant_state and other tensors (:mod:`kaggle_utils.models.
+    broadcast`). Every rank then holds rank 0's model on its own device, and attaches the LoRA as usual.
+
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
-    from transformers import AutoModelForSequenceClassification
-
     if not (cfg.model_path / "config.json").is_file():
         raise FileNotFoundError(f"{cfg.model_path}: no config.json; expected a model folder saved by save_pretrained")
     device = pick_device(cfg.device)
-    kwargs = _from_pretrained_kwargs(cfg, device, packing, quant_storage)
-    split = "+" in cfg.device
-    with LOAD_LOCK:
-        if on_meta:
-            model = _empty_classifier(cfg, kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
-        if not (cfg.load_in_4bit or split or on_meta):
-            model.to(device)
+    model = _base(cfg, _from_pretrained_kwargs(cfg, device, packing, quant_storage), device, on_meta, read_once)
     if cfg.load_in_4bit:
         portable_cpu_4bit(model)
     model.config.pad_token_id = pad_token_id
@@ -259,6 +256,37 @@ def load_classifier(
         model.eval()
         return model
     return _attach_lora(model, cfg, lora, gradient_checkpointing)
+
+
+def _base(cfg: ModelConfig, kwargs: dict, device: torch.device, on_meta: bool, read_once: bool):
+    """The base classifier, on ``device``: read from the weight files, built on the meta device (``on_meta``), or
+    received from rank 0 (``read_once``, ranks > 0; rank 0 reads the files and sends it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if on_meta and cfg.load_in_4bit:
+        raise ValueError(
+            f"{cfg.model_path}: a 4-bit model is not built on the meta device and filled while it is sharded "
+            "(accelerate does not broadcast Params4bit); pass read_once: rank 0 sends it whole"
+        )
+    if read_once and not cfg.load_in_4bit:
+        raise ValueError(
+            f"{cfg.model_path}: read_once is for a 4-bit base; at full precision the ranks > 0 build the model "
+            "on_meta and receive rank 0's weights while it is sharded"
+        )
+    receives = read_once and torch.distributed.get_rank() > 0
+    with LOAD_LOCK:
+        if on_meta:
+            return _empty_classifier(cfg, kwargs)  # stays on meta: Parallel.wrap fills it on the device
+        if receives:
+            model = _empty_4bit_classifier(cfg, kwargs)
+            receive_model(model, device)
+            return model
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, local_files_only=True, **kwargs)
+        if read_once:
+            send_model(model, device)
+        if not (cfg.load_in_4bit or "+" in cfg.device):  # device_map placed the 4-bit model and the layer split
+            model.to(device)
+    return model
 
 
 def _from_pretrained_kwargs(
@@ -287,22 +315,35 @@ def _from_pretrained_kwargs(
 
 
 def _empty_classifier(cfg: ModelConfig, kwargs: dict):
-    """The classifier ``from_pretrained(**kwargs)`` builds, with its parameters on the meta device and no weight
-    file read; buffers stay real on the CPU (rotary tables: not in the checkpoint, so no rank sends them).
-
-    Full precision only: a 4-bit model is quantised while its weights are read (bitsandbytes' Params4bit and their
-    quant_state come from the weights), and accelerate 1.15 does not broadcast Params4bit into a sharded model.
-    """
+    """The full-precision classifier ``from_pretrained(**kwargs)`` builds, with its parameters on the meta device and
+    no weight file read; buffers stay real on the CPU (rotary tables: not in the checkpoint, so no rank sends them)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if cfg.load_in_4bit:
-        raise ValueError(f"{cfg.model_path}: a 4-bit model cannot be built on the meta device; every rank loads it")
     config = AutoConfig.from_pretrained(cfg.model_path, local_files_only=True, num_labels=kwargs["num_labels"])
     with init_empty_weights(include_buffers=False):
         return AutoModelForSequenceClassification.from_config(
             config, dtype=kwargs["dtype"], attn_implementation=kwargs["attn_implementation"]
         )
+
+
+def _empty_4bit_classifier(cfg: ModelConfig, kwargs: dict):
+    """The 4-bit classifier ``from_pretrained(**kwargs)`` builds, before any weight is read: parameters on the meta
+    device, ``Linear4bit`` wherever transformers' bitsandbytes quantizer puts them, and the model's quantisation
+    attributes (``is_loaded_in_4bit``, ``hf_quantizer``, ``config.quantization_config``) that peft reads.
+
+    To be filled with a loaded model's tensors (:func:`kaggle_utils.models.broadcast.receive_model`): a Params4bit
+    takes its packed codes and quant_state from there, so none is made here.
+    """
+    from transformers.quantizers import AutoHfQuantizer
+
+    model = _empty_classifier(cfg, kwargs)
+    quantizer = AutoHfQuantizer.from_config(kwargs["quantization_config"], pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=kwargs["dtype"], device_map=kwargs["device_map"])
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    model.eval()  # as from_pretrained leaves it
+    return model
 
 
 def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool):

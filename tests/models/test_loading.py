@@ -82,8 +82,11 @@ def test_a_model_on_meta_is_the_loaded_one_without_its_weights(qwen_path, tokeni
     assert trainable == [n for n, p in loaded.named_parameters() if p.requires_grad]
     for name, buffer in loaded.named_buffers():
         torch.testing.assert_close(dict(empty.named_buffers())[name], buffer, msg=name)
-    with pytest.raises(ValueError, match="a 4-bit model cannot be built on the meta device; every rank loads it"):
+    with pytest.raises(ValueError, match="a 4-bit model is not built on the meta device .* pass read_once"):
         load_classifier(ModelConfig(model_path=qwen_path, load_in_4bit=True), tokenizer.pad_token_id, on_meta=True)
+    # a full-precision base is read once by on_meta and Parallel.wrap, not by read_once (tests/models/test_broadcast.py)
+    with pytest.raises(ValueError, match="read_once is for a 4-bit base; at full precision the ranks > 0 build"):
+        load_classifier(cfg, tokenizer.pad_token_id, read_once=True)
 
 
 def test_gemma2_gets_eager_attention(gemma_path, tokenizer) -> None:
