@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # One rank: every safetensors file it opens is recorded (safe_open is what transformers reads weights with; patched
 # before transformers is imported). It loads the base with read_once (rank 0 reads, rank 1 receives), then the way
-# every rank loads it today, both from the same seed, and saves what each gave (tensors, attributes, one training
-# step) to rank<RANK>.pt.
+# every rank loads it today, both from the same seed, with a LoRA and without one (the base as loaded: which of its
+# parameters require a gradient), and saves what each gave (tensors, attributes, one training step) to rank<RANK>.pt.
 RANK_MAIN = """
 import datetime, os, sys
 import safetensors, safetensors.torch
@@ -52,7 +52,7 @@ def record(model):
     import bitsandbytes as bnb
     loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1]))
     loss.backward()
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "tensors": {**model.state_dict(), **{f"buffer {n}": b for n, b in model.named_buffers()}},
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
@@ -69,12 +69,16 @@ def record(model):
         "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
     }
 
-torch.manual_seed(0)
-once = load_classifier(cfg, 0, lora=lora, quant_storage=torch.float32, read_once=True)
-opened_once = list(opened)
-torch.manual_seed(0)
-own = load_classifier(cfg, 0, lora=lora, quant_storage=torch.float32)
-torch.save({"opened": opened_once, "once": record(once), "own": record(own)}, f"{out}/rank{rank}.pt")
+records, opened_once = {}, []
+for name, settings in (("", lora), (" base", None)):
+    torch.manual_seed(0)
+    already = len(opened)
+    once = load_classifier(cfg, 0, lora=settings, quant_storage=torch.float32, read_once=True)
+    opened_once += opened[already:]
+    records["once" + name] = record(once)
+    torch.manual_seed(0)
+    records["own" + name] = record(load_classifier(cfg, 0, lora=settings, quant_storage=torch.float32))
+torch.save({"opened": opened_once, **records}, f"{out}/rank{rank}.pt")
 torch.distributed.destroy_process_group()
 """
 
@@ -134,15 +138,18 @@ def _assert_same(got: dict, expected: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_holds_the_model_it_would_have_loaded_itself(ranks, rank) -> None:
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "base"])
+def test_each_rank_holds_the_model_it_would_have_loaded_itself(ranks, rank, lora) -> None:
     """Read once or read by every rank: the same packed nf4 codes and quant_state (absmax, nested absmax and code,
     code; blocksize, shape, dtype, offset in bitsandbytes' packed entry), the same other tensors and trainable set,
     the same LoRA drawn after the load (rank 0's generator state travels), the same loss and gradients."""
-    record = ranks[rank]
-    packed = [n for n in record["own"]["tensors"] if n.endswith("weight.quant_state.bitsandbytes__nf4")]
-    assert len(packed) == len(record["own"]["4bit"]) == 14  # 2 layers x 7 linears, each with its quant_state
-    assert any("lora_A" in n for n in record["own"]["trainable"])
-    _assert_same(record["once"], record["own"], f"rank {rank}")
+    key = "" if lora else " base"
+    once, own = ranks[rank]["once" + key], ranks[rank]["own" + key]
+    packed = [n for n in own["tensors"] if n.endswith("weight.quant_state.bitsandbytes__nf4")]
+    assert len(packed) == len(own["4bit"]) == 14  # 2 layers x 7 linears, each with its quant_state
+    assert any("lora_A" in n for n in own["trainable"]) == lora
+    assert "model.embed_tokens.weight" in own["trainable"] or lora  # from_pretrained leaves the base trainable
+    _assert_same(once, own, f"rank {rank}")
 
 
 def test_the_ranks_hold_one_model(ranks) -> None:
