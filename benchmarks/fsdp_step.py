@@ -10,10 +10,10 @@ few depths (``--layers``), random weights saved in bf16 by rank 0 (the other ran
 by the train stage itself (``kaggle_utils.train.train``) under the launch's FSDP config: nf4 base, QLoRA r16 on every
 linear layer, gradient checkpointing, rows of the competition's length profile cut at ``--max-length`` 2,500, the
 longest rows first, then one evaluation of fold 0 (the sharded evaluation, every rank in lockstep). Per depth it
-prints, per GPU, the peak allocated while loading and sharding the model (every rank loads the whole nf4 model before
-it is sharded: see fsdp.yaml) and the peak while training and evaluating, the seconds per step after the first, and
-the evaluation's seconds. The last lines are a linear fit of both peaks over the depths, evaluated at the full 80
-layers: a **projection**, not a measurement.
+prints, per GPU, the peak allocated while loading and sharding the model (every rank holds the whole nf4 model before
+it is sharded, rank 0 reading it from the files and sending it to the others: see fsdp.yaml) and the peak while
+training and evaluating, the seconds per step after the first, and the evaluation's seconds. The last lines are a
+linear fit of both peaks over the depths, evaluated at the full 80 layers: a **projection**, not a measurement.
 
 The demo tokenizer's ids reach 151,645, past Llama's 128,256 rows: the embedding is built with 151,936 rows, and the
 fp32 copy peft's kbit preparation makes of it adds (151,936 - 128,256) x 8,192 x 4 bytes over all GPUs; the projection

@@ -111,7 +111,7 @@ def setup(cfg: TrainConfig) -> Run:
     refuse_fsdp_resume(cfg, parallel)
 
     model = _load_model(cfg, parallel, tok.pad_token_id)
-    # a rank receiving rank 0's weights holds its parameters on meta until parallel.wrap fills them on its device
+    # a rank receiving rank 0's full-precision weights holds its parameters on meta until parallel.wrap fills them
     device = model_device(model) if parallel.reads_weights else pick_device(_here(cfg.model, parallel))
     precision = Precision.choose(device, cfg.model.dtype)
     params = trainable_in_fp32(model)  # cast before DDP wraps the model: it registers the parameters as they are
@@ -151,8 +151,9 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.Module:
-    """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device (on meta where this
-    rank receives rank 0's weights while sharding: :attr:`Parallel.load_once`)."""
+    """The base with its LoRA (fresh or ``init_adapter``'s) and head, on this process's device. Under FSDP a rank
+    other than 0 reads no weight file (:attr:`Parallel.load_once`): full precision, its model stays on meta until
+    rank 0's weights arrive while sharding; 4-bit, rank 0's quantised model arrives whole while loading."""
     here = _here(cfg.model, parallel)
     model = load_classifier(
         replace(cfg.model, device=here),
@@ -163,7 +164,9 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         # FSDP shards the packed nf4 weights only as floating tensors: packed into the compute dtype's storage
         quant_storage=compute_dtype(pick_device(here), cfg.model.dtype) if parallel.fsdp else None,
         # FSDP, full precision, rank > 0: parameters on meta, filled with rank 0's by parallel.wrap
-        on_meta=not parallel.reads_weights,
+        on_meta=not parallel.reads_weights and not cfg.model.load_in_4bit,
+        # FSDP, 4-bit: rank 0 reads the weight files and sends its quantised model to the other ranks
+        read_once=parallel.load_once and cfg.model.load_in_4bit,
     )
     if cfg.optim.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
         apply_fused_kernels(model, pick_device(here))

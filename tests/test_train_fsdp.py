@@ -1,8 +1,9 @@
 """kaggle_utils.train under ``accelerate launch`` with the shipped fsdp.yaml: 2 sharded processes (FSDP2, gloo,
 CPU) train what 1 process trains. accelerate shards only on accelerators; on the CPU
-kaggle_utils.training.parallel shards with the same fsdp2_prepare_model (full precision here: bitsandbytes
-4-bit is not tested on the CPU). Only rank 0 reads the base's weight files: rank 1 builds the model on the meta
-device and receives rank 0's weights while it is sharded."""
+kaggle_utils.training.parallel shards with the same fsdp2_prepare_model (full precision for most tests here; one
+4-bit nf4 run). Only rank 0 reads the base's weight files: at full precision rank 1 builds the model on the meta
+device and receives rank 0's weights while it is sharded; in 4-bit it receives rank 0's quantised model whole while
+loading (tests/models/test_broadcast.py compares it tensor by tensor)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,39 @@ def test_only_rank_0_reads_the_weight_files(runs, qwen_path) -> None:
     assert _opened(opens, 1, qwen_path) == []
 
 
+@pytest.fixture(scope="module")
+def runs_4bit(prepared, tokenizer, qwen_path, tmp_path_factory):
+    """As :func:`runs`, on the 4-bit nf4 base: 1 process at grad_accum=2, 2 FSDP processes at grad_accum=1."""
+    root = tmp_path_factory.mktemp("fsdp_4bit")
+    _lopsided_file(prepared, tokenizer, root / "train.parquet")
+    common = dict(SETTINGS, load_in_4bit=True, model_path=qwen_path, train_file=root / "train.parquet")
+    single = TrainConfig.flat(**common, out_dir=root / "single", grad_accum=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        one = train(single)
+    args = config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1))
+    done = _launch(FSDP_CONFIG, args, 29531, opens_dir=root / "opens")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return one, root
+
+
+def test_4bit_is_read_once_and_trains_what_one_process_trains(runs_4bit, qwen_path) -> None:
+    """Rank 1 opens no weight file (rank 0 sends its quantised model) and the sharded run's steps are the single
+    process's, as they were when every rank loaded its own copy: the same base and LoRA draws on every rank."""
+    one, root = runs_4bit
+    weights = sorted(str(p.resolve()) for p in qwen_path.glob("*.safetensors"))
+    assert weights and set(weights) <= set(_opened(root / "opens", 0, qwen_path))
+    assert _opened(root / "opens", 1, qwen_path) == []
+    history = pd.read_csv(root / "fsdp" / "history.csv")
+    assert history["rows"].tolist() == one.history["rows"].tolist() and len(history) >= 5
+    np.testing.assert_allclose(history["loss"], one.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(history["grad_norm"], one.history["grad_norm"], rtol=1e-4)
+    a = load_file(root / "fsdp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "single" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_two_sharded_processes_evaluate_in_lockstep_what_one_process_evaluates(runs) -> None:
     """Each rank scores its half of the held-out rows with as many forwards as the other (every forward
     all-gathers the layers: rank 1 has one batch less and runs a stand-in); the kept adapter is the best
@@ -188,7 +222,8 @@ def test_the_fsdp_config_is_what_accelerate_reads() -> None:
     assert (cfg.distributed_type, cfg.num_machines, cfg.mixed_precision) == ("FSDP", 1, "no")
     fsdp = cfg.fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    # kaggle_utils.training.parallel sets cpu_ram_efficient_loading itself (on for full precision, off for 4-bit)
+    # kaggle_utils.training.parallel sets cpu_ram_efficient_loading itself (on for full precision, off for 4-bit,
+    # whose model rank 0 sends whole while loading)
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_reshard_after_forward"] is True
 
 

@@ -11,10 +11,12 @@ Two ways to train on the GPUs of one machine, both started by ``accelerate launc
   collective: evaluation runs the same number of forward calls on every rank (:meth:`Parallel.predict_proba`),
   and the full values of the trainable weights (adapter, best adapter) are gathered by every rank
   (:meth:`Parallel.gathered_trainable`). Resuming a checkpoint is not supported: none is written.
-  A full-precision model is read once: rank 0 loads the weights, the other ranks build the model on the meta device,
-  and :meth:`Parallel.wrap` broadcasts rank 0's weights into the shards (accelerate's ``cpu_ram_efficient_loading``,
-  set by :meth:`Parallel.from_env`). A 4-bit model is still loaded by every rank, then sharded: accelerate 1.15
-  does not broadcast bitsandbytes' Params4bit, and they cannot be built on the meta device without their weights.
+  The weight files are read once, by rank 0 (:attr:`Parallel.load_once`). Full precision: the other ranks build the
+  model on the meta device, and :meth:`Parallel.wrap` broadcasts rank 0's weights into the shards (accelerate's
+  ``cpu_ram_efficient_loading``, set by :meth:`Parallel.from_env`). 4-bit: accelerate 1.15 does not broadcast
+  bitsandbytes' Params4bit into the shards, so rank 0 sends its quantised model whole while loading (packed nf4
+  codes, quant_state, other tensors: :mod:`kaggle_utils.models.broadcast`); every rank then holds the full nf4 model
+  on its device, as when each loaded its own, until :meth:`Parallel.wrap` shards it.
 
 Started with plain ``python`` there is no accelerator and every method is a pass-through.
 """
@@ -111,8 +113,8 @@ class Parallel:
     accelerator: Any = None  # accelerate.Accelerator, in a launch of several processes only
     # the model is sharded (FSDP2): forwards and weight gathers are collectives of every rank
     fsdp: bool = False
-    # FSDP2 on full precision: only rank 0 reads the weight files; the others build the model on the meta device and
-    # receive rank 0's weights while it is sharded (4-bit: false, every rank loads its own copy)
+    # FSDP2: only rank 0 reads the weight files. Full precision: the others build the model on the meta device and
+    # receive rank 0's weights while it is sharded; 4-bit: they receive rank 0's quantised model as it is loaded
     load_once: bool = False
 
     @classmethod
@@ -129,13 +131,13 @@ class Parallel:
         accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=[ddp])
         plugin = _fsdp_plugin(accelerator)
         _check_launch(accelerator, shard.world, plugin)
-        load_once = plugin is not None and not cfg.load_in_4bit
         if plugin is not None:
             # read by fsdp2_prepare_model: the model goes to meta, is sharded, and rank 0's full state dict is
-            # broadcast into the shards. Set here, not in fsdp.yaml: the launcher would also export it to
-            # transformers (FSDP_CPU_RAM_EFFICIENT_LOADING), whose from_pretrained then changes for 4-bit loads too
-            plugin.cpu_ram_efficient_loading = load_once
-        return cls(shard, accelerator, fsdp=plugin is not None, load_once=load_once)
+            # broadcast into the shards (full precision; a 4-bit model arrives whole at load). Set here, not in
+            # fsdp.yaml: the launcher would also export it to transformers (FSDP_CPU_RAM_EFFICIENT_LOADING), whose
+            # from_pretrained then changes for 4-bit loads too
+            plugin.cpu_ram_efficient_loading = not cfg.load_in_4bit
+        return cls(shard, accelerator, fsdp=plugin is not None, load_once=plugin is not None)
 
     @property
     def world(self) -> int:
@@ -147,13 +149,14 @@ class Parallel:
 
     @property
     def reads_weights(self) -> bool:
-        """This process reads the base's weight files (else it builds the model on meta and receives them)."""
+        """This process reads the base's weight files (else it receives rank 0's: on meta while sharding at full
+        precision, whole while loading in 4-bit)."""
         return self.is_main or not self.load_once
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the training step calls: DDP around ``model``, ``model`` sharded in place (FSDP2), or
-        ``model``. Under FSDP2 the parameters are replaced by sharded DTensors: collect them after this; with
-        ``load_once`` rank 0's values (base, LoRA initialisation, head) are broadcast into every rank's shards."""
+        ``model``. Under FSDP2 the parameters are replaced by sharded DTensors: collect them after this; at full
+        precision rank 0's values (base, LoRA initialisation, head) are broadcast into every rank's shards."""
         if self.accelerator is None:
             return model
         if self.fsdp:
