@@ -113,9 +113,6 @@ class Parallel:
     accelerator: Any = None  # accelerate.Accelerator, in a launch of several processes only
     # the model is sharded (FSDP2): forwards and weight gathers are collectives of every rank
     fsdp: bool = False
-    # FSDP2: only rank 0 reads the weight files. Full precision: the others build the model on the meta device and
-    # receive rank 0's weights while it is sharded; 4-bit: they receive rank 0's quantised model as it is loaded
-    load_once: bool = False
 
     @classmethod
     def from_env(cls, cfg: ModelConfig) -> Parallel:
@@ -137,7 +134,7 @@ class Parallel:
             # fsdp.yaml: the launcher would also export it to transformers (FSDP_CPU_RAM_EFFICIENT_LOADING), whose
             # from_pretrained then changes for 4-bit loads too
             plugin.cpu_ram_efficient_loading = not cfg.load_in_4bit
-        return cls(shard, accelerator, fsdp=plugin is not None, load_once=plugin is not None)
+        return cls(shard, accelerator, fsdp=plugin is not None)
 
     @property
     def world(self) -> int:
@@ -146,6 +143,13 @@ class Parallel:
     @property
     def is_main(self) -> bool:
         return self.shard.is_main
+
+    @property
+    def load_once(self) -> bool:
+        """Only rank 0 reads the weight files (FSDP2). Full precision: the others build the model on the meta device
+        and receive rank 0's weights while it is sharded; 4-bit: they receive rank 0's quantised model as it is
+        loaded. Under DDP every process loads its own copy."""
+        return self.fsdp
 
     @property
     def reads_weights(self) -> bool:
