@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-# the keys QuantState.as_dict(packed=True) gives, after "<module>.weight."
-QUANT_STATE = "weight."
+# a 4-bit weight's quant_state tensors travel as "<module>.weight.<key>" (key: QuantState.as_dict(packed=True)'s),
+# the names transformers saves them under
+WEIGHT_STATS = "weight."
 
 
 def _outgoing(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def _outgoing(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             for key, value in module.weight.quant_state.as_dict(packed=True).items():
-                tensors[f"{name}.{QUANT_STATE}{key}"] = value
+                tensors[f"{name}.{WEIGHT_STATS}{key}"] = value
     return tensors
 
 
@@ -98,7 +99,7 @@ def _place_4bit(model: torch.nn.Module, received: dict[str, torch.Tensor], devic
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        prefix = f"{name}.{QUANT_STATE}"
+        prefix = f"{name}.{WEIGHT_STATS}"
         if f"{name}.weight" not in received:
             raise RuntimeError(f"rank 0 sent no 4-bit weight for {name}: the two models differ")
         stats = {key.removeprefix(prefix): received.pop(key) for key in [k for k in received if k.startswith(prefix)]}

@@ -231,8 +231,9 @@ def load_classifier(
 
     ``read_once``: a 4-bit base in a launch of several processes (``torch.distributed`` set up; a collective, every
     rank calls it): rank 0 reads the weight files and quantises, the other ranks build the quantised structure
-    without weights and receive rank 0's packed codes, quant_state and other tensors (:mod:`kaggle_utils.models.
-    broadcast`). Every rank then holds rank 0's model on its own device, and attaches the LoRA as usual.
+    without weights and receive rank 0's packed codes, quant_state and other tensors
+    (:mod:`kaggle_utils.models.broadcast`). Every rank then holds rank 0's model on its own device, and attaches the
+    LoRA as usual.
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
@@ -315,8 +316,9 @@ def _from_pretrained_kwargs(
 
 
 def _empty_classifier(cfg: ModelConfig, kwargs: dict):
-    """The full-precision classifier ``from_pretrained(**kwargs)`` builds, with its parameters on the meta device and
-    no weight file read; buffers stay real on the CPU (rotary tables: not in the checkpoint, so no rank sends them)."""
+    """The classifier ``from_pretrained(**kwargs)`` builds at full precision, with its parameters on the meta device
+    and no weight file read; buffers stay real on the CPU (rotary tables: not in the checkpoint, so no rank sends them
+    at full precision). The 4-bit structure starts from it (:func:`_empty_4bit_classifier`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

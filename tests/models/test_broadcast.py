@@ -63,8 +63,8 @@ def record(model):
                 m.weight.quant_state.shape, m.weight.quant_state.dtype, m.compute_dtype, m.quant_storage)
             for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
         },
-        "model": (base.is_loaded_in_4bit, base.is_quantized, type(base.hf_quantizer).__name__,
-                  base.config.quantization_config.to_dict(), base.training),
+        "model": (base.is_loaded_in_4bit, base.is_quantized, type(base.hf_quantizer).__name__, base.training),
+        "config": base.config.to_dict(),
         "loss": loss.detach(),
         "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
     }
@@ -129,7 +129,7 @@ def _assert_same(got: dict, expected: dict, what: str) -> None:
         mine = got["tensors"][name]
         assert (mine.dtype, mine.shape) == (value.dtype, value.shape), f"{what}: {name}"
         assert torch.equal(_bits(mine), _bits(value)), f"{what}: {name}"
-    for key in ("trainable", "types", "4bit", "model"):
+    for key in ("trainable", "types", "4bit", "model", "config"):
         assert got[key] == expected[key], f"{what}: {key}"
     torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=0)
     assert got["grads"].keys() == expected["grads"].keys() and got["grads"]
