@@ -167,6 +167,7 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         on_meta=not parallel.reads_weights and not cfg.model.load_in_4bit,
         # FSDP, 4-bit: rank 0 reads the weight files and sends its quantised model to the other ranks
         read_once=parallel.load_once and cfg.model.load_in_4bit,
+        fp32_residual=cfg.optim.fp32_residual,
     )
     if cfg.optim.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
         apply_fused_kernels(model, pick_device(here))

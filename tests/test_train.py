@@ -177,6 +177,15 @@ def test_a_field_added_after_the_checkpoint_blocks_resuming_only_off_its_default
     assert _resume_blockers({**saved, "new_option": True}, {**saved, "new_option": False}, defaults) == ["new_option"]
 
 
+def test_a_checkpoint_written_before_fp32_residual_resumes_at_its_default() -> None:
+    """fp32_residual came after checkpoints were written: true (what they were trained with) resumes them."""
+    defaults = config_to_dict(TrainConfig())
+    saved = {k: v for k, v in defaults.items() if k != "fp32_residual"}
+    assert _resume_blockers(saved, defaults, defaults) == []
+    changed = config_to_dict(TrainConfig().replace(fp32_residual=False))
+    assert _resume_blockers(saved, changed, defaults) == ["fp32_residual"]
+
+
 def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(trained.cfg.data.out_dir, out)
@@ -731,6 +740,29 @@ def test_packs_fill_the_token_budget_without_padding(reference_run, prepared, qw
     assert len(hist) < len(ref.history)
     assert hist["tokens"].iloc[0] == hist["tokens"].max()  # the largest pack runs first
     assert np.isfinite(hist["loss"]).all()
+
+
+def test_a_4bit_run_without_the_fp32_residual_trains_and_records_it(prepared, qwen_path, tmp_path) -> None:
+    """fp32_residual=false reaches the loader (embeddings and norms stay bf16, the head fp32), a step trains (finite
+    loss, LoRA B and the head move) and train_config.json records it and rebuilds the same config."""
+    cfg = _tiny_cfg(
+        prepared, qwen_path, tmp_path, load_in_4bit=True, dtype="bf16", fp32_residual=False, max_train_rows=16
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = train_module.setup(cfg)
+    base = run.model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == base.model.norm.weight.dtype == torch.bfloat16
+    trained = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    epoch, swapped, micro_batches = next(schedule_module.schedule(cfg.batching, run.data.lengths))
+    row = train_module.train_step(run, epoch, micro_batches, swapped)
+    assert np.isfinite(row["loss"]) and not row["skipped"]
+    moved = {n for n, p in trained.items() if not torch.equal(p, before[n])}
+    # LoRA A gets no gradient while B is still zero (step 1); every B and the head do
+    assert moved == {n for n in trained if "lora_B" in n or "score" in n} and len(moved) == 14 + 1
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["fp32_residual"] is False and TrainConfig.flat(**saved) == cfg
 
 
 # --- numerics: a bad step is never applied, a weightless row never batched -------------------------------------------

@@ -213,6 +213,7 @@ def load_classifier(
     quant_storage: torch.dtype | None = None,
     on_meta: bool = False,
     read_once: bool = False,
+    fp32_residual: bool = True,
 ):
     """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
     continued from ``lora.init_adapter``).
@@ -235,6 +236,10 @@ def load_classifier(
     (:mod:`kaggle_utils.models.broadcast`). Every rank then holds rank 0's model on its own device, and attaches the
     LoRA as usual.
 
+    ``fp32_residual`` (4-bit with ``lora`` only): keep the fp32 upcast of the embeddings and norms that peft's
+    ``prepare_model_for_kbit_training`` makes, so the residual stream runs in fp32 under autocast; False puts them
+    back in the compute dtype (:func:`_residual_in_compute_dtype`).
+
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
     if not (cfg.model_path / "config.json").is_file():
@@ -256,7 +261,7 @@ def load_classifier(
     if lora is None:
         model.eval()
         return model
-    return _attach_lora(model, cfg, lora, gradient_checkpointing)
+    return _attach_lora(model, cfg, lora, gradient_checkpointing, fp32_residual)
 
 
 def _base(cfg: ModelConfig, kwargs: dict, device: torch.device, on_meta: bool, read_once: bool):
@@ -348,12 +353,17 @@ def _empty_4bit_classifier(cfg: ModelConfig, kwargs: dict):
     return model
 
 
-def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool):
+def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool, fp32_residual: bool = True):
     """A trainable LoRA on ``model``: new on every linear layer, or continued from ``lora.init_adapter``."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
+        # freezes the base, upcasts every parameter that is not 4-bit to fp32, and with gradient checkpointing hooks
+        # the embeddings' output to require grad (reentrant checkpointing needs an input that does)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if not fp32_residual:
+            _residual_in_compute_dtype(model, loaded)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if lora.init_adapter is not None:
@@ -370,6 +380,32 @@ def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpoin
     model = get_peft_model(model, peft_cfg)
     model.train()
     return model
+
+
+def _residual_in_compute_dtype(model, loaded: dict[str, torch.dtype]) -> None:
+    """Undo ``prepare_model_for_kbit_training``'s fp32 upcast: each parameter back to the dtype it was ``loaded`` in
+    (the round trip bf16/fp16 -> fp32 -> back is exact), except the classification head, trained in fp32.
+
+    Why: with fp32 embeddings and norms the residual stream is fp32 under autocast (each norm's output is its fp32
+    weight times its input), so every norm, residual add and the copy that autocast and bitsandbytes make before each
+    matmul reads and writes, and keeps for backward, twice the bytes of the compute dtype. Without autocast (the CPU
+    in half precision) the head would then get half-precision features: a pre-hook casts them to its fp32 weight.
+    """
+    head = model.score
+    kept = {f"score.{name}" for name, _ in head.named_parameters()}
+    for name, param in model.named_parameters():
+        if name not in kept and param.dtype != loaded[name]:
+            param.data = param.data.to(loaded[name])
+    if any(dtype != torch.float32 for dtype in loaded.values()):
+        head.register_forward_pre_hook(_features_in_head_dtype)
+
+
+def _features_in_head_dtype(head: torch.nn.Module, args: tuple) -> tuple | None:
+    """The head's input in its weight's dtype where no autocast does it (peft's copy of the head keeps this hook)."""
+    features, *rest = args
+    if torch.is_autocast_enabled(features.device.type) or features.dtype == head.weight.dtype:
+        return None
+    return (features.to(head.weight.dtype), *rest)
 
 
 def _continue_adapter(model, lora: LoraSettings):

@@ -133,6 +133,11 @@ class OptimConfig:
     # torch.compile each decoder layer on a CUDA device (dynamic shapes); off CUDA a no-op. Runs on nf4 + LoRA, but
     # the first step compiles (107 s for Qwen2.5-14B on an H200); its steady speed is not measured yet
     compile_layers: bool = False
+    # 4-bit base: keep the embeddings and norms in fp32, as peft's prepare_model_for_kbit_training upcasts them, so
+    # the residual stream runs in fp32 under autocast. false: they stay in the compute dtype they were loaded in
+    # (bf16, or fp16 below sm_80, as inference runs them) and the trained head alone is fp32: less memory and memory
+    # traffic per token (kaggle_utils.models.loading). Its effect on speed and on fp16 training is not measured yet
+    fp32_residual: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.swap_fraction <= 1:

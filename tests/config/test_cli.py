@@ -205,3 +205,4 @@ def test_help_groups_a_stage_flags_by_recipe_section(capsys: pytest.CaptureFixtu
     assert headers == ["model", "inputs", "data", "mix", "objective", "lora", "optim", "schedule"]
     optim = out.split("[optim]:")[1].split("[schedule]:")[0]
     assert "--lr LR" in optim and "--lora-r" not in optim
+    assert "--fp32-residual FP32_RESIDUAL" in optim and "--fused-kernels" in optim

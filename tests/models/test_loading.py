@@ -111,6 +111,47 @@ def test_lora_attach_trains_only_lora_and_head(qwen_path, tokenizer) -> None:
     assert tuple(a.shape) == (4, 64)
 
 
+def _dtypes(model) -> dict[str, set[torch.dtype]]:
+    """The dtypes of the parameters that are not 4-bit, by role: embeddings, norms, head, LoRA."""
+    roles = {"embed_tokens": "embeddings", "norm": "norms", "score": "head", "lora_": "lora"}
+    found: dict[str, set[torch.dtype]] = {}
+    for name, p in model.named_parameters():
+        role = next((r for key, r in roles.items() if key in name), None)
+        if role and p.dtype != torch.uint8:
+            found.setdefault(role, set()).add(p.dtype)
+    return found
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_the_residual_stream_is_fp32_only_when_asked(arch, fp32_residual, qwen_path, gemma_path, tokenizer) -> None:
+    """nf4 in bf16: peft's upcast leaves embeddings and norms fp32 (the default); without it they are bf16 as
+    loaded, the head fp32 either way, and a step under bf16 autocast gives every LoRA weight a finite gradient.
+    Without autocast (the CPU in bf16) the step runs too: the head reads its features in fp32."""
+    path = qwen_path if arch == "qwen2" else gemma_path
+    model = load_classifier(
+        ModelConfig(model_path=path, load_in_4bit=True, dtype="bf16"),
+        tokenizer.pad_token_id,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        fp32_residual=fp32_residual,
+    )
+    dtypes = _dtypes(model)
+    stream = {torch.float32} if fp32_residual else {torch.bfloat16}
+    assert dtypes["embeddings"] == dtypes["norms"] == stream
+    assert dtypes["head"] == {torch.float32}
+    ids = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden: list[torch.dtype] = []  # the dtype of the final norm's output: the residual stream's
+    model.get_base_model().model.norm.register_forward_hook(lambda *args: hidden.append(args[-1].dtype))
+    for autocast in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1])).backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+        assert len(grads) == 14 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert hidden == [torch.float32 if fp32_residual else torch.bfloat16] * 2
+
+
 def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit, qwen_path, tokenizer, val_rows):
     """The saved adapter (LoRA + head) reloaded on the 4-bit base gives what the trained model predicted."""
     val, rows = val_rows
