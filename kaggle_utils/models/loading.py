@@ -236,9 +236,7 @@ def load_classifier(
     (:mod:`kaggle_utils.models.broadcast`). Every rank then holds rank 0's model on its own device, and attaches the
     LoRA as usual.
 
-    ``fp32_residual`` (4-bit with ``lora`` only): keep the fp32 upcast of the embeddings and norms that peft's
-    ``prepare_model_for_kbit_training`` makes, so the residual stream runs in fp32 under autocast; False puts them
-    back in the compute dtype (:func:`_residual_in_compute_dtype`).
+    ``fp32_residual`` false (4-bit, ``lora``): embeddings and norms kept as loaded (:func:`_residual_in_compute_dtype`).
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
