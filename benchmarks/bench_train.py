@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_train --work /tmp/bench-train                 # Qwen2.5-14B shapes, needs a CUDA GPU
     python -m benchmarks.bench_train --work /tmp/bench-train --shape qwen2-tiny --device cpu --minutes 0.3
+    python -m benchmarks.bench_train --work /tmp/bt --only "$V" --bare "$V" --profile "$V"   # V: a variant's name
 
 A random-weight model with the real shapes (``benchmarks.bench_infer.SHAPES``, saved with ``save_pretrained`` and
 loaded through the stage's own path: nf4 weights on a GPU, QLoRA r16 on every linear layer), trained by the train
@@ -15,8 +16,16 @@ runs for ``--minutes`` of steps; its figures are taken after the first step (war
   attention ``6 * L * H * T^2`` (QK^T and AV, forward 2LHT^2 with the causal half, backward twice that; H = heads x
   head dim). Recomputation under gradient checkpointing is work the GPU does but not model FLOPs, so it lowers MFU;
 * ``x baseline``: tokens/s over the first row of the table measured in the same run: the bare loop when ``--bare``
-  names a variant (that variant's rows, micro-batches, model and LoRA trained by a plain loop written here, no
-  stage machinery), else the one-row-per-step variant.
+  names a variant (that variant's micro-batches in the stage's order, padded or packed, and its model setup: nf4,
+  LoRA, dropout, recomputation, packing attention, fused kernels, fp32 residual; trained by a plain loop written
+  here, no stage machinery; ``compile_layers`` is not applied there, and the rows are not A/B-swapped), else the
+  one-row-per-step variant.
+
+``--profile VARIANT`` then sets that variant's run up through the stage and records ``--profile-steps`` of its steps,
+after two warm-up steps, with ``torch.profiler`` (:mod:`benchmarks.train_profile`): the top kernels by self CUDA time
+with their share of the steps' wall time, the GPU's busy share, and the allocator's peak after the forward, the
+backward and the optimiser step; the profiler's table goes to ``<work>/profile-<variant>.txt``. On a CPU it prints
+that nothing was recorded.
 
 A variant that runs out of memory or fails (a speed option that cannot run here) is reported as such and the next
 one runs; each row is printed as it ends (``bench row:``), the table at the end. Ends with a ``train:`` line.
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +46,7 @@ import pandas as pd
 import torch
 
 from benchmarks.bench_infer import SHAPES, build
+from benchmarks.train_profile import profile_stage
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.models.fused import restore_torch_rope
 from kaggle_utils.prepare import PrepareConfig, prepare
@@ -54,6 +65,7 @@ class Variant:
     lora_dropout: float = 0.05  # the recipes' default; 0 skips a dropout copy of every linear layer's input
     fused_kernels: bool = False  # liger-kernel's RMSNorm, gated activation and RoPE (kaggle_utils.models.fused)
     compile_layers: bool = False  # torch.compile of each decoder layer
+    fp32_residual: bool = True  # embeddings and norms in fp32 (peft's upcast); False: in the compute dtype
 
 
 def variants(max_length: int) -> list[Variant]:
@@ -84,6 +96,22 @@ def variants(max_length: int) -> list[Variant]:
         ),
         # the memory the fused kernels free, spent on twice the tokens per micro-batch
         Variant("8K padded, no ckpt, drop 0, fused", 8192, 16, False, lora_dropout=0.0, fused_kernels=True),
+        # issue 22, part 4: packed (no padding) with the fused kernels at ~10K and ~12K real tokens, with and without
+        # the fp32 residual stream; rows average ~930 tokens here, so 32 rows never bind before the token budget
+        *(
+            Variant(
+                f"{k}K packed, no ckpt, drop 0, fused{'' if fp32 else ', bf16 residual'}",
+                k * 1024,
+                32,
+                False,
+                packing=True,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                fp32_residual=fp32,
+            )
+            for k in (10, 12)
+            for fp32 in (True, False)
+        ),
     ]
 
 
@@ -111,12 +139,17 @@ def model_flops(config: dict, tokens: float, tokens_sq: float) -> float:
     return 4 * linear * tokens + 6 * layers * q * tokens_sq
 
 
-def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, peak: float) -> dict:
-    """Train for ``args.minutes`` with this variant's settings; figures over the steps after the first."""
-    cfg = TrainConfig.flat(
+def slug(v: Variant) -> str:
+    """The variant's name as a folder or file name."""
+    return v.name.replace(" ", "_").replace("/", "-").replace(",", "")
+
+
+def stage_config(v: Variant, args, data: Path, model_dir: Path) -> TrainConfig:
+    """The train stage's config for variant ``v``: its batching and speed options, ``--minutes`` of steps."""
+    return TrainConfig.flat(
         model_path=model_dir,
         train_file=data,
-        out_dir=args.work / "runs" / v.name.replace(" ", "_").replace("/", "-").replace(",", ""),
+        out_dir=args.work / "runs" / slug(v),
         device=args.device,
         max_length=args.max_length,
         batch_tokens=v.batch_tokens,
@@ -127,6 +160,7 @@ def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, pea
         lora_dropout=v.lora_dropout,
         fused_kernels=v.fused_kernels,
         compile_layers=v.compile_layers,
+        fp32_residual=v.fp32_residual,
         # compiling is done in the first steps, inside the budget: it gets its own minutes on top
         time_budget_minutes=args.minutes + (args.compile_minutes if v.compile_layers else 0.0),
         epochs=1.0,
@@ -134,6 +168,12 @@ def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, pea
         val_fold=-1,
         seed=0,
     )
+
+
+def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, peak: float) -> dict:
+    """Train for ``args.minutes`` with this variant's settings; figures over the steps after the first."""
+    cfg = stage_config(v, args, data, model_dir)
+    shutil.rmtree(cfg.data.out_dir, ignore_errors=True)  # a run left by an earlier bench would be resumed, not timed
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if not v.fused_kernels:
@@ -166,37 +206,29 @@ def run_variant(v: Variant, args, data: Path, model_dir: Path, config: dict, pea
 
 
 def bare_loop(v: Variant, args, data: Path, model_dir: Path, config: dict, peak: float) -> dict:
-    """The same rows, micro-batches, model and LoRA trained by a plain loop written here (no stage machinery): load,
-    pad, forward under autocast, cross-entropy, backward, clip, AdamW. What the stage's variant ``v`` is held to."""
-    from kaggle_utils.inputs.batching import pad, token_budget_batches
-    from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
-    from kaggle_utils.models.loading import LoraSettings, ModelConfig, compute_dtype, load_classifier, load_tokenizer
+    """The variant's micro-batches trained by a plain loop written here (no stage machinery): forward under autocast,
+    cross-entropy, backward, clip, AdamW. What the stage's variant ``v`` is held to.
 
+    The same micro-batches in the same order as the stage's first epoch (its own schedule, ``epoch_batches``, on the
+    same rows), the rows as written (the stage shows half of them A/B-swapped: the same lengths to a few tokens);
+    the same model setup: nf4, LoRA r16 with the variant's dropout, recomputation, packing attention (rows packed
+    end to end, logits at each row's last token), fused kernels and fp32 residual. Not applied: ``compile_layers``.
+    """
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tok = load_tokenizer(model_dir)
-    df = pd.read_parquet(data)
-    rows = PromptFormatter(tok, InputConfig(max_length=args.max_length)).encode(df)
-    labels = torch.tensor((df["winner"] == "model_b").to_numpy(), dtype=torch.long)
+    model, rows, labels, batches, pad_id = _bare_setup(v, args, data, model_dir)
     lengths = np.array([len(r) for r in rows])
-    model = load_classifier(
-        ModelConfig(model_path=model_dir, device=args.device), tok.pad_token_id,
-        lora=LoraSettings(16, 32, v.lora_dropout), gradient_checkpointing=v.checkpointing,
-    )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    dtype = compute_dtype(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens, tokens_sq, seconds, steps = 0.0, 0.0, 0.0, 0
-    for i, idx in enumerate(token_budget_batches(lengths, v.batch_tokens, v.max_rows, shuffle=True, seed=0)):
+    for i, idx in enumerate(batches):
         t0 = time.perf_counter()
-        enc = {k: t.to(device) for k, t in pad([rows[j] for j in idx], tok.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(**enc).logits
+        logits = _bare_forward(model, [rows[j] for j in idx], pad_id, device, v.packing)
         torch.nn.functional.cross_entropy(logits.float(), labels[idx].to(device)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -222,6 +254,48 @@ def bare_loop(v: Variant, args, data: Path, model_dir: Path, config: dict, peak:
     }
 
 
+def _bare_setup(v: Variant, args, data: Path, model_dir: Path):
+    """The bare loop's model (the stage's setup for ``v``), rows, labels and micro-batches (the stage's schedule)."""
+    from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
+    from kaggle_utils.models.fused import apply_fused_kernels
+    from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier, load_tokenizer
+    from kaggle_utils.training.schedule import BatchSettings, epoch_batches
+
+    tok = load_tokenizer(model_dir)
+    df = pd.read_parquet(data)
+    rows = PromptFormatter(tok, InputConfig(max_length=args.max_length)).encode(df)
+    labels = torch.tensor((df["winner"] == "model_b").to_numpy(), dtype=torch.long)
+    lengths = np.array([len(r) for r in rows])
+    settings = BatchSettings(data, 0, 0.5, v.batch_tokens, v.max_rows, 1, v.packing)  # the stage's, seed 0
+    batches = epoch_batches(settings, lengths, 0)[1]
+    model = load_classifier(
+        ModelConfig(model_path=model_dir, device=args.device), tok.pad_token_id,
+        lora=LoraSettings(16, 32, v.lora_dropout), gradient_checkpointing=v.checkpointing, packing=v.packing,
+        fp32_residual=v.fp32_residual,
+    )  # fmt: skip
+    if v.fused_kernels:
+        apply_fused_kernels(model, torch.device(args.device))
+    else:
+        restore_torch_rope()  # a fused variant before this one routed RoPE to liger for the whole process
+    return model, rows, labels, batches, tok.pad_token_id
+
+
+def _bare_forward(model, rows: list, pad_id: int, device: torch.device, packing: bool) -> torch.Tensor:
+    """Logits (rows, 2) of one micro-batch under autocast: packed into one sequence, or padded."""
+    from kaggle_utils.inputs.batching import pad
+    from kaggle_utils.models.loading import compute_dtype
+    from kaggle_utils.models.packing import classifier_head, pack, packed_logits
+
+    dtype = compute_dtype(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        if packing:  # input_ids, position_ids: (1, T); the rows' bounds stay on the CPU
+            enc, ends = pack(rows)
+            enc = {k: t.to(device) if k in ("input_ids", "position_ids") else t for k, t in enc.items()}
+            return packed_logits(model, classifier_head(model), enc, ends)
+        enc = {k: t.to(device) for k, t in pad(rows, pad_id).items()}  # (B, T), T = the longest row
+        return model(**enc).logits
+
+
 def prepare_rows(args) -> Path:
     """Demo rows at the competition's length profile (``length_scale`` 1), folded by the prepare stage."""
     generate_demo_data(
@@ -232,13 +306,13 @@ def prepare_rows(args) -> Path:
 
 
 def print_table(rows: list[dict], base: float) -> None:
-    print(f"\n{'variant':<44}{'steps':>6}{'tokens/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}")
+    print(f"\n{'variant':<62}{'steps':>6}{'tokens/s':>10}{'MFU':>7}{'x base':>8}{'peak GiB':>10}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['variant']:<44}  {r['status']}")
+            print(f"{r['variant']:<62}  {r['status']}")
             continue
         ratio, speed = r["tokens/s"] / base, r["tokens/s"]
-        print(f"{r['variant']:<44}{r['steps']:>6}{speed:>10,.0f}{r['MFU']:>7.3f}{ratio:>8.2f}{r['peak GiB']:>10.1f}")
+        print(f"{r['variant']:<62}{r['steps']:>6}{speed:>10,.0f}{r['MFU']:>7.3f}{ratio:>8.2f}{r['peak GiB']:>10.1f}")
 
 
 def main() -> None:
@@ -252,6 +326,8 @@ def main() -> None:
     ap.add_argument("--compile-minutes", type=float, default=1.0, help="added to --minutes for compiled variants")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--bare", default="", help="a variant name: also train it by a bare loop, the ratio's reference")
+    ap.add_argument("--profile", default="", help="a variant name: after the table, profile its steps (CUDA only)")
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps recorded by --profile, after 2 warm-up steps")
     args = ap.parse_args()
     device = torch.device(args.device)
     model_dir = args.work / args.shape
@@ -266,8 +342,12 @@ def main() -> None:
         f"{args.shape} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"{dtype} matmul peak {peak / 1e12:.1f} TFLOP/s"
     )
-    chosen = [v for v in variants(args.max_length) if not args.only or v.name in args.only]
-    bare = next((v for v in variants(args.max_length) if v.name == args.bare), None)
+    named = {v.name: v for v in variants(args.max_length)}
+    unknown = [n for n in [*(args.only or []), args.bare, args.profile] if n and n not in named]
+    if unknown:  # checked before the model is built: a typo costs seconds, not a GPU run
+        raise SystemExit(f"unknown variant(s) {unknown}; the variants: {list(named)}")
+    chosen = [v for v in named.values() if not args.only or v.name in args.only]
+    bare = named.get(args.bare)
     runs = ([(bare_loop, bare)] if bare is not None else []) + [(run_variant, v) for v in chosen]
     rows = []
     for run, v in runs:
@@ -284,6 +364,21 @@ def main() -> None:
             f"train: best {best['variant']!r} {best['tokens/s']:,.0f} tokens/s, MFU {best['MFU']:.3f}, "
             f"{best['tokens/s'] / base:.2f}x {rows[0]['variant']!r}"
         )
+    if args.profile:
+        profile_variant(named[args.profile], args, data, model_dir)
+
+
+def profile_variant(v: Variant, args, data: Path, model_dir: Path) -> None:
+    """``--profile``: the variant's stage steps under ``torch.profiler`` (:mod:`benchmarks.train_profile`)."""
+    if not v.fused_kernels:
+        restore_torch_rope()
+    print(f"\nprofile of {v.name!r}:")
+    cfg = stage_config(v, args, data, model_dir).replace(out_dir=args.work / "runs" / f"profile-{slug(v)}")
+    shutil.rmtree(cfg.data.out_dir, ignore_errors=True)
+    try:
+        profile_stage(cfg, args.work / f"profile-{slug(v)}.txt", steps=args.profile_steps)
+    except torch.OutOfMemoryError:
+        print("profile: out of memory")
 
 
 if __name__ == "__main__":
