@@ -284,14 +284,13 @@ def lay_out_kaggle_input(work: Path) -> Path:
     return kaggle
 
 
-def run_on_kaggle(notebook: Path, kaggle: Path, env: dict[str, str], log: Path, shapes: str) -> Path:
-    """The staged notebook executed by papermill as a Kaggle batch run would: its own parameters, the stand-in
-    /kaggle as input and working folder; at real shapes the kernel starts as a T4 (:data:`T4_STARTUP`). Returns
-    the executed notebook."""
+def kernel_env(env: dict[str, str], kaggle: Path, shapes: str) -> dict[str, str]:
+    """The environment of the notebook's kernel: a Kaggle batch run with the stand-in /kaggle, no ``PYTHONPATH``, and
+    at real shapes an IPython start-up file that makes the kernel a T4 (:data:`T4_STARTUP`)."""
     from kaggle_utils.kaggle.env import ROOT_VARIABLE
 
     tmp = kaggle / "tmp"
-    tmp.mkdir(exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     # no PYTHONPATH: a Kaggle kernel has no checkout on its path. A rehearsal run from a worktree (PYTHONPATH=$PWD,
     # the venv's editable install pointing at another checkout) would otherwise hand the kernel this checkout, and
     # the bootstrap would import it instead of the packed package dataset that this step is here to test
@@ -302,19 +301,31 @@ def run_on_kaggle(notebook: Path, kaggle: Path, env: dict[str, str], log: Path, 
         startup.mkdir(parents=True, exist_ok=True)
         (startup / "00-t4.py").write_text(T4_STARTUP)
         run_env["IPYTHONDIR"] = str(kaggle / "ipython")
-    executed = kaggle / "working" / "04_inference.executed.ipynb"
-    # papermill as a module of this interpreter: its script may be installed elsewhere (/usr/local/bin for /usr/bin)
-    argv = [
+    return run_env
+
+
+def papermill_argv(notebook: Path, executed: Path, cwd: Path) -> list[str]:
+    """papermill as a module of this interpreter: its script may be installed elsewhere (/usr/local/bin for
+    /usr/bin)."""
+    return [
         sys.executable,
         "-m",
         "papermill",
         "--cwd",
-        str(kaggle / "working"),
+        str(cwd),
         "--log-level",
         "WARNING",
         str(notebook),
         str(executed),
     ]
+
+
+def run_on_kaggle(notebook: Path, kaggle: Path, env: dict[str, str], log: Path, shapes: str) -> Path:
+    """The staged notebook executed by papermill as a Kaggle batch run would: its own parameters, the stand-in
+    /kaggle as input and working folder (:func:`kernel_env`). Returns the executed notebook."""
+    run_env = kernel_env(env, kaggle, shapes)
+    executed = kaggle / "working" / "04_inference.executed.ipynb"
+    argv = papermill_argv(notebook, executed, kaggle / "working")
     started = time.monotonic()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
@@ -364,6 +375,26 @@ def check_submission(work: Path, kaggle: Path, executed: Path) -> dict:
     return report
 
 
+def report_lines(report: dict) -> list[str]:
+    """What the inference run says of itself (``report.json``), one line per pass: where it ran, the placement and
+    token budget it chose, rows scored, seconds, out-of-memory retries."""
+    lines = [f"inference on {', '.join(report.get('devices', []))}: {report.get('rows')} rows, "
+             f"{report.get('elapsed_minutes')} min, fallback rows {report.get('fallback_rows')}"]  # fmt: skip
+    for role in ("primary", "tta", "secondary"):
+        done = report.get(role)
+        if not isinstance(done, dict):
+            continue
+        place = report.get("placement", {}).get(role, {}).get("reason", "")
+        budget = report.get("token_budget", {}).get(role, {}).get("how", "")
+        lines.append(
+            f"  {role}: {done.get('scored')} rows in {done.get('seconds')} s, load {done.get('load_seconds')}, "
+            f"oom {done.get('oom')}"
+            + (f"; placement: {place}" if place else "")
+            + (f"; batches: {budget}" if budget else "")
+        )
+    return lines
+
+
 def rehearse(work: Path, fresh: bool = False, shapes: str = "tiny") -> dict:
     """The whole path in ``work``; returns the submission's report. Raises :class:`RehearsalError` at the first
     step that fails or leaves something missing."""
@@ -383,6 +414,7 @@ def rehearse(work: Path, fresh: bool = False, shapes: str = "tiny") -> dict:
     kaggle = lay_out_kaggle_input(work)
     executed = run_on_kaggle(notebook, kaggle, env, log, shapes)
     report = check_submission(work, kaggle, executed)
+    print("\n".join(report_lines(report)), flush=True)
     print(f"rehearse: the real path passed in {time.monotonic() - started:.0f} s; blend {report['blend']}", flush=True)
     return report
 

@@ -5,6 +5,8 @@ checkout's package instead of the packed dataset's. The whole rehearsal runs in 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from kaggle_utils.prepare import PrepareConfig
 from kaggle_utils.pseudo_label import PseudoLabelConfig
 from kaggle_utils.train import TrainConfig
 
+REPO = Path(__file__).resolve().parents[1]
 LAID_OUT = {"data/competition/train.parquet", "data/competition/test.parquet"}
 
 
@@ -119,3 +122,19 @@ def test_the_final_check_refuses(tmp_path, fault):
     }
     with pytest.raises(rehearse.RehearsalError, match=expected[fault]):
         rehearse.check_submission(tmp_path, kaggle, executed)
+
+
+@pytest.mark.slow
+def test_at_real_shapes_the_kernel_starts_as_a_t4_without_the_checkout(tmp_path):
+    """The T4 of ``--shapes real`` is made by an IPython start-up file alone: the papermill kernel must run it (sm_75,
+    so fp16) and must not see this checkout through ``PYTHONPATH``."""
+    import nbformat
+
+    code = "import os, torch\nprint('capability', torch.cuda.get_device_capability(), os.environ.get('PYTHONPATH'))"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    source, executed = tmp_path / "nb.ipynb", tmp_path / "nb.executed.ipynb"
+    nbformat.write(notebook, source)
+    env = rehearse.kernel_env({**os.environ, "PYTHONPATH": str(REPO)}, tmp_path / "kaggle", "real")
+    subprocess.run(rehearse.papermill_argv(source, executed, tmp_path), env=env, check=True, capture_output=True)
+    assert "capability (7, 5) None" in rehearse._printed(executed)

@@ -1,6 +1,6 @@
-"""kaggle_utils.models.broadcast through load_classifier(read_once=True): 2 gloo processes on the CPU load the 4-bit
-nf4 tiny Qwen2 once. Rank 0 reads the weight files; rank 1 opens none of them and ends with the model it would have
-loaded itself (today's every-rank load): the same packed codes, quant_state, other tensors, LoRA draws and training
+"""kaggle_utils.models.broadcast through load_classifier(read_once=True): 2 gloo processes on the CPU load a 4-bit nf4
+tiny Qwen2, and a tiny Llama, once. Rank 0 reads the weight files; rank 1 opens none of them and ends with the model it
+would have loaded itself (today's every-rank load): the same packed codes, quant_state, other tensors, LoRA draws and training
 step. The base's checkpoint has no classification head, as a real base has none: rank 0 draws it while loading."""
 
 from __future__ import annotations
@@ -83,11 +83,17 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.fixture(scope="module")
-def headless(qwen_path: Path, tmp_path_factory) -> Path:
-    """The tiny Qwen2 without its classification head in the checkpoint (a base model's files): loading draws it."""
-    folder = tmp_path_factory.mktemp("headless") / "qwen2-tiny"
-    shutil.copytree(qwen_path, folder)
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def headless(request, qwen_path: Path, tmp_path_factory) -> Path:
+    """A tiny base without its classification head in the checkpoint (a base model's files): loading draws it. The
+    project's tiny Qwen2, and a tiny Llama (the structure of the Llama-3.3-70B teacher)."""
+    folder = tmp_path_factory.mktemp("headless") / f"{request.param}-tiny"
+    if request.param == "qwen2":
+        shutil.copytree(qwen_path, folder)
+    else:
+        from benchmarks.bench_infer import build
+
+        build("llama-tiny", folder, device="cpu")
     for path in folder.glob("*.safetensors"):
         weights = load_file(path)
         save_file({k: v for k, v in weights.items() if not k.startswith("score.")}, path, metadata={"format": "pt"})
