@@ -66,6 +66,7 @@ class Variant:
     fused_kernels: bool = False  # liger-kernel's RMSNorm, gated activation and RoPE (kaggle_utils.models.fused)
     compile_layers: bool = False  # torch.compile of each decoder layer
     fp32_residual: bool = True  # embeddings and norms in fp32 (peft's upcast); False: in the compute dtype
+    recompute_every: int = 1  # with checkpointing: one decoder layer in this many recomputed
 
 
 def variants(max_length: int) -> list[Variant]:
@@ -111,6 +112,22 @@ def variants(max_length: int) -> list[Variant]:
             )
             for k in (10, 12)
             for fp32 in (True, False)
+        ),
+        # selective recomputation: one layer in k recomputed, the memory of the others' activations bought back as
+        # 16K real tokens a micro-batch
+        *(
+            Variant(
+                f"16K packed, ckpt 1/{k}, drop 0, fused, bf16 residual",
+                16384,
+                32,
+                True,
+                packing=True,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                fp32_residual=False,
+                recompute_every=k,
+            )
+            for k in (2, 4)
         ),
     ]
 
@@ -161,6 +178,7 @@ def stage_config(v: Variant, args, data: Path, model_dir: Path) -> TrainConfig:
         fused_kernels=v.fused_kernels,
         compile_layers=v.compile_layers,
         fp32_residual=v.fp32_residual,
+        recompute_every=v.recompute_every,
         # compiling is done in the first steps, inside the budget: it gets its own minutes on top
         time_budget_minutes=args.minutes + (args.compile_minutes if v.compile_layers else 0.0),
         epochs=1.0,
@@ -271,7 +289,7 @@ def _bare_setup(v: Variant, args, data: Path, model_dir: Path):
     model = load_classifier(
         ModelConfig(model_path=model_dir, device=args.device), tok.pad_token_id,
         lora=LoraSettings(16, 32, v.lora_dropout), gradient_checkpointing=v.checkpointing, packing=v.packing,
-        fp32_residual=v.fp32_residual,
+        fp32_residual=v.fp32_residual, recompute_every=v.recompute_every,
     )  # fmt: skip
     if v.fused_kernels:
         apply_fused_kernels(model, torch.device(args.device))

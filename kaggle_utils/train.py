@@ -168,6 +168,7 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
         # FSDP, 4-bit: rank 0 reads the weight files and sends its quantised model to the other ranks
         read_once=parallel.load_once and cfg.model.load_in_4bit,
         fp32_residual=cfg.optim.fp32_residual,
+        recompute_every=cfg.optim.recompute_every,
     )
     if cfg.optim.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
         apply_fused_kernels(model, pick_device(here))

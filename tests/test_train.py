@@ -186,6 +186,14 @@ def test_a_checkpoint_written_before_fp32_residual_resumes_at_its_default() -> N
     assert _resume_blockers(saved, changed, defaults) == ["fp32_residual"]
 
 
+@pytest.mark.parametrize("flat", [{"recompute_every": 0}, {"recompute_every": 4}])
+def test_recompute_every_needs_checkpointing_and_a_positive_count(flat) -> None:
+    """recompute_every above 1 means nothing without gradient checkpointing: refused, naming both settings."""
+    with pytest.raises(ValueError, match="recompute_every=.*gradient_checkpointing"):
+        TrainConfig.flat(**flat)
+    assert TrainConfig.flat(recompute_every=4, gradient_checkpointing=True).optim.recompute_every == 4
+
+
 def test_rerun_with_a_changed_config_refuses_to_resume(trained, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(trained.cfg.data.out_dir, out)

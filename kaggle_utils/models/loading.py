@@ -214,6 +214,7 @@ def load_classifier(
     on_meta: bool = False,
     read_once: bool = False,
     fp32_residual: bool = True,
+    recompute_every: int = 1,
 ):
     """Load the base classifier; apply a saved ``adapter`` (frozen), or attach a trainable ``lora`` (new, or
     continued from ``lora.init_adapter``).
@@ -237,6 +238,7 @@ def load_classifier(
     LoRA as usual.
 
     ``fp32_residual`` false (4-bit, ``lora``): embeddings and norms kept as loaded (:func:`_residual_in_compute_dtype`).
+    ``recompute_every`` (with ``gradient_checkpointing``): one layer in k recomputed (:func:`recompute_only_every`).
 
     Returns the model on ``pick_device(cfg.device)``, in train mode with LoRA, else in eval mode.
     """
@@ -259,7 +261,7 @@ def load_classifier(
     if lora is None:
         model.eval()
         return model
-    return _attach_lora(model, cfg, lora, gradient_checkpointing, fp32_residual)
+    return _attach_lora(model, cfg, lora, gradient_checkpointing, fp32_residual, recompute_every)
 
 
 def _base(cfg: ModelConfig, kwargs: dict, device: torch.device, on_meta: bool, read_once: bool):
@@ -351,8 +353,11 @@ def _empty_4bit_classifier(cfg: ModelConfig, kwargs: dict):
     return model
 
 
-def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool, fp32_residual: bool = True):
-    """A trainable LoRA on ``model``: new on every linear layer, or continued from ``lora.init_adapter``."""
+def _attach_lora(
+    model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpointing: bool, fp32_residual: bool, recompute_every: int
+):
+    """A trainable LoRA on ``model``: new on every linear layer, or continued from ``lora.init_adapter``; with
+    ``gradient_checkpointing``, one decoder layer in every ``recompute_every`` recomputed in backward."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
@@ -364,6 +369,8 @@ def _attach_lora(model, cfg: ModelConfig, lora: LoraSettings, gradient_checkpoin
             _residual_in_compute_dtype(model, loaded)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if gradient_checkpointing and recompute_every > 1:
+        recompute_only_every(model, recompute_every)
     if lora.init_adapter is not None:
         model = _continue_adapter(model, lora)
         model.train()
@@ -404,6 +411,24 @@ def _features_in_head_dtype(head: torch.nn.Module, args: tuple) -> tuple | None:
     if torch.is_autocast_enabled(features.device.type) or features.dtype == head.weight.dtype:
         return None
     return (features.to(head.weight.dtype), *rest)
+
+
+def recompute_only_every(model, every: int) -> list[int]:
+    """With gradient checkpointing on, recompute only decoder layers 0, ``every``, 2 x ``every``, ...; the others keep
+    their activations for backward. Returns the indices of the recomputed layers.
+
+    transformers' decoder layers (``GradientCheckpointingLayer``) checkpoint their forward while their
+    ``gradient_checkpointing`` flag is set (``activation_checkpointing_enable(every_n_layers=...)`` sets the same flags,
+    but peft's ``prepare_model_for_kbit_training`` enables checkpointing without that argument).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not any(layer.gradient_checkpointing for layer in layers):
+        raise ValueError("recompute_only_every: gradient checkpointing is not enabled on this model")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
 
 
 def _continue_adapter(model, lora: LoraSettings):

@@ -126,6 +126,9 @@ class OptimConfig:
     swap_fraction: float = 0.5
     # recompute activations in backward to fit long rows in memory (slower)
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: recompute one decoder layer in every this many (1: every layer; 4: layers 0, 4,
+    # 8, ...), the others keep their activations: less recomputation than all, more tokens per micro-batch than none
+    recompute_every: int = 1
     # liger-kernel's fused RMSNorm, gated-MLP activation and RoPE on a CUDA device (kaggle_utils.models.fused; LoRA
     # is kept); needs `pip install liger-kernel`; off CUDA a printed no-op. Qwen2.5-14B nf4 on an H200 at 4,096 padded
     # tokens: 1.10x the tokens/s and 10 GiB less peak memory (benchmarks/RESULTS.md, 2026-12-03)
@@ -146,6 +149,11 @@ class OptimConfig:
             raise ValueError(
                 f"need epochs > 0, lr > 0 and batch_tokens >= max_length (or 0: measured from free GPU memory); got "
                 f"epochs={self.epochs}, lr={self.lr}, batch_tokens={self.batch_tokens}"
+            )
+        if self.recompute_every < 1 or (self.recompute_every > 1 and not self.gradient_checkpointing):
+            raise ValueError(
+                f"recompute_every={self.recompute_every}: must be >= 1, and above 1 only with gradient_checkpointing = "
+                f"true (now {self.gradient_checkpointing})"
             )
         if self.packing and not self.batch_tokens:
             # the probe measures padded micro-batches; a pack's memory at the same tokens is not measured

@@ -1,7 +1,8 @@
 """kaggle_utils.models.broadcast through load_classifier(read_once=True): 2 gloo processes on the CPU load a 4-bit nf4
-tiny Qwen2, and a tiny Llama, once. Rank 0 reads the weight files; rank 1 opens none of them and ends with the model it
-would have loaded itself (today's every-rank load): the same packed codes, quant_state, other tensors, LoRA draws and training
-step. The base's checkpoint has no classification head, as a real base has none: rank 0 draws it while loading."""
+tiny Qwen2, and a tiny Llama, once. Rank 0 reads the weight files; rank 1 opens none of them and ends with the model
+it would have loaded itself (today's every-rank load): the same packed codes, quant_state, other tensors, LoRA draws
+and training step. The base's checkpoint has no classification head, as a real base has none: rank 0 draws it while
+loading."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from kaggle_utils.models.loading import (
     load_tokenizer,
     model_device,
     pick_device,
+    recompute_only_every,
 )
 from kaggle_utils.scoring.predict import predict_proba
 
@@ -150,6 +151,44 @@ def test_the_residual_stream_is_fp32_only_when_asked(arch, fp32_residual, qwen_p
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
         assert len(grads) == 14 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     assert hidden == [torch.float32 if fp32_residual else torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["nf4", "full"])
+def test_recompute_every_keeps_the_other_layers_activations_and_the_gradients(load_in_4bit, qwen_path, tokenizer):
+    """Checkpointing every layer keeps the fewest activations for backward, none the most; recompute_every=2 checkpoints
+    layer 0 of the tiny model's two and keeps layer 1's, in between. The LoRA gradients are the same in all three."""
+    ids = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    saved, flags, grads = {}, {}, {}
+    for name, checkpointing, every in (("none", False, 1), ("all", True, 1), ("every 2", True, 2)):
+        torch.manual_seed(0)
+        model = load_classifier(
+            ModelConfig(model_path=qwen_path, load_in_4bit=load_in_4bit),
+            tokenizer.pad_token_id,
+            lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+            gradient_checkpointing=checkpointing,
+            recompute_every=every,
+        )
+        flags[name] = [layer.gradient_checkpointing for layer in model.get_base_model().model.layers]
+        sizes: list[int] = []  # bytes of every tensor the forward keeps for backward (outside checkpointed layers)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, kept=sizes: kept.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1])).backward()
+        saved[name] = sum(sizes)
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert flags == {"none": [False, False], "all": [True, True], "every 2": [True, False]}
+    assert saved["all"] < saved["every 2"] < saved["none"], saved
+    for name in ("all", "every 2"):
+        assert grads[name].keys() == grads["none"].keys() and len(grads["none"]) == 14
+        for n, g in grads["none"].items():
+            torch.testing.assert_close(grads[name][n], g, msg=f"{name}: {n}")
+
+
+def test_recompute_only_every_needs_checkpointing_on(qwen_path, tokenizer) -> None:
+    model = load_classifier(ModelConfig(model_path=qwen_path), tokenizer.pad_token_id, lora=LoraSettings(r=4))
+    with pytest.raises(ValueError, match="not enabled"):
+        recompute_only_every(model, 2)
 
 
 def test_adapter_changes_predictions_and_reproduces_training(trained, base_4bit, qwen_path, tokenizer, val_rows):
