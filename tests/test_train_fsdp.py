@@ -62,21 +62,11 @@ def _lopsided_file(prepared, tokenizer, path: Path) -> None:
     pd.concat([df[df["fold"] != 0].iloc[:140], val]).to_parquet(path, index=False)
 
 
-# kaggle_utils.train's main, with every safetensors file a process opens recorded (safetensors.safe_open is what
-# transformers reads weights with and what check_model_dir reads headers with; patched before either is imported)
-# and the process's peak resident memory, written to $OPENS_DIR/rank<RANK>.json when it ends
+# kaggle_utils.train's main, with every safetensors file a process opens recorded (tests/counting_open.py) and the
+# process's peak resident memory, written to $OPENS_DIR/rank<RANK>.json when it ends
 COUNTING_MAIN = """
 import json, os, resource, sys
-import safetensors
-import safetensors.torch
-
-opened, real_open = [], safetensors.safe_open
-
-def counting_open(path, *args, **kwargs):
-    opened.append(os.path.realpath(path))
-    return real_open(path, *args, **kwargs)
-
-safetensors.safe_open = safetensors.torch.safe_open = counting_open
+from counting_open import opened  # tests/counting_open.py: before transformers is imported
 from kaggle_utils.train import main
 
 try:
@@ -101,6 +91,7 @@ def _launch(config: Path, args: list[str], port: int, opens_dir: Path | None = N
         (opens_dir / "counting_main.py").write_text(COUNTING_MAIN)
         cmd += [str(opens_dir / "counting_main.py"), *args]
         env["OPENS_DIR"] = str(opens_dir)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH", "")) if p)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -110,18 +101,27 @@ def _opened(opens_dir: Path, rank: int, folder: Path) -> list[str]:
     return [p for p in record["opened"] if Path(p).is_relative_to(folder.resolve())]
 
 
-@pytest.fixture(scope="module")
-def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
-    """The same global batches: 1 process at grad_accum=2, and 2 FSDP processes at grad_accum=1."""
-    root = tmp_path_factory.mktemp("fsdp")
+def _single_and_sharded(prepared, tokenizer, root: Path, common: dict, port: int):
+    """One process at grad_accum=2 and two FSDP processes at grad_accum=1 (the same global batches) on the lopsided
+    file in ``root``, the launch recording the files each rank opens; returns the single run's config and result,
+    and the launch."""
     _lopsided_file(prepared, tokenizer, root / "train.parquet")
-    common = dict(SETTINGS, model_path=qwen_path, train_file=root / "train.parquet")
+    common = dict(common, train_file=root / "train.parquet")
     single = TrainConfig.flat(**common, out_dir=root / "single", grad_accum=2)
     with contextlib.redirect_stdout(io.StringIO()):
         one = train(single)
     args = config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1))
-    done = _launch(FSDP_CONFIG, args, 29527, opens_dir=root / "opens")
+    done = _launch(FSDP_CONFIG, args, port, opens_dir=root / "opens")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return single, one, done
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tokenizer, qwen_path, tmp_path_factory):
+    """The same global batches: 1 process at grad_accum=2, and 2 FSDP processes at grad_accum=1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    common = dict(SETTINGS, model_path=qwen_path, train_file=root / "train.parquet")
+    single, one, done = _single_and_sharded(prepared, tokenizer, root, common, 29527)
     return single, one, root / "fsdp", done, common
 
 
@@ -158,14 +158,8 @@ def test_only_rank_0_reads_the_weight_files(runs, qwen_path) -> None:
 def runs_4bit(prepared, tokenizer, qwen_path, tmp_path_factory):
     """As :func:`runs`, on the 4-bit nf4 base: 1 process at grad_accum=2, 2 FSDP processes at grad_accum=1."""
     root = tmp_path_factory.mktemp("fsdp_4bit")
-    _lopsided_file(prepared, tokenizer, root / "train.parquet")
-    common = dict(SETTINGS, load_in_4bit=True, model_path=qwen_path, train_file=root / "train.parquet")
-    single = TrainConfig.flat(**common, out_dir=root / "single", grad_accum=2)
-    with contextlib.redirect_stdout(io.StringIO()):
-        one = train(single)
-    args = config_to_argv(dict(common, out_dir=root / "fsdp", grad_accum=1))
-    done = _launch(FSDP_CONFIG, args, 29531, opens_dir=root / "opens")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    common = dict(SETTINGS, load_in_4bit=True, model_path=qwen_path)
+    _, one, _ = _single_and_sharded(prepared, tokenizer, root, common, 29531)
     return one, root
 
 

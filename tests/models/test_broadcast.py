@@ -21,21 +21,13 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One rank: every safetensors file it opens is recorded (safe_open is what transformers reads weights with; patched
-# before transformers is imported). It loads the base with read_once (rank 0 reads, rank 1 receives), then the way
-# every rank loads it today, both from the same seed, with a LoRA and without one (the base as loaded: which of its
-# parameters require a gradient), and saves what each gave (tensors, attributes, one training step) to rank<RANK>.pt.
+# One rank: every safetensors file it opens is recorded (tests/counting_open.py). It loads the base with read_once
+# (rank 0 reads, rank 1 receives), then the way every rank loads it today, both from the same seed, with a LoRA and
+# without one (the base as loaded: which of its parameters require a gradient), and saves what each gave (tensors,
+# attributes, one training step) to rank<RANK>.pt.
 RANK_MAIN = """
 import datetime, os, sys
-import safetensors, safetensors.torch
-
-opened, real_open = [], safetensors.safe_open
-
-def counting_open(path, *args, **kwargs):
-    opened.append(os.path.realpath(path))
-    return real_open(path, *args, **kwargs)
-
-safetensors.safe_open = safetensors.torch.safe_open = counting_open
+from counting_open import opened  # tests/counting_open.py: before transformers is imported
 import torch
 from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier
 
@@ -106,7 +98,7 @@ def ranks(headless: Path, tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks recorded (RANK_MAIN)."""
     out = tmp_path_factory.mktemp("read_once")
     (out / "rank_main.py").write_text(RANK_MAIN)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(out / "rank_main.py"), str(headless), str(out)]
     procs = [
         subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
