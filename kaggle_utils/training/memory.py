@@ -7,14 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kaggle_utils.models.losses import preference_loss
 from kaggle_utils.scoring.memory import CudaGauge, MemoryGauge, TokenBudget, probe_token_budget
 from kaggle_utils.scoring.predict import _is_oom
 from kaggle_utils.training.config import OptimConfig, TrainConfig
 from kaggle_utils.training.parallel import Parallel
 from kaggle_utils.training.precision import Precision
 from kaggle_utils.training.rows import TrainRows
-from kaggle_utils.training.step import micro_batch
+from kaggle_utils.training.step import micro_batch, objective_loss
 
 # batch_tokens=0 where there is no GPU memory to measure (the CPU): the field's default
 FALLBACK_BATCH_TOKENS = 8192
@@ -115,16 +114,7 @@ def _probe_step(
             enc, _, hard, teacher, weight = micro_batch(cfg, data, pad_id, device, idx, unswapped)
             with precision.context(device):
                 logits = model(**enc).logits  # (B, 2)
-            loss = preference_loss(
-                logits,
-                hard,
-                teacher,
-                cfg.objective.loss,
-                cfg.objective.kl_weight,
-                cfg.objective.temperature,
-                cfg.objective.cos_weight,
-                row_weight=weight,
-            )
+            loss = objective_loss(cfg.objective, logits, hard, teacher, weight)
             loss.backward()  # unscaled: loss scaling changes the gradients' values, not their memory
             return True
         except (torch.OutOfMemoryError, RuntimeError) as err:

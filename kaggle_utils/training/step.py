@@ -16,10 +16,33 @@ from kaggle_utils.inputs.batching import pad
 from kaggle_utils.models.losses import preference_loss, term_totals
 from kaggle_utils.models.packing import pack, packed_logits
 from kaggle_utils.scoring.predict import _is_oom
-from kaggle_utils.training.config import TrainConfig
+from kaggle_utils.training.config import ObjectiveConfig, TrainConfig
 from kaggle_utils.training.errors import NonFiniteLossError, TrainMemoryError
 from kaggle_utils.training.rows import TrainRows
 from kaggle_utils.training.run import Run
+
+
+def objective_loss(
+    objective: ObjectiveConfig,
+    logits: torch.Tensor,
+    hard: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor | None,
+    totals: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
+    """The run's loss of ``logits`` (B, 2): :func:`~kaggle_utils.models.losses.preference_loss` with the objective's
+    kind, KL weight, temperature and cosine weight."""
+    return preference_loss(
+        logits,
+        hard,
+        teacher,
+        objective.loss,
+        objective.kl_weight,
+        objective.temperature,
+        objective.cos_weight,
+        row_weight=weight,
+        totals=totals,
+    )
 
 
 def micro_batch(
@@ -81,17 +104,7 @@ def _backward(run: Run, idx: np.ndarray, swapped: np.ndarray, totals: tuple[floa
                 else:
                     logits = run.wrapped(**enc).logits  # (B, 2)
             # the loss itself in fp32, outside autocast (losses.preference_loss upcasts the logits)
-            loss = preference_loss(
-                logits,
-                hard,
-                teacher,
-                cfg.objective.loss,
-                cfg.objective.kl_weight,
-                cfg.objective.temperature,
-                cfg.objective.cos_weight,
-                weight,
-                totals,
-            )
+            loss = objective_loss(cfg.objective, logits, hard, teacher, weight, totals)
             _check_finite(run, loss, idx)
             in_backward = True
             # x world: DDP averages the processes' gradients, where the step's gradient is their sum
