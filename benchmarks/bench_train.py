@@ -67,6 +67,7 @@ class Variant:
     compile_layers: bool = False  # torch.compile of each decoder layer
     fp32_residual: bool = True  # embeddings and norms in fp32 (peft's upcast); False: in the compute dtype
     recompute_every: int = 1  # with checkpointing: one decoder layer in this many recomputed
+    fused_lora: bool = False  # the LoRA update in the base GEMM's epilogue (kaggle_utils.models.fused_lora)
 
 
 def variants(max_length: int) -> list[Variant]:
@@ -97,8 +98,8 @@ def variants(max_length: int) -> list[Variant]:
         ),
         # the memory the fused kernels free, spent on twice the tokens per micro-batch
         Variant("8K padded, no ckpt, drop 0, fused", 8192, 16, False, lora_dropout=0.0, fused_kernels=True),
-        # issue 22, part 4: packed (no padding) with the fused kernels at ~10K and ~12K real tokens, with and without
-        # the fp32 residual stream; rows average ~930 tokens here, so 32 rows never bind before the token budget
+        # issue 22, part 4: packed (no padding) with the fused kernels at ~8K to ~16K real tokens, with and
+        # without the fp32 residual stream; rows average ~930 tokens here, so 32 rows never bind before the token budget
         *(
             Variant(
                 f"{k}K packed, no ckpt, drop 0, fused{'' if fp32 else ', bf16 residual'}",
@@ -110,8 +111,7 @@ def variants(max_length: int) -> list[Variant]:
                 fused_kernels=True,
                 fp32_residual=fp32,
             )
-            for k in (10, 12)
-            for fp32 in (True, False)
+            for k, fp32 in ((8, False), (10, True), (10, False), (12, True), (12, False), (16, False))
         ),
         # selective recomputation: one layer in k recomputed, the memory of the others' activations bought back as
         # 16K real tokens a micro-batch
@@ -128,6 +128,21 @@ def variants(max_length: int) -> list[Variant]:
                 recompute_every=k,
             )
             for k in (2, 4)
+        ),
+        # the LoRA update inside the base GEMM (addmm) on the best packed variants
+        *(
+            Variant(
+                f"{k}K packed, no ckpt, drop 0, fused, bf16 residual, fused LoRA",
+                k * 1024,
+                32,
+                False,
+                packing=True,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                fp32_residual=False,
+                fused_lora=True,
+            )
+            for k in (8, 10)
         ),
     ]
 
@@ -179,6 +194,7 @@ def stage_config(v: Variant, args, data: Path, model_dir: Path) -> TrainConfig:
         compile_layers=v.compile_layers,
         fp32_residual=v.fp32_residual,
         recompute_every=v.recompute_every,
+        fused_lora=v.fused_lora,
         # compiling is done in the first steps, inside the budget: it gets its own minutes on top
         time_budget_minutes=args.minutes + (args.compile_minutes if v.compile_layers else 0.0),
         epochs=1.0,
@@ -276,6 +292,7 @@ def _bare_setup(v: Variant, args, data: Path, model_dir: Path):
     """The bare loop's model (the stage's setup for ``v``), rows, labels and micro-batches (the stage's schedule)."""
     from kaggle_utils.inputs.formatter import InputConfig, PromptFormatter
     from kaggle_utils.models.fused import apply_fused_kernels
+    from kaggle_utils.models.fused_lora import apply_fused_lora
     from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier, load_tokenizer
     from kaggle_utils.training.schedule import BatchSettings, epoch_batches
 
@@ -295,6 +312,8 @@ def _bare_setup(v: Variant, args, data: Path, model_dir: Path):
         apply_fused_kernels(model, torch.device(args.device))
     else:
         restore_torch_rope()  # a fused variant before this one routed RoPE to liger for the whole process
+    if v.fused_lora:
+        apply_fused_lora(model)
     return model, rows, labels, batches, tok.pad_token_id
 
 
@@ -345,6 +364,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--bare", default="", help="a variant name: also train it by a bare loop, the ratio's reference")
     ap.add_argument("--profile", default="", help="a variant name: after the table, profile its steps (CUDA only)")
+    ap.add_argument(
+        "--warmup-minutes", type=float, default=0.25,
+        help="train the first run's variant this long, untimed, before any timed run (cuBLAS, Triton, allocator)",
+    )  # fmt: skip
     ap.add_argument("--profile-steps", type=int, default=2, help="steps recorded by --profile, after 2 warm-up steps")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -367,6 +390,15 @@ def main() -> None:
     chosen = [v for v in named.values() if not args.only or v.name in args.only]
     bare = named.get(args.bare)
     runs = ([(bare_loop, bare)] if bare is not None else []) + [(run_variant, v) for v in chosen]
+    if args.warmup_minutes > 0:  # else the first timed run alone pays the process's first steps
+        warm = runs[0][1]
+        print(f"warm-up: the stage's {warm.name!r} for {args.warmup_minutes} min, untimed", flush=True)
+        run_variant(
+            warm, argparse.Namespace(**{**vars(args), "minutes": args.warmup_minutes}), data, model_dir, config, peak
+        )
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     rows = []
     for run, v in runs:
         rows.append(run(v, args, data, model_dir, config, peak))

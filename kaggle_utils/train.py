@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from kaggle_utils.config.cli import parse_config, save_config
 from kaggle_utils.inputs.formatter import PromptFormatter
 from kaggle_utils.models.fused import apply_fused_kernels, compile_decoder_layers
+from kaggle_utils.models.fused_lora import apply_fused_lora
 from kaggle_utils.models.loading import (
     ModelConfig,
     check_model_dir,
@@ -172,6 +173,8 @@ def _load_model(cfg: TrainConfig, parallel: Parallel, pad_id: int) -> torch.nn.M
     )
     if cfg.optim.fused_kernels:  # per module instance, LoRA-safe (kaggle_utils.models.fused); a printed no-op off CUDA
         apply_fused_kernels(model, pick_device(here))
+    if cfg.optim.fused_lora:
+        apply_fused_lora(model)
     if cfg.optim.compile_layers:
         compile_decoder_layers(model, pick_device(here))
     return model

@@ -141,6 +141,9 @@ class OptimConfig:
     # (bf16, or fp16 below sm_80, as inference runs them) and the trained head alone is fp32: less memory and memory
     # traffic per token (kaggle_utils.models.loading). Its effect on speed and on fp16 training is not measured yet
     fp32_residual: bool = True
+    # the LoRA update added in the base GEMM's epilogue (addmm) instead of peft's copy / scale / add passes
+    # (kaggle_utils.models.fused_lora); any device; layers with dropout > 0 keep peft's forward
+    fused_lora: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.swap_fraction <= 1:

@@ -22,6 +22,7 @@ from kaggle_utils.models.fused import (
     patch_model,
     restore_torch_rope,
 )
+from kaggle_utils.models.fused_lora import apply_fused_lora, lora_layers
 from kaggle_utils.models.loading import LoraSettings, ModelConfig, load_classifier
 
 CPU = torch.device("cpu")
@@ -155,3 +156,67 @@ def test_the_train_stage_applies_the_options_it_is_given(qwen_path, prepared, tm
     _load_model(on, Parallel.from_env(on.model), pad)
     out = capsys.readouterr().out
     assert "fused_kernels: cpu is not a CUDA device" in out and "compile_layers: cpu is not a CUDA device" in out
+
+
+def _counting_peft_forwards(model) -> Counter:
+    """Count the calls of peft's own forward of every LoRA linear layer (wrapped before the fused path is bound)."""
+    calls: Counter = Counter()
+    for layer in lora_layers(model):
+
+        def counted(*args, _peft=layer.forward, **kwargs):
+            calls["peft"] += 1
+            return _peft(*args, **kwargs)
+
+        layer.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("name", ["qwen2-tiny", "gemma2-tiny"])
+def test_fused_lora_computes_peft_s_logits_and_gradients_without_peft_s_forward(models, tokenizer, name):
+    """nf4 + LoRA in fp32 on the CPU: the one-GEMM update gives the logits and LoRA gradients of peft's forward, and
+    no layer falls back to peft's."""
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    logits, grads = _pass(_lora_model(models[name], tokenizer.pad_token_id), ids)
+    model = _lora_model(models[name], tokenizer.pad_token_id)
+    calls = _counting_peft_forwards(model)
+    assert apply_fused_lora(model) == len(lora_layers(model)) > 0
+    fused_logits, fused_grads = _pass(model, ids)
+    assert calls == {}
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == fused_grads.keys()
+    for n, g in grads.items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(fused_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft_to_bf16_rounding(qwen_path, tokenizer):
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads = _pass(_lora_model(qwen_path, tokenizer.pad_token_id), ids)
+        model = _lora_model(qwen_path, tokenizer.pad_token_id)
+        calls = _counting_peft_forwards(model)
+        apply_fused_lora(model)
+        fused_logits, fused_grads = _pass(model, ids)
+    assert calls == {} and fused_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_logits, logits, rtol=0.03, atol=0.03)
+    for n, g in grads.items():
+        assert (fused_grads[n] - g).norm() <= 0.03 * g.norm(), n
+
+
+def test_fused_lora_leaves_dropout_and_disabled_adapters_to_peft(qwen_path, tokenizer):
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    model = load_classifier(
+        ModelConfig(model_path=qwen_path, device="cpu"), tokenizer.pad_token_id, lora=LoraSettings(4, 8, 0.1)
+    )
+    calls = _counting_peft_forwards(model)
+    apply_fused_lora(model)
+    model(input_ids=ids)
+    assert calls["peft"] == len(lora_layers(model))
+    calls.clear()
+    model = _lora_model(qwen_path, tokenizer.pad_token_id)
+    calls = _counting_peft_forwards(model)
+    apply_fused_lora(model)
+    with model.disable_adapter():
+        model(input_ids=ids)
+    assert calls["peft"] == len(lora_layers(model))
