@@ -9,9 +9,11 @@ profiled on Qwen2.5-14B nf4 at 10K packed tokens on an H200 they were ~10 % of a
 1``); its backward passes the gradient to the base output untouched and scales only the rank-16 products.
 
 The arithmetic is the same up to rounding: the update is accumulated in fp32 and rounded once, where peft rounds the
-product, the scaled product and the sum. Where this path does not apply, the layer runs peft's own forward: adapters
-disabled or merged, several active adapters, a LoRA variant (DoRA), dropout above 0, extra call arguments, or
-mixed dtypes without autocast. Pure torch, so it runs (and is tested) on the CPU as on a GPU.
+product, the scaled product and the sum. LoRA dropout is applied to the adapter's input as peft applies it (the same
+random draws in the same order); its own pass over the input stays, so ``lora_dropout = 0`` is still faster. Where
+this path does not apply, the layer runs peft's own forward: adapters disabled or merged, several active adapters,
+a LoRA variant (DoRA), extra call arguments, or mixed dtypes without autocast. Pure torch, so it runs (and is
+tested) on the CPU as on a GPU.
 """
 
 from __future__ import annotations
@@ -46,10 +48,7 @@ def _adapter(layer) -> str | None:
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if layer.disable_adapters or layer.merged or len(active) != 1:
         return None
-    name = active[0]
-    if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
-    return name
+    return None if active[0] in layer.lora_variant else active[0]
 
 
 def _fused_forward(layer, peft_forward):
@@ -61,7 +60,7 @@ def _fused_forward(layer, peft_forward):
         if not torch.is_autocast_enabled(x.device.type) and not x.dtype == a.dtype == b.dtype:
             return peft_forward(x)  # peft casts between the input's and the adapter's dtypes
         result = layer.base_layer(x)
-        h = torch.nn.functional.linear(x, a)  # (..., r)
+        h = torch.nn.functional.linear(layer.lora_dropout[name](x), a)  # (..., r); dropout drawn as peft draws it
         out = torch.addmm(
             result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling[name]
         )

@@ -203,20 +203,31 @@ def test_fused_lora_under_bf16_autocast_matches_peft_to_bf16_rounding(qwen_path,
         assert (fused_grads[n] - g).norm() <= 0.03 * g.norm(), n
 
 
-def test_fused_lora_leaves_dropout_and_disabled_adapters_to_peft(qwen_path, tokenizer):
+def test_fused_lora_draws_peft_s_dropout_and_leaves_disabled_adapters_to_peft(qwen_path, tokenizer):
+    """With dropout 0.1 in train mode the fused path takes the same random draws as peft (the same logits and
+    gradients from the same seed); with the adapters disabled, peft's forward runs."""
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(4))
-    torch.manual_seed(0)
-    model = load_classifier(
-        ModelConfig(model_path=qwen_path, device="cpu"), tokenizer.pad_token_id, lora=LoraSettings(4, 8, 0.1)
-    )
-    calls = _counting_peft_forwards(model)
-    apply_fused_lora(model)
-    model(input_ids=ids)
-    assert calls["peft"] == len(lora_layers(model))
-    calls.clear()
-    model = _lora_model(qwen_path, tokenizer.pad_token_id)
-    calls = _counting_peft_forwards(model)
-    apply_fused_lora(model)
+
+    def dropped(fused: bool):
+        torch.manual_seed(0)
+        model = load_classifier(
+            ModelConfig(model_path=qwen_path, device="cpu"), tokenizer.pad_token_id, lora=LoraSettings(4, 8, 0.1)
+        )
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1
+        calls = _counting_peft_forwards(model)
+        if fused:
+            apply_fused_lora(model)
+        torch.manual_seed(5)
+        return _pass(model, ids), calls, model
+
+    (logits, grads), _, _ = dropped(fused=False)
+    (fused_logits, fused_grads), calls, model = dropped(fused=True)
+    assert calls == {} and model.training
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(fused_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
     with model.disable_adapter():
         model(input_ids=ids)
     assert calls["peft"] == len(lora_layers(model))
