@@ -156,6 +156,10 @@ def test_the_train_stage_applies_the_options_it_is_given(qwen_path, prepared, tm
     _load_model(on, Parallel.from_env(on.model), pad)
     out = capsys.readouterr().out
     assert "fused_kernels: cpu is not a CUDA device" in out and "compile_layers: cpu is not a CUDA device" in out
+    fused = cfg.replace(fused_lora=True)
+    layers = lora_layers(_load_model(fused, Parallel.from_env(fused.model), pad))
+    assert layers and all("forward" in vars(m) for m in layers)  # each LoRA layer got the one-GEMM forward
+    assert not any("forward" in vars(m) for m in lora_layers(_load_model(cfg, Parallel.from_env(cfg.model), pad)))
 
 
 def _counting_peft_forwards(model) -> Counter:
