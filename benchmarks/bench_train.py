@@ -365,7 +365,7 @@ def main() -> None:
     ap.add_argument("--bare", default="", help="a variant name: also train it by a bare loop, the ratio's reference")
     ap.add_argument("--profile", default="", help="a variant name: after the table, profile its steps (CUDA only)")
     ap.add_argument(
-        "--warmup-minutes", type=float, default=0.25,
+        "--warmup-minutes", type=float, default=0.5,
         help="train the first run's variant this long, untimed, before any timed run (cuBLAS, Triton, allocator)",
     )  # fmt: skip
     ap.add_argument("--profile-steps", type=int, default=2, help="steps recorded by --profile, after 2 warm-up steps")
