@@ -18,10 +18,10 @@ that the attention calls by name, is replaced in its modeling module, by a dispa
 CUDA tensors and the original function for any other (the CPU's results are unchanged).
 
 Supported: Qwen2 (Qwen2.5), Llama and Gemma2 (``(1 + w)`` RMSNorm, computed in fp32 as transformers does; GeGLU
-with the tanh GELU Gemma2 uses). Not installed by ``make``: ``pip install liger-kernel`` (it needs triton, which a
-CUDA torch brings). On a device other than CUDA both options print one line and change nothing: the kernels are
-Triton GPU kernels, and the model's own torch code, which they reproduce, runs instead, so a recipe that asks for
-them still runs in the CPU demo and tests.
+with the tanh GELU Gemma2 uses). Not installed by ``make``: the ``fused`` extra, ``pip install -e '.[train,fused]'``
+(liger-kernel; it needs triton, which a CUDA torch brings). On a device other than CUDA both options print one line
+and change nothing: the kernels are Triton GPU kernels, and the model's own torch code, which they reproduce, runs
+instead, so a recipe that asks for them still runs in the CPU demo and tests.
 
 ``compile_decoder_layers``: ``torch.compile`` on each decoder layer (dynamic shapes: micro-batches vary in rows and
 length), compiled at their first calls; the 4-bit matmuls and LoRA are traced as they are.
@@ -35,7 +35,10 @@ from types import SimpleNamespace
 
 import torch
 
-INSTALL = "pip install liger-kernel (0.8.5 was measured; it needs triton, which a CUDA build of torch brings)"
+INSTALL = (
+    "pip install -e '.[train,fused]', or pip install liger-kernel (0.8.5 was measured; it needs triton, which a CUDA "
+    "build of torch brings)"
+)
 
 
 class FusedKernelsError(RuntimeError):
