@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from benchmarks.bench_infer import SHAPES, build
+from benchmarks.gpu_clocks import GpuSampler
 from benchmarks.train_profile import profile_stage
 from kaggle_utils.data.demo import DemoDataConfig, generate_demo_data
 from kaggle_utils.models.fused import restore_torch_rope
@@ -401,7 +402,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     rows = []
     for run, v in runs:
-        rows.append(run(v, args, data, model_dir, config, peak))
+        with GpuSampler(device.index or 0, enabled=device.type == "cuda") as gpu:
+            rows.append(run(v, args, data, model_dir, config, peak))
+        rows[-1].update(gpu.summary())  # the card's clocks over the run: a slowdown that is the card's shows here
         print(f"bench row: {json.dumps(rows[-1])}", flush=True)  # each row as it ends: a cut-off run keeps its rows
         gc.collect()
         if device.type == "cuda":

@@ -103,7 +103,17 @@ def test_the_stage_config_carries_every_option_of_a_variant(tmp_path):
     args = argparse.Namespace(work=tmp_path, device="cpu", max_length=2500, minutes=0.5, compile_minutes=1.0)
     o = stage_config(v, args, tmp_path / "train.parquet", tmp_path / "m").optim
     assert (o.batch_tokens, o.max_rows, o.packing, o.fused_kernels, o.fp32_residual) == (12288, 32, True, True, False)
-    assert (o.gradient_checkpointing, o.compile_layers) == (False, False)
+    assert (o.gradient_checkpointing, o.compile_layers, o.fused_lora) == (False, False, False)
+    lora = {v.name: v for v in variants(2500)}["10K packed, no ckpt, drop 0, fused, bf16 residual, fused LoRA"]
+    cfg = stage_config(lora, args, tmp_path / "train.parquet", tmp_path / "m")
+    o = cfg.optim
+    assert (o.batch_tokens, o.packing, o.fp32_residual, o.fused_lora, cfg.lora.lora_dropout) == (
+        10240,
+        True,
+        False,
+        True,
+        0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +171,13 @@ def test_bench_train_runs_on_the_cpu_with_a_bare_packed_loop_and_a_profile(bench
     args, _, _ = bench_rows
     v = "12K packed, no ckpt, drop 0, fused, bf16 residual"
     argv = ["bench_train", "--work", str(args.work), "--shape", "qwen2-tiny", "--device", "cpu", "--rows", "40"]
-    argv += ["--minutes", "0.02", "--only", v, "--bare", v, "--profile", v]
+    argv += ["--minutes", "0.02", "--warmup-minutes", "0.01", "--only", v, "--bare", v, "--profile", v]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     out = capsys.readouterr().out
-    table = out.split("\nvariant")[1]
-    assert table.index(f"bare loop: {v}") < table.index(f"\n{v}")
+    warm, table = out.split("\nvariant")
+    assert f"warm-up: the stage's {v!r} for 0.01 min, untimed" in warm  # before the timed runs, not a row
+    assert table.index(f"bare loop: {v}") < table.index(f"\n{v}") and table.count(f"\n{v}") == 1
     assert f"profile of {v!r}:\nprofile: cpu is not a CUDA device; nothing recorded" in out
     monkeypatch.setattr(sys, "argv", [*argv[:-1], "10K packed, fused"])
     with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['10K packed, fused'\]"):
