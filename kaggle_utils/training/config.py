@@ -139,10 +139,12 @@ class OptimConfig:
     # 4-bit base: keep the embeddings and norms in fp32, as peft's prepare_model_for_kbit_training upcasts them, so
     # the residual stream runs in fp32 under autocast. false: they stay in the compute dtype they were loaded in
     # (bf16, or fp16 below sm_80, as inference runs them) and the trained head alone is fp32: less memory and memory
-    # traffic per token (kaggle_utils.models.loading). Its effect on speed and on fp16 training is not measured yet
+    # traffic per token (kaggle_utils.models.loading). Qwen2.5-14B nf4 at 10K packed tokens on an H200: 82 vs 133 GiB
+    # and 1.53x the tokens/s (benchmarks/RESULTS.md, 2026-12-03 night); fp16 training (T4) without it is not measured
     fp32_residual: bool = True
     # the LoRA update added in the base GEMM's epilogue (addmm) instead of peft's copy / scale / add passes
-    # (kaggle_utils.models.fused_lora); any device; layers with dropout > 0 keep peft's forward
+    # (kaggle_utils.models.fused_lora); any device, any dropout. Profiled on Qwen2.5-14B nf4 at 10K packed tokens on
+    # an H200: 2.4% less GPU time a step (benchmarks/RESULTS.md, 2026-12-03 night)
     fused_lora: bool = False
 
     def __post_init__(self) -> None:
