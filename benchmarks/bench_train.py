@@ -102,50 +102,39 @@ def variants(max_length: int) -> list[Variant]:
         # issue 22, part 4: packed (no padding) with the fused kernels at ~8K to ~16K real tokens, with and
         # without the fp32 residual stream; rows average ~930 tokens here, so 32 rows never bind before the token budget
         *(
-            Variant(
-                f"{k}K packed, no ckpt, drop 0, fused{'' if fp32 else ', bf16 residual'}",
-                k * 1024,
-                32,
-                False,
-                packing=True,
-                lora_dropout=0.0,
-                fused_kernels=True,
-                fp32_residual=fp32,
+            _packed_fused(
+                f"{k}K packed, no ckpt, drop 0, fused{'' if fp32 else ', bf16 residual'}", k, fp32_residual=fp32
             )
             for k, fp32 in ((8, False), (10, True), (10, False), (12, True), (12, False), (16, False))
         ),
         # selective recomputation: one layer in k recomputed, the memory of the others' activations bought back as
         # 16K real tokens a micro-batch
         *(
-            Variant(
+            _packed_fused(
                 f"16K packed, ckpt 1/{k}, drop 0, fused, bf16 residual",
-                16384,
-                32,
-                True,
-                packing=True,
-                lora_dropout=0.0,
-                fused_kernels=True,
+                16,
+                checkpointing=True,
                 fp32_residual=False,
                 recompute_every=k,
-            )
+            )  # fmt: skip
             for k in (2, 4)
         ),
         # the LoRA update inside the base GEMM (addmm) on the best packed variants
         *(
-            Variant(
+            _packed_fused(
                 f"{k}K packed, no ckpt, drop 0, fused, bf16 residual, fused LoRA",
-                k * 1024,
-                32,
-                False,
-                packing=True,
-                lora_dropout=0.0,
-                fused_kernels=True,
+                k,
                 fp32_residual=False,
                 fused_lora=True,
-            )
+            )  # fmt: skip
             for k in (8, 10)
         ),
     ]
+
+
+def _packed_fused(name: str, k: int, checkpointing: bool = False, **options) -> Variant:
+    """A packed variant of ``k`` K real tokens (at most 32 rows), dropout 0, fused kernels, and ``options``."""
+    return Variant(name, k * 1024, 32, checkpointing, packing=True, lora_dropout=0.0, fused_kernels=True, **options)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
