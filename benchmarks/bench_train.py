@@ -353,6 +353,10 @@ def main() -> None:
     ap.add_argument("--compile-minutes", type=float, default=1.0, help="added to --minutes for compiled variants")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--bare", default="", help="a variant name: also train it by a bare loop, the ratio's reference")
+    ap.add_argument(
+        "--bare-again", action="store_true",
+        help="run the bare loop once more after the stage's variants: a run's place in the process, bracketed",
+    )  # fmt: skip
     ap.add_argument("--profile", default="", help="a variant name: after the table, profile its steps (CUDA only)")
     ap.add_argument(
         "--warmup-minutes", type=float, default=0.5,
@@ -380,6 +384,8 @@ def main() -> None:
     chosen = [v for v in named.values() if not args.only or v.name in args.only]
     bare = named.get(args.bare)
     runs = ([(bare_loop, bare)] if bare is not None else []) + [(run_variant, v) for v in chosen]
+    if bare is not None and args.bare_again:
+        runs.append((bare_loop, bare))
     if args.warmup_minutes > 0:  # else the first timed run alone pays the process's first steps
         warm = runs[0][1]
         print(f"warm-up: the stage's {warm.name!r} for {args.warmup_minutes} min, untimed", flush=True)
